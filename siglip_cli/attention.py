@@ -1,0 +1,103 @@
+"""Attention backends behind one signature, picked by name when the model is built.
+
+Every backend takes `q` of shape (batch, query_len, heads, head_dim) and `k`, `v` of shape
+(batch, key_len, heads, head_dim) -- the layout the projections produce without a copy and the
+one flash-attn wants -- plus the softmax scale, and returns (batch, query_len, heads * head_dim).
+SigLIP attends without any mask in both towers (the text tower attends over its padding, as in
+training), so no backend takes one.
+
+`eager` is the reference: plain matmuls with the softmax upcast to fp32, the same math as
+transformers' `eager_attention_forward`. `sdpa` and `flash` are tested against it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BackendUnavailable
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+BACKENDS = ("eager", "sdpa", "flash")
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    batch, query_len, heads, head_dim = q.shape
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
+    weights = torch.matmul(q, k.transpose(-1, -2)) * scale
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(weights, v)  # (B, H, Lq, D)
+    return out.transpose(1, 2).reshape(batch, query_len, heads * head_dim)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    batch, query_len, heads, head_dim = q.shape
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2).reshape(batch, query_len, heads * head_dim)
+
+
+def _flash_attn_func() -> Callable:
+    # flash-attn 2.x (`pip install flash-attn`) first, then flash-attn 4 (`pip install flash-attn-4`,
+    # CuTe DSL kernels for Hopper and Blackwell). Both take (B, L, H, D) and `softmax_scale`.
+    try:
+        from flash_attn import flash_attn_func
+
+        return flash_attn_func
+    except ImportError:
+        from flash_attn.cute import flash_attn_func
+
+        return flash_attn_func
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    batch, query_len, heads, head_dim = q.shape
+    out = _flash_attn_func()(q, k, v, softmax_scale=scale)
+    if isinstance(out, tuple):  # flash-attn 4 returns (out, lse)
+        out = out[0]
+    return out.reshape(batch, query_len, heads * head_dim)
+
+
+_REGISTRY: dict[str, AttentionFn] = {
+    "eager": eager_attention,
+    "sdpa": sdpa_attention,
+    "flash": flash_attention,
+}
+
+
+def flash_available() -> str | None:
+    """None when a flash-attn package can be imported, else the reason it cannot."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package is not installed (pip install 'siglip-cli[flash]')"
+    try:
+        _flash_attn_func()
+    except Exception as exc:  # a broken CUDA build raises all sorts of errors at import
+        return f"flash-attn is installed but does not import ({type(exc).__name__}: {exc})"
+    return None
+
+
+def why_unavailable(name: str, device: torch.device, dtype: torch.dtype, head_dims: tuple[int, ...] = ()) -> str | None:
+    """None if backend `name` can run on this device and dtype, else one sentence saying why not."""
+    if name not in _REGISTRY:
+        return f"unknown attention backend {name!r} (choose from {', '.join(BACKENDS)})"
+    if name != "flash":
+        return None
+    if device.type != "cuda":
+        return f"flash attention needs a CUDA device, not {device.type}; use --attn sdpa"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"flash attention runs only in fp16 or bf16, not {str(dtype).removeprefix('torch.')}; add --dtype fp16 or use --attn sdpa"
+    bad = [d for d in head_dims if d % 8 or d > 256]
+    if bad:
+        return f"flash attention needs a head size that is a multiple of 8 and at most 256 (model has {bad[0]})"
+    return flash_available()
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype, head_dims: tuple[int, ...] = ()) -> AttentionFn:
+    """The attention function for `name`, or BackendUnavailable saying why it cannot run here."""
+    reason = why_unavailable(name, device, dtype, head_dims)
+    if reason:
+        raise BackendUnavailable(reason)
+    return _REGISTRY[name]

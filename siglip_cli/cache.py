@@ -1,0 +1,56 @@
+"""On-disk cache of text features, so repeated runs with the same labels skip the text tower
+(and never load its weights or the tokenizer).
+
+Layout: <cache dir>/text/<model revision>/<device type>-<dtype>/<sha256 of the prompt>.npy,
+one float32 vector (un-normalised text features) per prompt. The model revision is the hub
+commit or a fingerprint of a local folder's weights, so new weights never meet old vectors.
+Files are written under a temporary name and renamed, so concurrent runs are safe; a file
+that cannot be read is recomputed. The whole folder is safe to delete at any time.
+
+Cache dir: $SIGLIP_CACHE_DIR, else $XDG_CACHE_HOME/siglip-cli, else ~/.cache/siglip-cli.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("SIGLIP_CACHE_DIR"):
+        return Path(os.environ["SIGLIP_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "siglip-cli"
+
+
+def _safe(part: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in part)
+
+
+class TextCache:
+    def __init__(self, root: Path, revision: str, variant: str):
+        self.folder = root / "text" / _safe(revision) / _safe(variant)
+
+    def _path(self, prompt: str) -> Path:
+        return self.folder / (hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:40] + ".npy")
+
+    def get(self, prompt: str) -> np.ndarray | None:
+        try:
+            vector = np.load(self._path(prompt), allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None
+        return vector if vector.ndim == 1 and vector.dtype == np.float32 else None
+
+    def put(self, prompt: str, vector: np.ndarray) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, np.asarray(vector, dtype=np.float32))
+            os.replace(tmp, self._path(prompt))
+        except OSError:
+            pass  # a read-only or full disk only costs speed, never results

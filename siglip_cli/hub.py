@@ -1,0 +1,119 @@
+"""Model reference (local folder or hub id) -> local folder with the checkpoint files.
+
+A local folder is used as it is. A hub id is looked up in the Hugging Face cache first (no
+network at all when it is there, so repeated runs start fast and work offline); otherwise the
+files this tool reads -- and only those: never pickled `.bin` weights -- are downloaded with
+`huggingface_hub`, which honours `HF_HOME`, `HF_HUB_CACHE`, `HF_TOKEN` and `HF_ENDPOINT`.
+Offline (`--offline`, `HF_HUB_OFFLINE=1`) nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelUnavailable
+
+DEFAULT_MODEL = "google/siglip-base-patch16-224"
+REQUIRED_FILES = ("config.json", "model.safetensors", "spiece.model")
+OPTIONAL_FILES = ("preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json")
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_TRUTHY = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str  # what the user asked for
+    folder: Path
+    revision: str  # hub commit, or a fingerprint of a local folder's weights
+
+
+def offline_from_env() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY
+
+
+def missing_files(folder: Path) -> list[str]:
+    return [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+
+
+def local_fingerprint(folder: Path) -> str:
+    """Identity of a local checkpoint that changes when its files change, without reading
+    gigabytes: the safetensors header (names, dtypes, offsets), sizes and modification times."""
+    digest = hashlib.sha256()
+    for name in REQUIRED_FILES + OPTIONAL_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        stat = path.stat()
+        digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        with open(weights, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            digest.update(fh.read(min(header_len, 1 << 24)))
+    return "local-" + digest.hexdigest()[:16]
+
+
+def resolve_model(name: str, offline: bool | None = None, revision: str | None = None) -> ResolvedModel:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        missing = missing_files(path)
+        if missing:
+            raise ModelUnavailable(
+                f"{path}: missing {', '.join(missing)} (a SigLIP checkpoint folder holds "
+                f"{', '.join(REQUIRED_FILES)})"
+            )
+        return ResolvedModel(name=name, folder=path, revision=local_fingerprint(path))
+    if path.exists():
+        raise ModelUnavailable(f"{name}: is a file; --model takes a checkpoint folder or a hub id")
+    if not _REPO_ID.match(name):
+        raise ModelUnavailable(f"{name}: no such folder, and not a Hugging Face hub id (owner/name)")
+    if offline is None:
+        offline = offline_from_env()
+    return _resolve_hub(name, offline, revision)
+
+
+def _resolve_hub(repo_id: str, offline: bool, revision: str | None) -> ResolvedModel:
+    from huggingface_hub import snapshot_download
+
+    patterns = list(REQUIRED_FILES + OPTIONAL_FILES)
+    cached = None
+    try:
+        cached = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError and friends across hub versions)
+        cached = None
+    if cached is not None and not missing_files(cached):
+        return ResolvedModel(repo_id, cached, cached.name)
+    if offline:
+        raise ModelUnavailable(_not_cached_message(repo_id, "offline mode is on (--offline or HF_HUB_OFFLINE)"))
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as exc:
+        raise ModelUnavailable(_download_failure(repo_id, exc)) from None
+    missing = missing_files(folder)
+    if missing:
+        raise ModelUnavailable(
+            f"{repo_id}: the repository has no {', '.join(missing)}; siglip-cli reads SigLIP checkpoints "
+            "in the Hugging Face layout with safetensors weights"
+        )
+    return ResolvedModel(repo_id, folder, folder.name)
+
+
+def _not_cached_message(repo_id: str, why: str) -> str:
+    return (
+        f"{repo_id}: not in the local Hugging Face cache and {why}; download it once where the hub "
+        f"is reachable, or pass --model /path/to/folder holding {', '.join(REQUIRED_FILES)}"
+    )
+
+
+def _download_failure(repo_id: str, exc: Exception) -> str:
+    kind = type(exc).__name__
+    if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
+        return f"{repo_id}: not found on the Hugging Face hub, or gated/private ({kind}); check the name or log in with HF_TOKEN"
+    if kind in ("LocalEntryNotFoundError", "ConnectionError", "ConnectTimeout", "OfflineModeIsEnabled") or "connect" in str(exc).lower():
+        return _not_cached_message(repo_id, "the hub cannot be reached")
+    return _not_cached_message(repo_id, f"the download failed ({kind}: {str(exc).splitlines()[0] if str(exc) else ''})")
+

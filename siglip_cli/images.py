@@ -1,0 +1,233 @@
+"""Images in (path, URL, bytes, PIL image, uint8 array), model pixels out.
+
+Preprocessing reproduces transformers' `SiglipImageProcessorPil` bit for bit:
+RGB conversion (transparency composited onto white), PIL resize of the uint8 image to the
+model's square size with the checkpoint's filter (bicubic for SigLIP), then x * (1/255) in
+float64 cast to float32, then (x - mean) / std in float32, i.e. [-1, 1].
+
+Two deliberate additions, both as in transformers' zero-shot pipeline (`load_image`) rather
+than the bare processor: the EXIF orientation is applied (phones store pictures sideways and
+say so in EXIF), and animated files (GIF, WebP, APNG) use their first frame.
+
+The last two steps are a 256-entry lookup table per channel, applied to uint8 batches on the
+model's device: a batch travels to a GPU as uint8, a quarter of the bytes of float32.
+"""
+
+from __future__ import annotations
+
+import io
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import PreprocessConfig
+from .errors import InputError
+
+DEFAULT_MAX_PIXELS = 100_000_000  # a 100-megapixel image decodes to 300 MB of RGB
+DEFAULT_URL_TIMEOUT = 30.0
+DEFAULT_URL_MAX_BYTES = 50 * 1024 * 1024
+
+IMAGE_SUFFIXES = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .apng .gif .webp .bmp .dib .tif .tiff .ppm .pgm .pbm .pnm .tga .ico .jp2 .j2k "
+    ".avif .heic .heif .qoi .sgi .im .pcx .xbm .dds .icns .psd".split()
+)
+
+_pil_ready = False
+
+
+def _pil():
+    """Import Pillow once; our own --max-pixels check replaces PIL's bomb guard, and HEIF
+    files open when the optional pillow-heif plugin is installed."""
+    global _pil_ready
+    from PIL import Image
+
+    if not _pil_ready:
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            from pillow_heif import register_heif_opener  # type: ignore[import-not-found]
+
+            register_heif_opener()
+        except ImportError:
+            pass
+        _pil_ready = True
+    return Image
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def fetch_url(url: str, timeout: float = DEFAULT_URL_TIMEOUT, max_bytes: int = DEFAULT_URL_MAX_BYTES) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": "siglip-cli"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise InputError(f"{url}: {int(length):,} bytes is over the {max_bytes:,}-byte download limit")
+            data = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as exc:
+        raise InputError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise InputError(f"{url}: cannot download ({exc.reason})") from None
+    except TimeoutError:
+        raise InputError(f"{url}: no answer within {timeout:g} s") from None
+    except OSError as exc:
+        raise InputError(f"{url}: cannot download ({exc})") from None
+    if len(data) > max_bytes:
+        raise InputError(f"{url}: over the {max_bytes:,}-byte download limit")
+    return data
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    url_timeout: float = DEFAULT_URL_TIMEOUT
+    url_max_bytes: int = DEFAULT_URL_MAX_BYTES
+
+
+def describe(source: Any, index: int = 0) -> str:
+    """How an input is named in results and error messages."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<bytes #{index}>"
+    return f"<image #{index}>"
+
+
+def open_image(source: Any, name: str, options: ImageOptions = ImageOptions()):
+    """Decode one input to an upright PIL image (first frame), checking the pixel cap before
+    decoding. Raises InputError naming `name` and the cause."""
+    Image = _pil()
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, np.ndarray):
+        image = _from_array(source, name)
+    else:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            stream = io.BytesIO(bytes(source))
+        elif isinstance(source, str) and is_url(source):
+            stream = io.BytesIO(fetch_url(source, options.url_timeout, options.url_max_bytes))
+        elif isinstance(source, (str, Path)):
+            stream = _open_file(Path(source), name)
+        else:
+            raise InputError(f"{name}: unsupported input type {type(source).__name__}")
+        image = _decode(stream, name, options.max_pixels)
+    return _exif_upright(image, name)
+
+
+def _open_file(path: Path, name: str):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise InputError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{name}: is a folder, not an image") from None
+    except PermissionError:
+        raise InputError(f"{name}: permission denied") from None
+    except OSError as exc:
+        raise InputError(f"{name}: cannot read ({exc.strerror or exc})") from None
+
+
+def _decode(stream, name: str, max_pixels: int | None):
+    Image = _pil()
+    try:
+        with stream:
+            try:
+                image = Image.open(stream)
+            except Image.UnidentifiedImageError:
+                raise InputError(f"{name}: not an image, or a format Pillow cannot read") from None
+            width, height = image.size
+            if max_pixels and width * height > max_pixels:
+                raise InputError(
+                    f"{name}: {width}x{height} is {width * height / 1e6:.1f} megapixels, over the "
+                    f"--max-pixels limit of {max_pixels / 1e6:g} megapixels (a decompression bomb?)"
+                )
+            if getattr(image, "n_frames", 1) > 1:
+                image.seek(0)  # animated: the first frame, documented
+            image.load()
+            return image
+    except InputError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Pillow says "image file is truncated", "broken data stream", ... for damaged files.
+        raise InputError(f"{name}: corrupt or truncated image ({exc})") from None
+    except MemoryError:
+        raise InputError(f"{name}: too large to decode in memory") from None
+
+
+def _from_array(array: np.ndarray, name: str):
+    Image = _pil()
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise InputError(f"{name}: arrays must be uint8 with shape (H, W), (H, W, 3) or (H, W, 4); got {array.dtype} {array.shape}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _exif_upright(image, name: str):
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(image) or image
+    except Exception:  # a malformed EXIF block should not lose the picture
+        return image
+
+
+def to_rgb(image, name: str = "image"):
+    """The reference's `convert_to_rgb`: transparency goes onto a white background."""
+    Image = _pil()
+    try:
+        if image.mode == "RGB":
+            return image
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{name}: cannot convert {image.mode} pixels to RGB ({exc})") from None
+
+
+def resize_to_model(image, preprocess: PreprocessConfig) -> np.ndarray:
+    """RGB PIL image -> (H, W, 3) uint8 at the model's input size."""
+    if preprocess.do_resize and image.size != (preprocess.width, preprocess.height):
+        image = image.resize((preprocess.width, preprocess.height), resample=preprocess.resample)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_pixels(source: Any, name: str, preprocess: PreprocessConfig, options: ImageOptions = ImageOptions()) -> np.ndarray:
+    """Everything that happens on the CPU for one image: decode, orient, RGB, resize."""
+    image = to_rgb(open_image(source, name, options), name)
+    pixels = resize_to_model(image, preprocess)
+    if pixels.shape != (preprocess.height, preprocess.width, 3):
+        raise InputError(f"{name}: image is {pixels.shape[1]}x{pixels.shape[0]}, the model needs {preprocess.width}x{preprocess.height}")
+    return pixels
+
+
+def normalization_table(preprocess: PreprocessConfig) -> np.ndarray:
+    """(3, 256) float32: the value each uint8 level of each channel becomes, computed with the
+    reference's exact casts (rescale in float64 then float32; normalise in float32)."""
+    levels = np.arange(256, dtype=np.float64)
+    if preprocess.do_rescale:
+        levels = levels * preprocess.rescale_factor
+    levels = levels.astype(np.float32)
+    table = np.stack([levels] * 3)
+    if preprocess.do_normalize:
+        mean = np.array(preprocess.image_mean, dtype=np.float32)[:, None]
+        std = np.array(preprocess.image_std, dtype=np.float32)[:, None]
+        table = (table - mean) / std
+    return table.astype(np.float32)
+
+
+def pixels_to_model_input(batch, table):
+    """uint8 (N, H, W, 3) torch tensor + (3, 256) table on the same device -> float (N, 3, H, W)."""
+    import torch
+
+    channel_offset = torch.arange(3, device=batch.device) * 256
+    flat = table.reshape(-1)
+    values = flat[batch.long() + channel_offset]  # (N, H, W, 3)
+    return values.permute(0, 3, 1, 2)  # a channels-last view; the patch conv takes it as is

@@ -1,0 +1,248 @@
+"""SigLIP in plain PyTorch: two towers and a sigmoid.
+
+Follows transformers' `modeling_siglip.py` (itself a port of big_vision's
+`models/proj/image_text/two_towers.py`). Module names match the checkpoint keys, so a
+`model.safetensors` state dict loads as it is, with one exception: each encoder layer's
+separate `q_proj`, `k_proj`, `v_proj` are stored here as one `qkv_proj` (one matrix multiply
+instead of three; `weights.py` concatenates them at load time, exactly as the pooling head's
+`in_proj_weight` already is in the checkpoint).
+
+This file knows no files, images or tokenizers: tensors in, tensors out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionFn, eager_attention
+from .config import SiglipConfig, TextConfig, VisionConfig
+
+
+def activation(name: str):
+    if name in ("gelu_pytorch_tanh", "gelu_new"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    if name == "quick_gelu":
+        return lambda x: x * torch.sigmoid(1.702 * x)
+    if name == "relu":
+        return F.relu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, attend: AttentionFn):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size)  # checkpoint: q_proj, k_proj, v_proj
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+        self.attend = attend
+
+    def forward(self, x: torch.Tensor, last_query_only: bool = False) -> torch.Tensor:
+        batch, length, _ = x.shape
+        qkv = self.qkv_proj(x).view(batch, length, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(2)  # each (B, L, H, D), views into qkv
+        if last_query_only:
+            q = q[:, -1:]
+        return self.out_proj(self.attend(q, k, v, self.scale))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer block, shared by both towers."""
+
+    def __init__(self, config: TextConfig | VisionConfig, attend: AttentionFn):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = SelfAttention(config.hidden_size, config.num_attention_heads, attend)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+
+    def forward(self, x: torch.Tensor, last_query_only: bool = False) -> torch.Tensor:
+        residual = x[:, -1:] if last_query_only else x
+        x = residual + self.self_attn(self.layer_norm1(x), last_query_only)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: TextConfig | VisionConfig, attend: AttentionFn):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(config, attend) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor, last_query_only: bool = False) -> torch.Tensor:
+        """`last_query_only`: the caller needs only the last position, so the final layer computes
+        its attention output and MLP for that one position (keys and values still see all)."""
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            x = layer(x, last_query_only and index == last)
+        return x
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[1]
+        return self.token_embedding(input_ids) + self.position_embedding.weight[:length]
+
+
+class TextTower(nn.Module):
+    """Token ids (B, L) -> text features (B, projection_size), not normalised."""
+
+    def __init__(self, config: TextConfig, attend: AttentionFn):
+        super().__init__()
+        self.config = config
+        self.embeddings = TextEmbeddings(config)
+        self.encoder = Encoder(config, attend)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.embed_dim)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"text of {input_ids.shape[1]} tokens is longer than the model's "
+                f"{self.config.max_position_embeddings} positions"
+            )
+        x = self.encoder(self.embeddings(input_ids), last_query_only=True)
+        # SigLIP pools the LAST position (no argmax over eos as in CLIP): texts padded to the
+        # fixed length end in the pad/eos token, which is what the model was trained to read.
+        return self.head(self.final_layer_norm(x[:, -1]))
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, h, w)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, h*w, D), row-major patch order
+        if patches.shape[1] != self.position_embedding.num_embeddings:
+            raise ValueError(
+                f"image of {tuple(pixel_values.shape[-2:])} pixels gives {patches.shape[1]} patches; "
+                f"the model has {self.position_embedding.num_embeddings} positions"
+            )
+        return patches + self.position_embedding.weight
+
+
+class PoolingAttention(nn.Module):
+    """`torch.nn.MultiheadAttention`'s parameters (names as in the checkpoint), our backends' math."""
+
+    def __init__(self, hidden_size: int, num_heads: int, attend: AttentionFn):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))  # rows: q, k, v
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * hidden_size))
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+        self.attend = attend
+
+    def forward(self, query: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        w_q, w_kv = self.in_proj_weight[:hidden], self.in_proj_weight[hidden:]
+        b_q, b_kv = self.in_proj_bias[:hidden], self.in_proj_bias[hidden:]
+        q = F.linear(query, w_q, b_q).view(1, 1, self.num_heads, self.head_dim).expand(batch, -1, -1, -1)
+        k, v = F.linear(x, w_kv, b_kv).view(batch, length, 2, self.num_heads, self.head_dim).unbind(2)
+        return self.out_proj(self.attend(q, k, v, self.head_dim**-0.5))
+
+
+class AttentionPoolingHead(nn.Module):
+    """Multi-head attention pooling (MAP): one learned probe attends over all patches."""
+
+    def __init__(self, config: VisionConfig, attend: AttentionFn):
+        super().__init__()
+        self.probe = nn.Parameter(torch.empty(1, 1, config.hidden_size))
+        self.attention = PoolingAttention(config.hidden_size, config.num_attention_heads, attend)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.attention(self.probe, x)  # (B, 1, D); no residual from the probe itself
+        pooled = pooled + self.mlp(self.layernorm(pooled))
+        return pooled[:, 0]
+
+
+class VisionTower(nn.Module):
+    """Pixels (B, 3, S, S) in [-1, 1] -> image features (B, hidden), not normalised."""
+
+    def __init__(self, config: VisionConfig, attend: AttentionFn):
+        super().__init__()
+        self.config = config
+        self.embeddings = VisionEmbeddings(config)
+        self.encoder = Encoder(config, attend)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.head = AttentionPoolingHead(config, attend)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.post_layernorm(self.encoder(self.embeddings(pixel_values))))
+
+
+class Siglip(nn.Module):
+    """Both towers plus the learned temperature and bias. Either tower may be absent (None)
+    when only the other is needed: `classify` with cached label embeddings never loads text."""
+
+    def __init__(self, config: SiglipConfig, attend: AttentionFn = eager_attention, towers=("text", "vision")):
+        super().__init__()
+        self.config = config
+        self.text_model = TextTower(config.text, attend) if "text" in towers else None
+        self.vision_model = VisionTower(config.vision, attend) if "vision" in towers else None
+        self.logit_scale = nn.Parameter(torch.zeros(1))
+        self.logit_bias = nn.Parameter(torch.zeros(1))
+
+    def set_attention(self, attend: AttentionFn) -> None:
+        """Switch the attention backend of every layer in place (weights are shared)."""
+        for module in self.modules():
+            if isinstance(module, (SelfAttention, PoolingAttention)):
+                module.attend = attend
+
+    def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """(images, texts) logits from L2-normalised embeddings: exp(t) * cos + b."""
+        return image_embeds @ text_embeds.t() * self.logit_scale.exp() + self.logit_bias
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    # Same as the reference (x / ||x||, no epsilon), done in fp32 whatever the model's dtype.
+    x = x.float()
+    return x / x.norm(p=2, dim=-1, keepdim=True)
+
+
+def random_init_(model: nn.Module, seed: int = 0) -> None:
+    """Fill every parameter with small random values (for benchmarks of architectures whose
+    weights are not at hand; scores from such a model mean nothing)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and name != "logit_bias":
+                param.zero_()
+            elif "layer_norm" in name or "layernorm" in name:
+                param.fill_(1.0)
+            elif name == "logit_scale":
+                param.fill_(math.log(10.0))
+            elif name == "logit_bias":
+                param.fill_(-10.0)
+            else:
+                fan_in = param.numel() // param.shape[0] if param.dim() > 1 else 1
+                values = torch.randn(param.shape, generator=generator) / math.sqrt(fan_in)
+                param.copy_(values.to(param.dtype))
