@@ -27,9 +27,9 @@ from .hub import DEFAULT_MODEL, ResolvedModel, resolve_model
 from .images import ImageOptions, describe, load_pixels, normalization_table, pixels_to_model_input
 from .model import Siglip, normalize
 from .prompts import DEFAULT_TEMPLATE, fill, resolve_templates
-from .results import Embedded
+from .results import Embedded, ImageScores, LabelScore
 from .runtime import dtype_name, resolve_attention, resolve_device, resolve_dtype
-from .scoring import ensemble, l2_normalize, logits, sigmoid, softmax
+from .scoring import ensemble, l2_normalize, logits, rank, sigmoid, softmax
 from .tokenizer import Tokenizer
 from .weights import load_model
 
@@ -195,6 +195,8 @@ class Engine:
 
         def work(item):
             index, source, name = item
+            if isinstance(source, InputError):  # an input that failed before decoding (e.g. an unlistable folder)
+                return index, name, None, str(source)
             try:
                 return index, name, load_pixels(source, name, pre, options), None
             except InputError as exc:
@@ -342,6 +344,31 @@ class Engine:
         text = self.label_embeddings(labels, templates)
         image = self.embed_images(images)
         return self.probabilities(self.logits(image, text), softmax)
+
+    def iter_classify(
+        self,
+        sources: Sequence[Any],
+        names: Sequence[str],
+        labels: Sequence[str],
+        templates: Sequence[str],
+        use_softmax: bool = False,
+        top_k: int | None = None,
+        threshold: float | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> Iterator[ImageScores]:
+        """One ImageScores per input in order, labels best first (cut by top-k and threshold),
+        or the error that kept the image from being scored."""
+        text = self.label_embeddings(labels, templates)
+        for item in self.iter_image_features(sources, names, on_progress=on_progress):
+            if item.error is not None:
+                yield ImageScores(path=item.name, error=item.error)
+                continue
+            logit_row = self.logits(item.vector[None, :], text)
+            probs = self.probabilities(logit_row, use_softmax)[0]
+            yield ImageScores(
+                path=item.name,
+                labels=[LabelScore(labels[i], float(probs[i]), float(logit_row[0, i])) for i in rank(probs, top_k, threshold)],
+            )
 
     def describe(self) -> dict:
         return {
