@@ -7,7 +7,7 @@ import json
 import sys
 from typing import IO, Iterable, Sequence
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
@@ -75,19 +75,23 @@ def write_classify_csv(records: list[dict], out: IO[str]) -> None:
             writer.writerow([record["path"], rank, label["label"], label["score"], label["logit"], ""])
 
 
-def classify_table(results: Sequence[ImageScores], labels: Sequence[str], mode: str) -> Table | list[Table]:
-    """One image: its labels with scores and bars. Many: images x labels, best marked."""
+def classify_table(results: Sequence[ImageScores], labels: Sequence[str], mode: str) -> Group:
+    """One image: its labels with scores and bars. Many: images x labels, best marked.
+    A line under the table says how to read the scores."""
     good = [r for r in results if r.error is None]
-    caption = (
-        "softmax over the given labels (sums to 100%)"
+    note = (
+        "softmax over the given labels: scores sum to 100%"
         if mode == "softmax"
-        else "sigmoid: each label scored on its own; scores do not sum to 100%"
+        else "sigmoid: each label is scored on its own; scores do not sum to 100%"
     )
     if len(results) == 1 and good:
-        return _single_table(good[0], caption)
-    if len(labels) <= MATRIX_MAX_LABELS:
-        return _matrix_table(results, labels, caption)
-    return _top_table(results, caption)
+        table = _single_table(good[0])
+    elif len(labels) <= MATRIX_MAX_LABELS:
+        table = _matrix_table(results, labels)
+        note += "; ★ marks each image's best label"
+    else:
+        table = _top_table(results)
+    return Group(table, Text(note, style="dim"))
 
 
 def _cause(result: ImageScores) -> str:
@@ -101,8 +105,8 @@ def _bar(score: float, width: int = 20) -> str:
     return "█" * filled + "·" * (width - filled)
 
 
-def _single_table(result: ImageScores, caption: str) -> Table:
-    table = Table(title=result.path, caption=caption, title_justify="left")
+def _single_table(result: ImageScores) -> Table:
+    table = Table(title=result.path, title_justify="left")
     table.add_column("label")
     table.add_column("score", justify="right")
     table.add_column("", no_wrap=True)
@@ -113,8 +117,8 @@ def _single_table(result: ImageScores, caption: str) -> Table:
     return table
 
 
-def _matrix_table(results: Sequence[ImageScores], labels: Sequence[str], caption: str) -> Table:
-    table = Table(caption=caption + "; ★ marks each image's best label")
+def _matrix_table(results: Sequence[ImageScores], labels: Sequence[str]) -> Table:
+    table = Table()
     table.add_column("image", overflow="fold")
     for label in labels:
         table.add_column(label, justify="right")
@@ -136,8 +140,8 @@ def _matrix_table(results: Sequence[ImageScores], labels: Sequence[str], caption
     return table
 
 
-def _top_table(results: Sequence[ImageScores], caption: str, top: int = 3) -> Table:
-    table = Table(caption=caption)
+def _top_table(results: Sequence[ImageScores], top: int = 3) -> Table:
+    table = Table()
     table.add_column("image", overflow="fold")
     for rank in ("best", "2nd", "3rd")[:top]:
         table.add_column(rank)
