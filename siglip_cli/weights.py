@@ -154,3 +154,17 @@ def load_model(
         model = Siglip(config, attend, towers=towers)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def to_checkpoint_state(model: Siglip) -> dict[str, torch.Tensor]:
+    """Our state dict under the official checkpoint names (q/k/v split again), e.g. to load the
+    same weights into transformers' SiglipModel for a side-by-side comparison."""
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if ".self_attn.qkv_proj." in name:
+            base, kind = name.split(".qkv_proj.")
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                state[f"{base}.{proj}.{kind}"] = part.contiguous()
+        else:
+            state[name] = tensor
+    return state

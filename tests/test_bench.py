@@ -1,0 +1,111 @@
+"""`siglip bench`: rows, JSON shape, unavailable backends, and the correctness column."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from siglip_cli.bench import make_inputs, text_flops, vision_flops
+from siglip_cli.cli import app
+from siglip_cli.config import architecture, config_from_folder
+from siglip_cli.weights import checkpoint_keys
+
+FIELDS = {"model", "weights", "device", "dtype", "attn", "tower", "batch_size", "status", "reason", "items_per_s",
+          "ms_per_batch", "ms_min", "ms_max", "runs", "speedup_vs_eager", "max_abs_diff_vs_eager", "peak_mem_mb",
+          "peak_mem_kind", "tflops", "pct_of_peak"}
+
+
+def bench(*args):
+    return CliRunner().invoke(app, ["bench", *[str(a) for a in args]])
+
+
+def test_json_rows_on_a_checkpoint(tiny_checkpoint):
+    result = bench("--model", tiny_checkpoint, "--format", "json", "--seconds", "0.05", "--batch-sizes", "1,3",
+                   "--device", "cpu", "--peak-tflops", "1.5")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert {(r["tower"], r["batch_size"], r["attn"]) for r in rows} == {
+        (t, b, a) for t in ("vision", "text", "classify") for b in (1, 3) for a in ("eager", "sdpa", "flash")
+    }
+    for row in rows:
+        assert FIELDS <= set(row) and row["weights"] == "checkpoint" and row["dtype"] == "fp32"
+        if row["attn"] == "flash":
+            assert row["status"] == "unavailable" and "CUDA" in row["reason"] and row["items_per_s"] is None
+            continue
+        assert row["status"] == "ok" and row["runs"] >= 1
+        assert row["ms_min"] <= row["ms_per_batch"] <= row["ms_max"]
+        assert row["items_per_s"] == pytest.approx(row["batch_size"] / row["ms_per_batch"] * 1e3, rel=1e-3)
+        assert row["tflops"] > 0 and row["pct_of_peak"] == pytest.approx(100 * row["tflops"] / 1.5, rel=1e-3)
+        assert row["peak_mem_mb"] > 0 and row["peak_mem_kind"] == "process peak RSS"
+        if row["attn"] == "eager":
+            assert row["max_abs_diff_vs_eager"] == 0 and row["speedup_vs_eager"] == 1
+        else:
+            assert 0 <= row["max_abs_diff_vs_eager"] < 1e-4
+
+
+def test_difference_column_comes_from_real_outputs(tiny_checkpoint):
+    """Recompute eager vs sdpa on the bench's own inputs and find the number it printed."""
+    import siglip_cli
+    from siglip_cli.attention import eager_attention, sdpa_attention
+
+    result = bench("--model", tiny_checkpoint, "--format", "json", "--seconds", "0.05", "--batch-sizes", "2",
+                   "--towers", "text", "--attn", "sdpa", "--device", "cpu")
+    rows = json.loads(result.stdout)
+    assert [r["attn"] for r in rows] == ["sdpa"]  # eager ran as the reference but was not asked for
+    model = siglip_cli.load(tiny_checkpoint, device="cpu", attn="eager")
+    ids = make_inputs(model.config, 2, torch.device("cpu"))["ids"]
+    with torch.inference_mode():
+        eager = model.text_model(ids)
+        model._network.set_attention(sdpa_attention)
+        sdpa = model.text_model(ids)
+        model._network.set_attention(eager_attention)
+    assert rows[0]["max_abs_diff_vs_eager"] == pytest.approx(float((sdpa - eager).abs().max()), rel=1e-5)
+
+
+def test_named_architecture_offline_with_random_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    result = bench("--model", "google/siglip-base-patch16-224", "--offline", "--format", "json", "--towers", "text",
+                   "--batch-sizes", "1", "--seconds", "0.05", "--repeats", "2", "--attn", "sdpa", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    assert "random weights" in result.stderr
+    (row,) = json.loads(result.stdout)
+    assert row["weights"] == "random" and row["status"] == "ok" and row["runs"] <= 2
+
+
+def test_half_precision_on_cpu_runs_with_a_note(tiny_checkpoint):
+    result = bench("--model", tiny_checkpoint, "--dtype", "fp16,bf16", "--format", "json", "--seconds", "0.05",
+                   "--batch-sizes", "1", "--towers", "vision", "--attn", "sdpa", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    assert "slower than fp32" in result.stderr
+    assert [(r["dtype"], r["status"]) for r in json.loads(result.stdout)] == [("fp16", "ok"), ("bf16", "ok")]
+
+
+def test_table_output_and_bad_options(tiny_checkpoint):
+    table = bench("--model", tiny_checkpoint, "--seconds", "0.05", "--batch-sizes", "1", "--towers", "vision", "--device", "cpu")
+    assert table.exit_code == 0 and "vision tower, fp32" in table.stdout and "unavailable [1]" in table.stdout
+    assert bench("--model", tiny_checkpoint, "--attn", "turbo").exit_code == 2
+    assert bench("--model", tiny_checkpoint, "--batch-sizes", "a,b").exit_code == 2
+    unknown = bench("--model", "google/siglip-huge", "--offline")
+    assert unknown.exit_code == 3 and "built-in table" in unknown.stderr
+
+
+def test_compare_transformers_times_the_reference(tiny_checkpoint):
+    result = bench("--model", tiny_checkpoint, "--compare", "transformers", "--format", "json", "--seconds", "0.05",
+                   "--batch-sizes", "2", "--towers", "vision", "--attn", "sdpa", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    rows = {r["attn"]: r for r in json.loads(result.stdout)}
+    assert rows["transformers"]["status"] == "ok" and rows["transformers"]["max_abs_diff_vs_eager"] < 1e-5
+    assert rows["transformers"]["ours_sdpa_speedup"] > 0
+
+
+def test_flop_counts_grow_with_the_architecture(tiny_checkpoint):
+    base, large = architecture("siglip-base-patch16-224"), architecture("siglip-so400m-patch14-384")
+    assert vision_flops(large) > 10 * vision_flops(base) > 0
+    assert text_flops(base) > 0
+    # ~2 FLOPs per parameter per token for the matrix multiplies of the vision tower
+    params = sum(__import__("math").prod(s) for k, s in checkpoint_keys(base).items() if k.startswith("vision_model.encoder"))
+    assert vision_flops(base) == pytest.approx(2 * params * 196, rel=0.1)
+    assert config_from_folder(tiny_checkpoint).vision.num_patches == 16
