@@ -23,7 +23,7 @@ from . import attention as attention_backends
 from .config import SiglipConfig, architecture, config_from_folder
 from .errors import ModelUnavailable, UsageError
 from .hub import resolve_model
-from .model import Siglip, normalize, random_init_
+from .model import Siglip, normalize, random_init_, skip_init
 from .runtime import DTYPES, resolve_device
 from .weights import load_model
 
@@ -140,8 +140,8 @@ def build_network(
             "pass a checkpoint folder or a released SigLIP id"
         ) from None
     note(f"{model}: weights not available here (not cached); timing the architecture with random weights")
-    with torch.device("meta"):
-        network = Siglip(config, attend)
+    with skip_init():
+        network = Siglip(config, attend, device="meta")
     network = network.to_empty(device="cpu")
     random_init_(network)
     return network.to(device=device, dtype=dtype).eval().requires_grad_(False), config, "random", None

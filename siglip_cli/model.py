@@ -12,6 +12,7 @@ This file knows no files, images or tokenizers: tensors in, tensors out.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -20,6 +21,23 @@ from torch import nn
 
 from .attention import AttentionFn, eager_attention
 from .config import SiglipConfig, TextConfig, VisionConfig
+
+
+_INIT_FUNCTIONS = ("kaiming_uniform_", "uniform_", "normal_", "ones_", "zeros_")
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Build layers without random initialisation (weights are about to be replaced). On the meta
+    device this also keeps torch from importing its decomposition machinery (seconds at start-up)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def activation(name: str):
@@ -35,10 +53,10 @@ def activation(name: str):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, device=None):
         super().__init__()
-        self.fc1 = nn.Linear(hidden_size, intermediate_size)
-        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.fc1 = nn.Linear(hidden_size, intermediate_size, device=device)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size, device=device)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,13 +64,13 @@ class MLP(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, attend: AttentionFn):
+    def __init__(self, hidden_size: int, num_heads: int, attend: AttentionFn, device=None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size)  # checkpoint: q_proj, k_proj, v_proj
-        self.out_proj = nn.Linear(hidden_size, hidden_size)
+        self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, device=device)  # checkpoint: q_proj, k_proj, v_proj
+        self.out_proj = nn.Linear(hidden_size, hidden_size, device=device)
         self.attend = attend
 
     def forward(self, x: torch.Tensor, last_query_only: bool = False) -> torch.Tensor:
@@ -67,12 +85,12 @@ class SelfAttention(nn.Module):
 class EncoderLayer(nn.Module):
     """Pre-LayerNorm transformer block, shared by both towers."""
 
-    def __init__(self, config: TextConfig | VisionConfig, attend: AttentionFn):
+    def __init__(self, config: TextConfig | VisionConfig, attend: AttentionFn, device=None):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = SelfAttention(config.hidden_size, config.num_attention_heads, attend)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device)
+        self.self_attn = SelfAttention(config.hidden_size, config.num_attention_heads, attend, device)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act, device)
 
     def forward(self, x: torch.Tensor, last_query_only: bool = False) -> torch.Tensor:
         residual = x[:, -1:] if last_query_only else x
@@ -81,9 +99,9 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, config: TextConfig | VisionConfig, attend: AttentionFn):
+    def __init__(self, config: TextConfig | VisionConfig, attend: AttentionFn, device=None):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(config, attend) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(EncoderLayer(config, attend, device) for _ in range(config.num_hidden_layers))
 
     def forward(self, x: torch.Tensor, last_query_only: bool = False) -> torch.Tensor:
         """`last_query_only`: the caller needs only the last position, so the final layer computes
@@ -95,10 +113,10 @@ class Encoder(nn.Module):
 
 
 class TextEmbeddings(nn.Module):
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig, device=None):
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size, device=device)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size, device=device)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[1]
@@ -108,13 +126,13 @@ class TextEmbeddings(nn.Module):
 class TextTower(nn.Module):
     """Token ids (B, L) -> text features (B, projection_size), not normalised."""
 
-    def __init__(self, config: TextConfig, attend: AttentionFn):
+    def __init__(self, config: TextConfig, attend: AttentionFn, device=None):
         super().__init__()
         self.config = config
-        self.embeddings = TextEmbeddings(config)
-        self.encoder = Encoder(config, attend)
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.head = nn.Linear(config.hidden_size, config.embed_dim)
+        self.embeddings = TextEmbeddings(config, device)
+        self.encoder = Encoder(config, attend, device)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device)
+        self.head = nn.Linear(config.hidden_size, config.embed_dim, device=device)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[1] > self.config.max_position_embeddings:
@@ -129,12 +147,12 @@ class TextTower(nn.Module):
 
 
 class VisionEmbeddings(nn.Module):
-    def __init__(self, config: VisionConfig):
+    def __init__(self, config: VisionConfig, device=None):
         super().__init__()
         self.patch_embedding = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size, device=device
         )
-        self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size, device=device)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, h, w)
@@ -150,13 +168,13 @@ class VisionEmbeddings(nn.Module):
 class PoolingAttention(nn.Module):
     """`torch.nn.MultiheadAttention`'s parameters (names as in the checkpoint), our backends' math."""
 
-    def __init__(self, hidden_size: int, num_heads: int, attend: AttentionFn):
+    def __init__(self, hidden_size: int, num_heads: int, attend: AttentionFn, device=None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))  # rows: q, k, v
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * hidden_size))
-        self.out_proj = nn.Linear(hidden_size, hidden_size)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * hidden_size, hidden_size, device=device))  # rows: q, k, v
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * hidden_size, device=device))
+        self.out_proj = nn.Linear(hidden_size, hidden_size, device=device)
         self.attend = attend
 
     def forward(self, query: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -171,12 +189,12 @@ class PoolingAttention(nn.Module):
 class AttentionPoolingHead(nn.Module):
     """Multi-head attention pooling (MAP): one learned probe attends over all patches."""
 
-    def __init__(self, config: VisionConfig, attend: AttentionFn):
+    def __init__(self, config: VisionConfig, attend: AttentionFn, device=None):
         super().__init__()
-        self.probe = nn.Parameter(torch.empty(1, 1, config.hidden_size))
-        self.attention = PoolingAttention(config.hidden_size, config.num_attention_heads, attend)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.probe = nn.Parameter(torch.empty(1, 1, config.hidden_size, device=device))
+        self.attention = PoolingAttention(config.hidden_size, config.num_attention_heads, attend, device)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = self.attention(self.probe, x)  # (B, 1, D); no residual from the probe itself
@@ -187,13 +205,13 @@ class AttentionPoolingHead(nn.Module):
 class VisionTower(nn.Module):
     """Pixels (B, 3, S, S) in [-1, 1] -> image features (B, hidden), not normalised."""
 
-    def __init__(self, config: VisionConfig, attend: AttentionFn):
+    def __init__(self, config: VisionConfig, attend: AttentionFn, device=None):
         super().__init__()
         self.config = config
-        self.embeddings = VisionEmbeddings(config)
-        self.encoder = Encoder(config, attend)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.head = AttentionPoolingHead(config, attend)
+        self.embeddings = VisionEmbeddings(config, device)
+        self.encoder = Encoder(config, attend, device)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device)
+        self.head = AttentionPoolingHead(config, attend, device)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.head(self.post_layernorm(self.encoder(self.embeddings(pixel_values))))
@@ -203,13 +221,15 @@ class Siglip(nn.Module):
     """Both towers plus the learned temperature and bias. Either tower may be absent (None)
     when only the other is needed: `classify` with cached label embeddings never loads text."""
 
-    def __init__(self, config: SiglipConfig, attend: AttentionFn = eager_attention, towers=("text", "vision")):
+    def __init__(self, config: SiglipConfig, attend: AttentionFn = eager_attention, towers=("text", "vision"), device=None):
+        """`device="meta"` builds the structure without memory or random init, to be filled by
+        `load_state_dict(..., assign=True)`."""
         super().__init__()
         self.config = config
-        self.text_model = TextTower(config.text, attend) if "text" in towers else None
-        self.vision_model = VisionTower(config.vision, attend) if "vision" in towers else None
-        self.logit_scale = nn.Parameter(torch.zeros(1))
-        self.logit_bias = nn.Parameter(torch.zeros(1))
+        self.text_model = TextTower(config.text, attend, device) if "text" in towers else None
+        self.vision_model = VisionTower(config.vision, attend, device) if "vision" in towers else None
+        self.logit_scale = nn.Parameter(torch.zeros(1, device=device))
+        self.logit_bias = nn.Parameter(torch.zeros(1, device=device))
 
     def set_attention(self, attend: AttentionFn) -> None:
         """Switch the attention backend of every layer in place (weights are shared)."""

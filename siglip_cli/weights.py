@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from .config import SiglipConfig, TextConfig, VisionConfig
 from .errors import ModelUnavailable
-from .model import Siglip
+from .model import Siglip, skip_init
 
 # Non-persistent buffers that some exporters saved anyway; they carry no information.
 _IGNORED_SUFFIXES = (".position_ids",)
@@ -150,8 +150,9 @@ def load_model(
             if name.startswith(prefixes + ("logit_",)) and not name.endswith(_IGNORED_SUFFIXES)
         }
     state = {name: t.to(device=device, dtype=dtype) for name, t in _fuse_qkv(state).items()}
-    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
-        model = Siglip(config, attend, towers=towers)
+    # On the meta device: no memory and no random init for weights about to be replaced.
+    with skip_init():
+        model = Siglip(config, attend, towers=towers, device="meta")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
