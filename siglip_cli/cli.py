@@ -114,7 +114,9 @@ def handled() -> Iterator[None]:
 def _load(model, device, dtype, attn, offline, batch_size=None, workers=None, max_pixels=None, use_cache=True):
     from .engine import load
     from .images import DEFAULT_MAX_PIXELS
+    from .runtime import keep_freed_memory
 
+    keep_freed_memory()
     return load(
         model,
         device=device,
@@ -379,6 +381,9 @@ def bench(
     """
     with handled():
         from .bench import run_bench
+        from .runtime import keep_freed_memory
+
+        keep_freed_memory()
 
         if fmt not in ("table", "json"):
             raise UsageError(f"--format {fmt}: bench prints table or json")

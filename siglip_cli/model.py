@@ -94,8 +94,12 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, last_query_only: bool = False) -> torch.Tensor:
         residual = x[:, -1:] if last_query_only else x
-        x = residual + self.self_attn(self.layer_norm1(x), last_query_only)
-        return x + self.mlp(self.layer_norm2(x))
+        # Residual sums go into the freshly made branch outputs: no extra activation-sized buffers.
+        h = self.self_attn(self.layer_norm1(x), last_query_only)
+        h += residual
+        out = self.mlp(self.layer_norm2(h))
+        out += h
+        return out
 
 
 class Encoder(nn.Module):

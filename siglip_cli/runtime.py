@@ -1,6 +1,9 @@
-"""`--device` / `--dtype` / `--attn` "auto" resolution and capability checks."""
+"""`--device` / `--dtype` / `--attn` "auto" resolution, capability checks, process tuning."""
 
 from __future__ import annotations
+
+import ctypes
+import sys
 
 import torch
 
@@ -66,3 +69,23 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, head_
 
 def dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES[dtype]
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory() -> bool:
+    """Measured on CPU: glibc hands every block over 32 MB back to the OS when it is freed, so
+    each layer's fresh activations (38 MB for base-224 at batch 16) are page-faulted in again,
+    and the matrix multiplies writing them run ~15% slower. Keeping freed blocks in the heap
+    removes that; peak memory is unchanged (the same sizes are reused every batch).
+    Called by the CLI only, since it changes the allocator for the whole process. Returns
+    whether it took effect (glibc Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False
