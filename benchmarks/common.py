@@ -22,7 +22,12 @@ def build_checkpoint(folder: Path, name: str = "google/siglip-base-patch16-224",
     if (folder / "model.safetensors").exists():
         return folder
     import torch
-    from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel, SiglipTokenizer
+    from transformers import SiglipConfig, SiglipModel, SiglipTokenizer
+
+    try:
+        from transformers import SiglipImageProcessorPil
+    except ImportError:  # older transformers: the slow processor had no suffix
+        from transformers import SiglipImageProcessor as SiglipImageProcessorPil
 
     from siglip_cli.config import architecture
 

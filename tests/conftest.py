@@ -96,7 +96,12 @@ def build_checkpoint(
     import shutil
 
     import torch
-    from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel, SiglipTokenizer
+    from transformers import SiglipConfig, SiglipModel, SiglipTokenizer
+
+    try:
+        from transformers import SiglipImageProcessorPil
+    except ImportError:  # older transformers: the slow processor had no suffix
+        from transformers import SiglipImageProcessor as SiglipImageProcessorPil
 
     text = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
             "num_attention_heads": 4, **(text or {})}
@@ -147,7 +152,12 @@ class Reference:
     """transformers' own objects for a checkpoint folder: the numbers we must match."""
 
     def __init__(self, folder: Path):
-        from transformers import SiglipImageProcessorPil, SiglipModel, SiglipTokenizer
+        from transformers import SiglipModel, SiglipTokenizer
+
+        try:
+            from transformers import SiglipImageProcessorPil
+        except ImportError:
+            from transformers import SiglipImageProcessor as SiglipImageProcessorPil
 
         self.folder = folder
         self.model = SiglipModel.from_pretrained(folder, attn_implementation="eager").eval()
