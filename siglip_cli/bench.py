@@ -114,7 +114,7 @@ def _peak_memory_mb(device: torch.device) -> tuple[float | None, str]:
 
 # ----------------------------------------------------------------------------- model
 def build_network(
-    model: str, device: torch.device, dtype: torch.dtype, offline: bool, note: Callable[[str], None]
+    model: str, device: torch.device, dtype: torch.dtype, note: Callable[[str], None]
 ) -> tuple[Siglip, SiglipConfig, str, Path | None]:
     """Real weights when a local folder or a cached hub copy is at hand; else the architecture
     from the built-in table with random weights. Never downloads: weights do not change speed."""
@@ -208,7 +208,6 @@ def run_bench(
     peak_tflops: float | None,
     compare: str | None,
     fmt: str,
-    offline: bool,
     note: Callable[[str], None],
 ) -> list[Row]:
     from .images import normalization_table, pixels_to_model_input
@@ -247,9 +246,8 @@ def run_bench(
             rows += [Row(model, "-", str(torch_device), dtype_name, a, t, b, "unavailable", reason)
                      for t in tower_names for b in sizes for a in backend_names]
             continue
-        network, config, weights, folder = build_network(model, torch_device, dtype, offline, note)
-        head_dims = (config.text.hidden_size // config.text.num_attention_heads,
-                     config.vision.hidden_size // config.vision.num_attention_heads)
+        network, config, weights, folder = build_network(model, torch_device, dtype, note)
+        head_dims = config.head_dims
         table = torch.from_numpy(normalization_table(config.preprocess)).to(torch_device)
         labels = normalize(torch.randn(CLASSIFY_LABELS, config.vision.hidden_size, generator=torch.Generator().manual_seed(1))).to(torch_device)
         scale, bias = network.logit_scale.float().exp(), network.logit_bias.float()
@@ -283,8 +281,10 @@ def run_bench(
                     network.set_attention(attention_backends.resolve(backend, torch_device, dtype, head_dims))
                     try:
                         output = call().float()
-                        if eager_out is None:
+                        if backend == "eager":
                             eager_out = output
+                        if eager_out is None:
+                            raise RuntimeError("eager, the reference, did not run")
                         row.max_abs_diff_vs_eager = float((output - eager_out).abs().max())
                         if torch_device.type == "cuda":
                             torch.cuda.reset_peak_memory_stats(torch_device)

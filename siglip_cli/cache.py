@@ -46,11 +46,16 @@ class TextCache:
         return vector if vector.ndim == 1 and vector.dtype == np.float32 else None
 
     def put(self, prompt: str, vector: np.ndarray) -> None:
+        tmp = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
             with os.fdopen(fd, "wb") as fh:
                 np.save(fh, np.asarray(vector, dtype=np.float32))
             os.replace(tmp, self._path(prompt))
-        except OSError:
-            pass  # a read-only or full disk only costs speed, never results
+        except OSError:  # a read-only or full disk only costs speed, never results
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass

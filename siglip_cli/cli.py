@@ -109,6 +109,14 @@ def handled() -> Iterator[None]:
     except KeyboardInterrupt:
         error_line("interrupted")
         raise typer.Exit(130) from None
+    except MemoryError:
+        error_line("out of memory; try a smaller --batch-size")
+        raise typer.Exit(4) from None
+    except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA) without importing torch here
+        if type(exc).__name__ != "OutOfMemoryError":
+            raise
+        error_line(f"the device ran out of memory ({str(exc).splitlines()[0]}); try a smaller --batch-size")
+        raise typer.Exit(4) from None
 
 
 def _load(model, device, dtype, attn, offline, batch_size=None, workers=None, max_pixels=None, use_cache=True):
@@ -146,7 +154,8 @@ def progress_bar(total: int, what: str, enabled: bool = True):
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=console, transient=True) as bar:
+    # redirect_*=False: stdout carries results and must never pass through the bar
+    with Progress(*columns, console=console, transient=True, redirect_stdout=False, redirect_stderr=False) as bar:
         task = bar.add_task(what, total=total, rate="")
         started = time.perf_counter()
         done = 0
@@ -215,6 +224,8 @@ def classify(
         templates = resolve_templates(template, use_template=not no_template)
         output = _output_format(fmt, json_flag)
         sources = expand(images, recursive=recursive)
+        if not sources:
+            raise UsageError("no images given (stdin was empty)")
         engine = _load(model, device, dtype, attn, offline, batch_size, workers, max_pixels, use_cache=not no_cache)
         failed = _run_classify(engine, sources, label_set.labels, templates, softmax, top_k, threshold, output)
     if failed:
@@ -287,6 +298,8 @@ def embed(
     with handled():
         if out is None and fmt != "jsonl":
             raise UsageError("say where the vectors go: --out vecs.npy (or .npz, .jsonl), or --format jsonl for stdout")
+        if out is not None and fmt is not None:
+            raise UsageError("give --out FILE or --format jsonl (stdout), not both")
         if fmt not in (None, "jsonl"):
             raise UsageError(f"--format {fmt}: embed prints only jsonl; use --out for .npy/.npz files")
         from .embed_job import EmbedJob
@@ -362,7 +375,7 @@ def bench(
     model: ModelOpt = None,
     attn: Annotated[str, typer.Option("--attn", help="A backend, several comma-separated, or all.")] = "all",
     dtype: Annotated[str, typer.Option("--dtype", help="One or several of fp32, fp16, bf16, comma-separated (default: fp32 on CPU, fp16,bf16 on CUDA).")] = "auto",
-    batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: 1,8 on CPU; 1,32,128 on CUDA).")] = None,
+    batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: 1,4 on CPU; 1,32,128 on CUDA).")] = None,
     towers: Annotated[str, typer.Option("--towers", help="What to time: vision, text, classify, comma-separated.")] = "vision,text,classify",
     seconds: Annotated[float, typer.Option("--seconds", min=0.05, help="Time budget per row (warm-up excluded).")] = 2.0,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="At most this many timed runs per row.")] = 10,
@@ -370,14 +383,13 @@ def bench(
     peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", min=0.0, help="The device's peak TFLOP/s for this dtype, to print % of peak.")] = None,
     compare: Annotated[Optional[str], typer.Option("--compare", help="transformers: also time the reference SiglipModel on the same weights and inputs.")] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table or json (one record per row).")] = "table",
-    offline: OfflineOpt = False,
 ) -> None:
     """Time the attention backends, dtypes and batch sizes.
 
     Before timing, every backend's outputs are compared with eager's on the same inputs, and
-    the largest difference is shown: a fast but wrong kernel is visible. Without the model's
-    weights at hand (offline, not cached) the architecture is built from the built-in table
-    with random weights, which times the same but scores nothing.
+    the largest difference is shown: a fast but wrong kernel is visible. It never downloads:
+    without a local folder or a cached copy of the weights, the architecture is built from the
+    built-in table with random weights, which times the same but scores nothing.
     """
     with handled():
         from .bench import run_bench
@@ -401,13 +413,24 @@ def bench(
             peak_tflops=peak_tflops,
             compare=compare,
             fmt=fmt,
-            offline=offline,
             note=note,
         )
 
 
 def main() -> None:
-    app()
+    # File names that are not valid UTF-8 must neither crash output nor be lost when read back.
+    for stream, errors in ((sys.stdout, "backslashreplace"), (sys.stdin, "surrogateescape")):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=errors)
+    try:
+        app()
+    except BrokenPipeError:
+        # `siglip classify ... | head -1`: the reader left; stop quietly like other Unix tools.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ built by name without downloading anything (`siglip bench` uses it).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,12 @@ class SiglipConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def head_dims(self) -> tuple[int, int]:
+        """(text, vision) attention head sizes; flash kernels constrain them."""
+        t, v = self.text, self.vision
+        return t.hidden_size // t.num_attention_heads, v.hidden_size // v.num_attention_heads
 
 
 _TEXT_KEYS = {f for f in TextConfig.__dataclass_fields__}
@@ -285,8 +291,3 @@ def architecture(name: str) -> SiglipConfig:
         known = ", ".join(sorted(k.split("/", 1)[1] for k in ARCHITECTURES))
         raise ModelUnavailable(f"unknown architecture {name!r}; known: {known}") from None
 
-
-def with_image_size(config: SiglipConfig, image_size: int) -> SiglipConfig:
-    vision = replace(config.vision, image_size=image_size)
-    pre = replace(config.preprocess, height=image_size, width=image_size)
-    return replace(config, vision=vision, preprocess=pre)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .writer import TEXT_PREFIX, EmbeddingWriter, embedding_record
+from .writer import TEXT_PREFIX, EmbeddingWriter, embedding_record, has_line_break
 
 
 class EmbedJob:
@@ -39,7 +39,10 @@ class EmbedJob:
         done = sink.done()
         if done:
             note(f"resuming: {len(done)} inputs already done in {self.out}.partial")
-        todo = [s for s in sources if s.name not in done]
+        unique = list({s.name: s for s in sources}.values())
+        if len(unique) < len(sources):
+            note(f"{len(sources) - len(unique)} inputs were listed more than once; each is embedded once")
+        todo = [s for s in unique if s.name not in done]
         text_rows = [t for t in dict.fromkeys(texts) if TEXT_PREFIX + _one_line(t) not in done]
         skipped = embedded = 0
         try:
@@ -49,11 +52,12 @@ class EmbedJob:
                     [s.value for s in todo], [s.name for s in todo], normalize_output=self.normalize, on_progress=advance
                 )
                 for count, item in enumerate(results, 1):
-                    if item.error is None and "\n" in item.name:
+                    if item.error is None and has_line_break(item.name):
                         item.error = f"{item.name!r}: a path with a line break cannot be listed in paths.txt"
                     if item.error is not None:
                         if self.strict:
                             sink.commit()
+                            sink.close()
                             error_line(item.error)
                             note("stopped by --strict; finished rows are kept, rerun with --resume after fixing the input")
                             return 1
@@ -105,6 +109,7 @@ class _Stdout:
     partial = None
 
     def __init__(self, dtype: str):
+        self.stream = sys.stdout  # taken now: a progress bar may stand in for sys.stdout later
         self.dtype = np.dtype(dtype)
         self.names: list[str] = []
         self.skipped: list[dict] = []
@@ -117,14 +122,14 @@ class _Stdout:
 
     def add(self, name: str, vector) -> None:
         row = np.asarray(vector).astype(self.dtype)
-        sys.stdout.write(json.dumps(embedding_record(name, row), ensure_ascii=False) + "\n")
+        self.stream.write(json.dumps(embedding_record(name, row), ensure_ascii=False) + "\n")
         self.names.append(name)
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append({"path": name, "error": reason})
 
     def commit(self) -> None:
-        sys.stdout.flush()
+        self.stream.flush()
 
     def close(self) -> None:
         self.commit()

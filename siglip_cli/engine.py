@@ -22,7 +22,7 @@ import torch
 from . import attention as attention_backends
 from .cache import TextCache, default_cache_dir
 from .config import SiglipConfig, config_from_folder
-from .errors import InputError, SiglipError
+from .errors import InputError, SiglipError, UsageError
 from .hub import DEFAULT_MODEL, ResolvedModel, resolve_model
 from .images import ImageOptions, describe, load_pixels, normalization_table, pixels_to_model_input
 from .model import Siglip, normalize
@@ -71,6 +71,7 @@ class Engine:
         self._network: Siglip | None = None
         self._tokenizer: Tokenizer | None = None
         self._table: torch.Tensor | None = None
+        self._scale_bias: tuple[float, float] | None = None
 
     # ------------------------------------------------------------------ loading
     @property
@@ -82,8 +83,7 @@ class Engine:
 
     @property
     def head_dims(self) -> tuple[int, ...]:
-        t, v = self.config.text, self.config.vision
-        return (t.hidden_size // t.num_attention_heads, v.hidden_size // v.num_attention_heads)
+        return self.config.head_dims
 
     def _tower(self, name: str) -> torch.nn.Module:
         network = self._network
@@ -116,18 +116,26 @@ class Engine:
         if self._network is not None:
             self._network.set_attention(fn)
 
+    def _scale_and_bias(self) -> tuple[float, float]:
+        # Read once: on CUDA every read waits for the device, which would stall the pipeline.
+        if self._scale_bias is None:
+            if self._network is None:
+                self._tower("vision")
+            network = self._network
+            self._scale_bias = (
+                float(network.logit_scale.detach().float().exp().cpu()),
+                float(network.logit_bias.detach().float().cpu()),
+            )
+        return self._scale_bias
+
     @property
     def logit_scale(self) -> float:
         """exp(logit_scale): the learned temperature, already exponentiated."""
-        if self._network is None:
-            self._tower("vision")
-        return float(self._network.logit_scale.detach().float().exp().cpu())
+        return self._scale_and_bias()[0]
 
     @property
     def logit_bias(self) -> float:
-        if self._network is None:
-            self._tower("vision")
-        return float(self._network.logit_bias.detach().float().cpu())
+        return self._scale_and_bias()[1]
 
     @property
     def embed_dim(self) -> int:
@@ -150,7 +158,7 @@ class Engine:
         result: list[np.ndarray | None] = [None] * len(texts)
         if self.text_cache is not None:
             result = [self.text_cache.get(t) for t in texts]
-        todo = sorted({t for t, r in zip(texts, result) if r is None}, key=texts.index)
+        todo = list(dict.fromkeys(t for t, r in zip(texts, result) if r is None))
         if todo:
             computed = dict(zip(todo, self._compute_text_features(todo)))
             for i, text in enumerate(texts):
@@ -172,9 +180,11 @@ class Engine:
         if isinstance(texts, str):
             texts = [texts]
         templates = resolve_templates(template, use_template=template is not None)
+        if not normalize and len(templates) > 1:
+            raise UsageError("un-normalised text embeddings need a single template (an ensemble averages normalised ones)")
         prompts = [fill(t, text) for text in texts for t in templates]
         features = self.text_features(prompts)
-        if not normalize and len(templates) == 1:
+        if not normalize:
             return features
         return ensemble(l2_normalize(features), len(texts), len(templates))
 
@@ -189,7 +199,7 @@ class Engine:
             self._table = torch.from_numpy(normalization_table(self.config.preprocess)).to(self.device)
         return self._table
 
-    def _decoded(self, sources: Sequence[Any], names: Sequence[str], workers: int) -> Iterator[tuple]:
+    def _decoded(self, sources: Sequence[Any], names: Sequence[str], workers: int, batch_size: int) -> Iterator[tuple]:
         """(index, name, uint8 pixels or None, error or None) in input order, decoded ahead."""
         pre, options = self.config.preprocess, self.image_options
 
@@ -208,7 +218,7 @@ class Engine:
         if workers <= 0:
             yield from map(work, items)
             return
-        window = max(2 * self.batch_size, 4 * workers)
+        window = max(2 * batch_size, 4 * workers)
         pool = ThreadPoolExecutor(workers, thread_name_prefix="siglip-decode")
         pending: collections.deque = collections.deque()
         try:
@@ -283,7 +293,11 @@ class Engine:
             launches += 1
             if in_flight is not None:
                 finish(*in_flight)
-            in_flight = (handle, batch_items)
+                in_flight = None
+            if use_pinned:  # CUDA: collect this batch after the next one is queued
+                in_flight = (handle, batch_items)
+            else:  # CPU/MPS: the work is done already; hand the results out now
+                finish(handle, batch_items)
             batch, batch_items = [], []
 
         def finish(handle, items: list[Embedded]) -> None:
@@ -297,7 +311,7 @@ class Engine:
                     on_progress(1)
                 yield item
 
-        for index, name, pixels, error in self._decoded(sources, names, workers):
+        for index, name, pixels, error in self._decoded(sources, names, workers, batch_size):
             item = Embedded(index=index, name=name, error=error)
             waiting.append(item)
             if pixels is not None:
@@ -402,9 +416,7 @@ def load(
     torch_dtype = resolve_dtype(dtype, torch_device)
     resolved = resolve_model(name, offline=offline, revision=revision)
     config = config_from_folder(resolved.folder)
-    t, v = config.text, config.vision
-    head_dims = (t.hidden_size // t.num_attention_heads, v.hidden_size // v.num_attention_heads)
-    attn_name = resolve_attention(attn, torch_device, torch_dtype, head_dims)
+    attn_name = resolve_attention(attn, torch_device, torch_dtype, config.head_dims)
     return Engine(
         resolved,
         config,

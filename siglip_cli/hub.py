@@ -19,7 +19,7 @@ from .errors import ModelUnavailable
 
 DEFAULT_MODEL = "google/siglip-base-patch16-224"
 REQUIRED_FILES = ("config.json", "model.safetensors", "spiece.model")
-OPTIONAL_FILES = ("preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json")
+OPTIONAL_FILES = ("preprocessor_config.json", "tokenizer_config.json")
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _TRUTHY = {"1", "true", "yes", "on"}
 

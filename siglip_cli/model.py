@@ -241,10 +241,6 @@ class Siglip(nn.Module):
             if isinstance(module, (SelfAttention, PoolingAttention)):
                 module.attend = attend
 
-    def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        """(images, texts) logits from L2-normalised embeddings: exp(t) * cos + b."""
-        return image_embeds @ text_embeds.t() * self.logit_scale.exp() + self.logit_bias
-
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     # Same as the reference (x / ||x||, no epsilon), done in fp32 whatever the model's dtype.

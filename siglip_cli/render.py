@@ -106,7 +106,7 @@ def _bar(score: float, width: int = 20) -> str:
 
 
 def _single_table(result: ImageScores) -> Table:
-    table = Table(title=result.path, title_justify="left")
+    table = Table(title=Text(result.path), title_justify="left")
     table.add_column("label")
     table.add_column("score", justify="right")
     table.add_column("", no_wrap=True)
@@ -121,10 +121,10 @@ def _matrix_table(results: Sequence[ImageScores], labels: Sequence[str]) -> Tabl
     table = Table()
     table.add_column("image", overflow="fold")
     for label in labels:
-        table.add_column(label, justify="right")
+        table.add_column(Text(label), justify="right")
     for result in results:
         if result.error is not None:
-            table.add_row(result.path, Text(_cause(result), style="red"), *[""] * (len(labels) - 1))
+            table.add_row(Text(result.path), Text(_cause(result), style="red"), *[""] * (len(labels) - 1))
             continue
         by_label = {item.label: item.score for item in result.labels}
         best = result.labels[0].label if result.labels else None
@@ -136,7 +136,7 @@ def _matrix_table(results: Sequence[ImageScores], labels: Sequence[str]) -> Tabl
                 cells.append(Text(f"★ {format_score(by_label[label])}", style="bold"))
             else:
                 cells.append(Text(format_score(by_label[label])))
-        table.add_row(result.path, *cells)
+        table.add_row(Text(result.path), *cells)
     return table
 
 
@@ -147,28 +147,20 @@ def _top_table(results: Sequence[ImageScores], top: int = 3) -> Table:
         table.add_column(rank)
     for result in results:
         if result.error is not None:
-            table.add_row(result.path, Text(_cause(result), style="red"), *[""] * (top - 1))
+            table.add_row(Text(result.path), Text(_cause(result), style="red"), *[""] * (top - 1))
             continue
         cells = [f"{item.label} ({format_score(item.score)})" for item in result.labels[:top]]
         cells += [""] * (top - len(cells))
-        table.add_row(result.path, Text(cells[0], style="bold"), *cells[1:])
+        table.add_row(Text(result.path), Text(cells[0], style="bold"), *[Text(c) for c in cells[1:]])
     return table
 
 
 # --------------------------------------------------------------------------- similarity
-def matrix_records(row_names: Sequence[str], col_names: Sequence[str], values, key: str) -> list[dict]:
-    return [
-        {"row": r, "col": c, key: clean_float(values[i][j])}
-        for i, r in enumerate(row_names)
-        for j, c in enumerate(col_names)
-    ]
-
-
 def matrix_table(title: str, row_names: Sequence[str], col_names: Sequence[str], values, fmt=lambda v: f"{v:.3f}") -> Table:
     table = Table(title=title, title_justify="left")
     table.add_column("", overflow="fold")
     for name in col_names:
-        table.add_column(name, justify="right", overflow="fold")
+        table.add_column(Text(name), justify="right", overflow="fold")
     for i, name in enumerate(row_names):
-        table.add_row(name, *[fmt(values[i][j]) for j in range(len(col_names))])
+        table.add_row(Text(name), *[fmt(values[i][j]) for j in range(len(col_names))])
     return table

@@ -37,6 +37,8 @@ def run_similarity(engine, sources, texts, templates, rows: str, cols: str, outp
     text_ids = [i for i, k in enumerate(kinds) if k == "text"]
     pair_logits = logits(matrix[images], matrix[text_ids], engine.logit_scale, engine.logit_bias)
     pair_probs = sigmoid(pair_logits)
+    image_pos = {i: p for p, i in enumerate(images)}
+    text_pos = {j: q for q, j in enumerate(text_ids)}
     cells = []
     for a, i in enumerate(row_ids):
         for b, j in enumerate(col_ids):
@@ -44,7 +46,7 @@ def run_similarity(engine, sources, texts, templates, rows: str, cols: str, outp
                     "cosine": render.clean_float(cosine[a, b])}
             if kinds[i] != kinds[j]:
                 image, text = (i, j) if kinds[i] == "image" else (j, i)
-                p, q = images.index(image), text_ids.index(text)
+                p, q = image_pos[image], text_pos[text]
                 cell["logit"] = render.clean_float(pair_logits[p, q])
                 cell["probability"] = render.clean_float(pair_probs[p, q])
             cells.append(cell)

@@ -57,15 +57,12 @@ def expand(arguments: Iterable[str], recursive: bool = False, stdin: TextIO | No
     for argument in arguments:
         if argument == "-":
             lines = (stdin or sys.stdin).read().splitlines()
-            sources.extend(_expand_one(line.strip(), recursive) for line in lines if line.strip())
+            for line in lines:
+                if line.strip():
+                    sources.extend(_expand_many(line.strip(), recursive))
             continue
         sources.extend(_expand_many(argument, recursive))
     return sources
-
-
-def _expand_one(argument: str, recursive: bool) -> Source:
-    many = _expand_many(argument, recursive)
-    return many[0] if len(many) == 1 else Source(argument, argument)
 
 
 def _expand_many(argument: str, recursive: bool) -> list[Source]:

@@ -88,6 +88,11 @@ class Tokenizer:
                     kwargs[key] = value
             if "do_lower_case" in raw:
                 kwargs["lower_case"] = bool(raw["do_lower_case"])
+            # Settings the released SigLIP tokenizers never use; refuse rather than diverge silently.
+            if raw.get("additional_special_tokens"):
+                raise ModelUnavailable(f"{config_file}: additional_special_tokens are not supported")
+            if raw.get("legacy") is False:
+                raise ModelUnavailable(f"{config_file}: legacy=false sentencepiece handling is not supported")
         return cls(model_file, max_length=max_length, **kwargs)
 
     def _special_id(self, token: str, model_file: Path) -> int:

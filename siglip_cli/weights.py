@@ -149,7 +149,11 @@ def load_model(
             for name in handle.keys()
             if name.startswith(prefixes + ("logit_",)) and not name.endswith(_IGNORED_SUFFIXES)
         }
-    state = {name: t.to(device=device, dtype=dtype) for name, t in _fuse_qkv(state).items()}
+    # The temperature and bias stay fp32 whatever the model's dtype: two numbers, every score.
+    state = {
+        name: t.to(device=device, dtype=torch.float32 if name.startswith("logit_") else dtype)
+        for name, t in _fuse_qkv(state).items()
+    }
     # On the meta device: no memory and no random init for weights about to be replaced.
     with skip_init():
         model = Siglip(config, attend, towers=towers, device="meta")

@@ -6,8 +6,10 @@ and `state.json` (the settings the rows were made with). Each batch is flushed b
 one starts, so an interrupted run keeps all finished batches; `--resume` checks the settings,
 trims a half-written row, skips every input already done and carries on.
 
-When the run completes, the final files are built from the partial state under temporary names
-and renamed into place, so `vecs.npy` either does not exist or is complete:
+When the run completes, the final files are built from the partial state under temporary names,
+flushed to disk, and renamed into place -- sidecars first, the main file last, the partial state
+removed only after that -- so `vecs.npy` either does not exist or is complete and matches its
+sidecars:
 - `.npy`: rows; beside it `.paths.txt` (line i = source of row i) and `.meta.json`
 - `.npz`: `embeddings` and `paths` arrays in one file (plus the `.meta.json`)
 - `.jsonl`: one {"path" | "text", "embedding"} object per line (plus the `.meta.json`)
@@ -26,7 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import SiglipError, UsageError
 
 OUTPUT_SUFFIXES = (".npy", ".npz", ".jsonl")
 TEXT_PREFIX = "text:"
@@ -36,6 +38,29 @@ _CHUNK_ROWS = 8192
 def sidecar(out: Path, suffix: str) -> Path:
     """vecs.npy -> vecs.paths.txt / vecs.meta.json."""
     return out.with_name(out.stem + suffix)
+
+
+class OutputError(SiglipError):
+    """The output folder cannot be written (permissions, full disk)."""
+
+    exit_code = 1
+
+
+def has_line_break(name: str) -> bool:
+    return name.splitlines() != [name]
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -57,8 +82,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = temporary_beside(path)
     fd = os.open(tmp, os.O_WRONLY)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        # surrogateescape: file names that are not valid UTF-8 round-trip byte for byte
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
             fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
@@ -86,19 +114,33 @@ class EmbeddingWriter:
         self.settings = {**settings, "dim": dim, "dtype": dtype}
         self.names: list[str] = []
         self.skipped: list[dict] = []
-        if self.partial.exists():
-            if not resume:
-                raise UsageError(
-                    f"{self.partial} holds an interrupted run; add --resume to continue it, or delete it to start over"
-                )
-            self._load_partial()
-        else:
-            self.partial.mkdir()
-            atomic_write_text(self.partial / "state.json", json.dumps(self.settings, indent=2))
-        self.rows = open(self.partial / "rows.bin", "ab")
-        self.names_file = open(self.partial / "names.txt", "a", encoding="utf-8")
-        self.skipped_file = open(self.partial / "skipped.jsonl", "a", encoding="utf-8")
+        try:
+            if self.partial.exists():
+                if not resume:
+                    raise UsageError(
+                        f"{self.partial} holds an interrupted run; add --resume to continue it, or delete it to start over"
+                    )
+                self._load_partial()
+            else:
+                self.partial.mkdir()
+                atomic_write_text(self.partial / "state.json", json.dumps(self.settings, indent=2))
+            self.rows = open(self.partial / "rows.bin", "ab")
+            self.names_file = self._text_file("names.txt")
+            self.skipped_file = self._text_file("skipped.jsonl")
+        except OSError as exc:
+            raise OutputError(f"{exc.filename or self.partial}: cannot write ({exc.strerror or exc})") from None
         self._resumed_images = sum(1 for n in self.names if not n.startswith(TEXT_PREFIX))
+
+    def _text_file(self, name: str):
+        return open(self.partial / name, "a", encoding="utf-8", errors="surrogateescape", newline="\n")
+
+    def _read_lines(self, name: str) -> list[str]:
+        """Complete lines only: the text after the last newline is a half-written line."""
+        path = self.partial / name
+        if not path.exists():
+            return []
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
+            return fh.read().split("\n")[:-1]
 
     def _load_partial(self) -> None:
         try:
@@ -113,22 +155,19 @@ class EmbeddingWriter:
             )
         rows_path = self.partial / "rows.bin"
         names_path = self.partial / "names.txt"
-        names = names_path.read_text(encoding="utf-8").split("\n") if names_path.exists() else []
-        complete_names = names[:-1]  # the text after the last newline is a half-written line
+        complete_names = self._read_lines("names.txt")
         rows = rows_path.stat().st_size // self.row_bytes if rows_path.exists() else 0
         count = min(rows, len(complete_names))
         self.names = complete_names[:count]
         with open(rows_path, "ab") as fh:
             fh.truncate(count * self.row_bytes)
         atomic_write_text(names_path, "".join(n + "\n" for n in self.names))
-        skipped_path = self.partial / "skipped.jsonl"
-        if skipped_path.exists():
-            for line in skipped_path.read_text(encoding="utf-8").split("\n")[:-1]:
-                try:
-                    self.skipped.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break
-            atomic_write_text(skipped_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in self.skipped))
+        for line in self._read_lines("skipped.jsonl"):
+            try:
+                self.skipped.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        atomic_write_text(self.partial / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in self.skipped))
 
     def resumed_images(self) -> int:
         """Image rows that came from the interrupted run this one resumed."""
@@ -139,23 +178,35 @@ class EmbeddingWriter:
         return set(self.names) | {s["path"] for s in self.skipped}
 
     def add(self, name: str, vector: np.ndarray) -> None:
+        if has_line_break(name):
+            raise ValueError(f"{name!r} holds a line break and cannot be a line of names.txt")
         row = np.asarray(vector).astype(self.dtype, copy=False)
         if row.shape != (self.dim,):
             raise ValueError(f"row for {name} has shape {row.shape}, expected ({self.dim},)")
-        self.rows.write(row.tobytes())
-        self.names_file.write(name + "\n")
+        try:
+            self.rows.write(row.tobytes())
+            self.names_file.write(name + "\n")
+        except OSError as exc:
+            raise OutputError(f"{self.partial}: cannot write ({exc.strerror or exc})") from None
         self.names.append(name)
 
     def skip(self, name: str, reason: str) -> None:
         record = {"path": name, "error": reason}
-        self.skipped_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        try:
+            self.skipped_file.write(json.dumps(record) + "\n")  # ASCII: any file name round-trips
+        except OSError as exc:
+            raise OutputError(f"{self.partial}: cannot write ({exc.strerror or exc})") from None
         self.skipped.append(record)
 
     def commit(self) -> None:
         """Make everything added so far durable (rows before names, so names never run ahead)."""
-        for fh in (self.rows, self.skipped_file, self.names_file):
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            for fh in (self.rows, self.skipped_file, self.names_file):
+                if not fh.closed:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        except OSError as exc:
+            raise OutputError(f"{self.partial}: cannot write ({exc.strerror or exc})") from None
 
     def close(self) -> None:
         for fh in (self.rows, self.names_file, self.skipped_file):
@@ -184,10 +235,15 @@ class EmbeddingWriter:
             "skipped": self.skipped,
         }
         writers = {".npy": self._write_npy, ".npz": self._write_npz, ".jsonl": self._write_jsonl}
-        writers[self.out.suffix]()
-        if self.out.suffix == ".npy":
-            atomic_write_text(sidecar(self.out, ".paths.txt"), "".join(n + "\n" for n in self.names))
-        atomic_write_text(sidecar(self.out, ".meta.json"), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        try:
+            # Sidecars first, the main file last: a reader that finds vecs.npy finds its paths.
+            if self.out.suffix == ".npy":
+                atomic_write_text(sidecar(self.out, ".paths.txt"), "".join(n + "\n" for n in self.names))
+            atomic_write_text(sidecar(self.out, ".meta.json"), json.dumps(meta, indent=2) + "\n")
+            writers[self.out.suffix]()
+            _fsync_dir(self.out.parent)
+        except OSError as exc:
+            raise OutputError(f"{self.out}: cannot write ({exc.strerror or exc})") from None
         shutil.rmtree(self.partial, ignore_errors=True)
         return meta
 
@@ -204,6 +260,7 @@ class EmbeddingWriter:
                 start += len(chunk)
             array.flush()
             del array
+            _fsync_file(tmp)
             os.replace(tmp, self.out)
         except BaseException:
             _remove(tmp)
@@ -226,6 +283,7 @@ class EmbeddingWriter:
                     np.lib.format.write_array_header_2_0(member, header)
                     for start in range(0, len(self.names), _CHUNK_ROWS):
                         member.write(np.array(self.names[start : start + _CHUNK_ROWS], dtype=dtype).tobytes())
+            _fsync_file(tmp)
             os.replace(tmp, self.out)
         except BaseException:
             _remove(tmp)
@@ -238,11 +296,18 @@ class EmbeddingWriter:
                 names = iter(self.names)
                 for chunk in self._chunks():
                     for row in chunk:
-                        fh.write(json.dumps(embedding_record(next(names), row), ensure_ascii=False) + "\n")
+                        fh.write(json.dumps(embedding_record(next(names), row)) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
             os.replace(tmp, self.out)
         except BaseException:
             _remove(tmp)
             raise
+
+
+def _fsync_file(path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
 
 
 def embedding_record(name: str, row: np.ndarray) -> dict:

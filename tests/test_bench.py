@@ -67,7 +67,7 @@ def test_difference_column_comes_from_real_outputs(tiny_checkpoint):
 
 def test_named_architecture_offline_with_random_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    result = bench("--model", "google/siglip-base-patch16-224", "--offline", "--format", "json", "--towers", "text",
+    result = bench("--model", "google/siglip-base-patch16-224", "--format", "json", "--towers", "text",
                    "--batch-sizes", "1", "--seconds", "0.05", "--repeats", "2", "--attn", "sdpa", "--device", "cpu")
     assert result.exit_code == 0, result.stderr
     assert "random weights" in result.stderr
@@ -88,7 +88,7 @@ def test_table_output_and_bad_options(tiny_checkpoint):
     assert table.exit_code == 0 and "vision tower, fp32" in table.stdout and "unavailable [1]" in table.stdout
     assert bench("--model", tiny_checkpoint, "--attn", "turbo").exit_code == 2
     assert bench("--model", tiny_checkpoint, "--batch-sizes", "a,b").exit_code == 2
-    unknown = bench("--model", "google/siglip-huge", "--offline")
+    unknown = bench("--model", "google/siglip-huge")
     assert unknown.exit_code == 3 and "built-in table" in unknown.stderr
 
 
