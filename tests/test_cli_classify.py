@@ -176,7 +176,8 @@ def test_label_embeddings_are_cached_on_disk(run, image_dir, tmp_path, tiny_chec
     # safe to delete, and --no-cache neither reads nor writes it
     for f in files:
         f.unlink()
-    run("classify", image_dir / "a.jpg", "--labels", LABELS, "--no-cache", "--json")
+    uncached = run("classify", image_dir / "a.jpg", "--labels", LABELS, "--no-cache", "--json")
+    assert uncached.exit_code == 0 and json.loads(uncached.stdout) == json.loads(first.stdout)
     assert not list(cache.rglob("*.npy"))
 
 

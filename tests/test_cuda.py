@@ -50,9 +50,11 @@ def test_cuda_backends_agree_with_eager_in_half_precision(checkpoint_factory):
         text=dict(hidden_size=64, intermediate_size=96, num_attention_heads=4),
         vision=dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, image_size=64, patch_size=8),
     )
-    images = [random_image(i, (64, 64)) for i in range(4)]
+    images = [random_image(i, (64, 64)) for i in range(5)]
     model = siglip_cli.load(folder, device="cuda", dtype="fp16", attn="eager", use_cache=False)
     eager = model.embed_images(images)
+    # batch size 1: five batches through the pinned-memory ring and the one-in-flight pipeline
+    np.testing.assert_allclose(model.embed_images(images, batch_size=1), eager, atol=5e-3)
     backends = ["sdpa"] + (["flash"] if flash_available() is None else [])
     for backend in backends:
         model.set_attention(backend)

@@ -73,9 +73,25 @@ def test_canonicalize_matches_big_vision_rules():
     assert canonicalize("Ünïcode—dash") == "ünïcode—dash"  # only ASCII punctuation goes
 
 
-def test_from_folder_reads_tokenizer_config(tiny_checkpoint):
+def test_from_folder_reads_tokenizer_config(tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
     tokenizer = Tokenizer.from_folder(tiny_checkpoint, 64)
-    assert tokenizer.eos_id == 1 and tokenizer.pad_id == 1
+    assert tokenizer.eos_id == 1 and tokenizer.pad_id == 1 and tokenizer.lower_case
+    folder = tmp_path / "cased"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["do_lower_case"] = False
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    cased = Tokenizer.from_folder(folder, 64)
+    assert not cased.lower_case and cased(["The Cat"]) != tokenizer(["The Cat"])
+    config["additional_special_tokens"] = ["<extra>"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    from siglip_cli.errors import ModelUnavailable
+
+    with pytest.raises(ModelUnavailable, match="additional_special_tokens"):
+        Tokenizer.from_folder(folder, 64)
 
 
 def test_missing_spiece_model_names_the_folder(tmp_path):

@@ -1,0 +1,104 @@
+"""Edge cases a shell user meets: a terminal on stderr, a closed pipe, odd names and labels."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from siglip_cli.cli import app
+
+
+def _env(checkpoint: Path, cache: Path) -> dict:
+    return {**os.environ, "SIGLIP_MODEL": str(checkpoint), "SIGLIP_CACHE_DIR": str(cache), "COLUMNS": "100"}
+
+
+@pytest.mark.parametrize("command", [["embed", "--format", "jsonl"], ["classify", "--labels", "a,b", "--format", "jsonl"]])
+def test_progress_bar_on_a_terminal_never_swallows_stdout(command, image_dir, tiny_checkpoint, tmp_path):
+    """stderr is a real terminal (a pty) so the progress bar shows; stdout, a pipe, must still
+    receive every record and nothing else."""
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "siglip_cli", command[0], str(image_dir), "--recursive", *command[1:]],
+            stdout=subprocess.PIPE, stderr=follower, env=_env(tiny_checkpoint, tmp_path / "cache"), timeout=120,
+        )
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert proc.returncode == 0
+    records = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert len(records) == 5 and all("path" in r for r in records)
+
+
+def test_closed_pipe_ends_quietly(image_dir, tiny_checkpoint, tmp_path):
+    images = [str(image_dir / "a.jpg")] * 300
+    proc = subprocess.run(
+        f"{sys.executable} -m siglip_cli classify {' '.join(images)} --labels a,b --workers 0 | head -n 1",
+        shell=True, capture_output=True, text=True, env=_env(tiny_checkpoint, tmp_path / "cache"), timeout=300,
+    )
+    assert len(proc.stdout.splitlines()) == 1 and json.loads(proc.stdout)["path"].endswith("a.jpg")
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+@pytest.fixture()
+def run(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("SIGLIP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SIGLIP_MODEL", str(tiny_checkpoint))
+    return lambda *args: CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_labels_with_brackets_are_not_markup(run, image_dir):
+    result = run("classify", image_dir / "a.jpg", image_dir / "b.png", "--label", "cat [x]", "--label", "[/]", "-f", "table")
+    assert result.exit_code == 0, result.stderr
+    assert "cat [x]" in result.stdout and "[/]" in result.stdout
+    single = run("classify", image_dir / "a.jpg", "--label", "[bold]dog[/bold]", "-f", "table")
+    assert "[bold]dog[/bold]" in single.stdout
+
+
+def test_file_names_that_are_not_utf8(tiny_checkpoint, image_dir, tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    odd = os.path.join(os.fsencode(folder), b"caf\xe9.jpg")  # Latin-1 byte, invalid UTF-8
+    shutil.copy(image_dir / "a.jpg", odd)
+    env = _env(tiny_checkpoint, tmp_path / "cache")
+    classify = subprocess.run([sys.executable, "-m", "siglip_cli", "classify", str(folder), "--labels", "a,b", "--json"],
+                              capture_output=True, env=env, timeout=120)
+    assert classify.returncode == 0, classify.stderr
+    assert "labels" in json.loads(classify.stdout)[0]
+    out = tmp_path / "v.npy"
+    embed = subprocess.run([sys.executable, "-m", "siglip_cli", "embed", str(folder), "--out", str(out)],
+                           capture_output=True, env=env, timeout=120)
+    assert embed.returncode == 0, embed.stderr
+    assert (tmp_path / "v.paths.txt").read_bytes().strip() == odd  # the exact bytes, usable to reopen the file
+    assert np.load(out).shape == (1, 32)
+
+
+def test_embed_option_conflicts_and_duplicates(run, image_dir, tmp_path):
+    both = run("embed", image_dir, "--out", tmp_path / "v.npy", "--format", "jsonl")
+    assert both.exit_code == 2 and "not both" in both.stderr
+    out = tmp_path / "d.npy"
+    twice = run("embed", image_dir / "a.jpg", image_dir / "a.jpg", image_dir / "b.png", "--out", out)
+    assert twice.exit_code == 0 and "listed more than once" in twice.stderr
+    assert np.load(out).shape[0] == 2
+
+
+def test_unwritable_output_is_one_line(run, image_dir, tmp_path):
+    blocker = tmp_path / "v.npy.partial"
+    blocker.write_text("a file where the partial folder should go")
+    result = run("embed", image_dir / "a.jpg", "--out", tmp_path / "v.npy", "--resume")
+    assert result.exit_code != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("siglip: error:") and result.stderr.count("\n") == 1
+
+
+def test_no_normalize_with_an_ensemble_is_refused(run, image_dir, tmp_path):
+    result = run("embed", "--text", "a cat", "-t", "a {}", "-t", "the {}", "--no-normalize", "--out", tmp_path / "t.npy")
+    assert result.exit_code == 2 and "single template" in result.stderr
