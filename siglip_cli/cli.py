@@ -42,7 +42,7 @@ BatchOpt = Annotated[
 ]
 WorkersOpt = Annotated[
     Optional[int],
-    typer.Option("--workers", min=0, help="Threads decoding images ahead of the model (default: cores, at most 8; 0 = none).", rich_help_panel="Model"),
+    typer.Option("--workers", min=0, help="Threads decoding images ahead of the model (default: 1 on CPU, cores up to 16 on a GPU; 0 = none).", rich_help_panel="Model"),
 ]
 OfflineOpt = Annotated[
     bool,

@@ -37,8 +37,12 @@ DEFAULT_BATCH = {"cuda": 128, "mps": 32, "cpu": 16}
 TEXT_BATCH = {"cuda": 512, "mps": 128, "cpu": 64}
 
 
-def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+def default_workers(device: torch.device) -> int:
+    """Decode threads. On a CPU the model needs every core and decoding is a few per cent of the
+    work, so one thread keeps a batch ready without fighting the matrix multiplies; a GPU eats
+    images faster than one core decodes them, so it gets up to 16."""
+    cores = os.cpu_count() or 1
+    return 1 if device.type == "cpu" else max(1, min(16, cores))
 
 
 class Engine:
@@ -62,7 +66,7 @@ class Engine:
         self.attn = attn
         self.image_options = image_options
         self.batch_size = batch_size or DEFAULT_BATCH.get(device.type, 16)
-        self.workers = default_workers() if workers is None else workers
+        self.workers = default_workers(device) if workers is None else workers
         self.text_cache = (
             TextCache(cache_dir or default_cache_dir(), resolved.revision, f"{device.type}-{dtype_name(dtype)}")
             if use_cache
