@@ -89,6 +89,16 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def warmup_runs(first_call_s: float, seconds: float) -> int:
+    """Warm-up runs after a first (untimed) call that took `first_call_s`: two more when runs are
+    short against the budget, one when they are long, none when one run alone exceeds half the
+    budget (fp16 on a CPU: seconds per batch); there the first call was warm-up enough, and more
+    would multiply the bench's time without changing its figures."""
+    if first_call_s >= seconds / 2:
+        return 0
+    return 2 if first_call_s < seconds / 10 else 1
+
+
 def time_runs(fn: Callable[[], object], device: torch.device, seconds: float, repeats: int, warmup: int = 2) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -280,7 +290,10 @@ def run_bench(
                         continue
                     network.set_attention(attention_backends.resolve(backend, torch_device, dtype, head_dims))
                     try:
-                        output = call().float()
+                        start = time.perf_counter()
+                        output = call().float()  # the outputs compared with eager's; also the first warm-up
+                        _sync(torch_device)
+                        first_call_s = time.perf_counter() - start
                         if backend == "eager":
                             eager_out = output
                         if eager_out is None:
@@ -288,7 +301,7 @@ def run_bench(
                         row.max_abs_diff_vs_eager = float((output - eager_out).abs().max())
                         if torch_device.type == "cuda":
                             torch.cuda.reset_peak_memory_stats(torch_device)
-                        times = time_runs(call, torch_device, seconds, repeats)
+                        times = time_runs(call, torch_device, seconds, repeats, warmup_runs(first_call_s, seconds))
                     except Exception as exc:  # an OOM or kernel error is a row, not a crash
                         row.status, row.reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                         rows.append(row)
@@ -332,12 +345,15 @@ def _reference_row(reference, tower, inputs, pixels, base, seconds, repeats, dev
             return reference.get_text_features(input_ids=inputs["ids"]).pooler_output
 
     try:
+        start = time.perf_counter()
         output = call().float()
+        _sync(device)
+        first_call_s = time.perf_counter() - start
         if eager_out is not None:
             row.max_abs_diff_vs_eager = float((output - eager_out).abs().max())
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = time_runs(call, device, seconds, repeats)
+        times = time_runs(call, device, seconds, repeats, warmup_runs(first_call_s, seconds))
     except Exception as exc:
         row.status, row.reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         return row

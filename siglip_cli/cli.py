@@ -377,7 +377,7 @@ def bench(
     dtype: Annotated[str, typer.Option("--dtype", help="One or several of fp32, fp16, bf16, comma-separated (default: fp32 on CPU, fp16,bf16 on CUDA).")] = "auto",
     batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: 1,4 on CPU; 1,32,128 on CUDA).")] = None,
     towers: Annotated[str, typer.Option("--towers", help="What to time: vision, text, classify, comma-separated.")] = "vision,text,classify",
-    seconds: Annotated[float, typer.Option("--seconds", min=0.05, help="Time budget per row (warm-up excluded).")] = 2.0,
+    seconds: Annotated[float, typer.Option("--seconds", min=0.05, help="Time budget for each row's timed runs (at least one run). Warm-up: the correctness run, plus two more for fast rows, fewer for slow ones.")] = 2.0,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="At most this many timed runs per row.")] = 10,
     device: DeviceOpt = "auto",
     peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", min=0.0, help="The device's peak TFLOP/s for this dtype, to print % of peak.")] = None,

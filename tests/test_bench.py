@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from siglip_cli.bench import make_inputs, text_flops, vision_flops
+from siglip_cli.bench import make_inputs, text_flops, time_runs, vision_flops, warmup_runs
 from siglip_cli.cli import app
 from siglip_cli.config import architecture, config_from_folder
 from siglip_cli.weights import checkpoint_keys
@@ -109,3 +109,17 @@ def test_flop_counts_grow_with_the_architecture(tiny_checkpoint):
     params = sum(__import__("math").prod(s) for k, s in checkpoint_keys(base).items() if k.startswith("vision_model.encoder"))
     assert vision_flops(base) == pytest.approx(2 * params * 196, rel=0.1)
     assert config_from_folder(tiny_checkpoint).vision.num_patches == 16
+
+
+def test_slow_rows_get_fewer_warm_up_runs():
+    # The first (correctness) call is the first warm-up; a row whose single run eats half the
+    # budget gets no more (fp16 on a CPU would otherwise take minutes), fast rows get two more.
+    assert warmup_runs(0.01, seconds=2.0) == 2
+    assert warmup_runs(0.5, seconds=2.0) == 1
+    assert warmup_runs(1.0, seconds=2.0) == 0
+    calls = []
+    times = time_runs(lambda: calls.append(1), torch.device("cpu"), seconds=0.0, repeats=10, warmup=0)
+    assert len(times) == 1 and len(calls) == 1  # at least one timed run even past the budget
+    calls.clear()
+    times = time_runs(lambda: calls.append(1), torch.device("cpu"), seconds=60.0, repeats=3, warmup=2)
+    assert len(times) == 3 and len(calls) == 5
