@@ -303,9 +303,16 @@ def embed(
         if fmt not in (None, "jsonl"):
             raise UsageError(f"--format {fmt}: embed prints only jsonl; use --out for .npy/.npz files")
         from .embed_job import EmbedJob
-        from .prompts import read_lines
+        from .prompts import read_lines, resolve_templates
         from .sources import expand
 
+        # Every option is checked before the model loads: a mistake must not cost a whole run.
+        if template:
+            templates = resolve_templates(template)
+            if no_normalize and len(templates) > 1:
+                raise UsageError("--no-normalize takes one --template (an ensemble averages normalised embeddings)")
+        if out is not None and texts_file is not None and out.resolve() == texts_file.resolve():
+            raise UsageError(f"--out {out}: would overwrite the texts file")
         texts = list(text or [])
         if texts_file is not None:
             texts += [line for line in read_lines(texts_file, "texts file") if line.strip()]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .writer import TEXT_PREFIX, EmbeddingWriter, embedding_record, has_line_break
+from .errors import UsageError
+from .writer import TEXT_PREFIX, EmbeddingWriter, embedding_record, has_line_break, sidecar
 
 
 class EmbedJob:
@@ -22,19 +25,24 @@ class EmbedJob:
         self.strict = strict
         self.resume = resume
 
-    def settings(self) -> dict:
+    def settings(self, sources=None, texts=None) -> dict:
+        """What the rows depend on. With the inputs: also a digest of their ordered names, as
+        --resume must continue the same list (or rows would come out in another order than a
+        clean run's, or include files that are gone)."""
         described = self.engine.describe()
         described["model_dtype"] = described.pop("dtype")
-        return {
-            **described,
-            "normalized": self.normalize,
-            "templates": list(self.templates or []),
-        }
+        settings = {**described, "normalized": self.normalize, "templates": list(self.templates or [])}
+        if sources is not None:
+            names = [s.name for s in sources] + ["\0texts"] + list(texts or [])
+            settings["inputs"] = hashlib.sha256("\0".join(names).encode("utf-8", "surrogateescape")).hexdigest()
+        return settings
 
     def run(self, sources, texts: list[str], progress_bar, note, error_line) -> int:
         started = time.perf_counter()
+        if self.out is not None:
+            _refuse_overwriting_inputs(self.out, sources)
         sink = _Stdout(self.out_dtype) if self.out is None else EmbeddingWriter(
-            self.out, self.engine.embed_dim, self.out_dtype, self.settings(), self.resume
+            self.out, self.engine.embed_dim, self.out_dtype, self.settings(sources, texts), self.resume
         )
         done = sink.done()
         if done:
@@ -93,6 +101,13 @@ class EmbedJob:
                 f"({rate:.1f} images/s)" + (f"; skipped {meta['skipped_count']}, listed in {_meta_path(self.out)}" if meta["skipped_count"] else "")
             )
         return 1 if meta["skipped_count"] else 0
+
+
+def _refuse_overwriting_inputs(out: Path, sources) -> None:
+    targets = {os.path.realpath(p) for p in (out, sidecar(out, ".paths.txt"), sidecar(out, ".meta.json"))}
+    for source in sources:
+        if isinstance(source.value, str) and os.path.realpath(source.value) in targets:
+            raise UsageError(f"--out {out}: would overwrite the input {source.name}")
 
 
 def _one_line(text: str) -> str:

@@ -6,10 +6,10 @@ and `state.json` (the settings the rows were made with). Each batch is flushed b
 one starts, so an interrupted run keeps all finished batches; `--resume` checks the settings,
 trims a half-written row, skips every input already done and carries on.
 
-When the run completes, the final files are built from the partial state under temporary names,
-flushed to disk, and renamed into place -- sidecars first, the main file last, the partial state
-removed only after that -- so `vecs.npy` either does not exist or is complete and matches its
-sidecars:
+When the run completes, all final files are built from the partial state under temporary names
+and flushed to disk; only then are they renamed into place -- sidecars first, the main file last,
+the partial state removed after that -- so `vecs.npy` is either the previous complete set or the
+new complete set, and always matches its sidecars:
 - `.npy`: rows; beside it `.paths.txt` (line i = source of row i) and `.meta.json`
 - `.npz`: `embeddings` and `paths` arrays in one file (plus the `.meta.json`)
 - `.jsonl`: one {"path" | "text", "embedding"} object per line (plus the `.meta.json`)
@@ -78,15 +78,24 @@ def temporary_beside(path: Path) -> str:
     return tmp
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def text_temporary(path: Path, text: str) -> str:
+    """`text` written and flushed to disk in a new temporary file beside `path`; returns its name."""
     tmp = temporary_beside(path)
-    fd = os.open(tmp, os.O_WRONLY)
     try:
         # surrogateescape: file names that are not valid UTF-8 round-trip byte for byte
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+    except BaseException:
+        _remove(tmp)
+        raise
+    return tmp
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = text_temporary(path, text)
+    try:
         os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
@@ -107,6 +116,9 @@ class EmbeddingWriter:
             raise UsageError(f"--out {out}: use a .npy, .npz or .jsonl file name")
         if not out.parent.is_dir():
             raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+        for path in (out, sidecar(out, ".paths.txt"), sidecar(out, ".meta.json")):
+            if path.is_dir():
+                raise UsageError(f"--out {out}: {path} is a folder")
         self.dim = dim
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.row_bytes = dim * self.dtype.itemsize
@@ -148,6 +160,13 @@ class EmbeddingWriter:
         except (OSError, json.JSONDecodeError):
             raise UsageError(f"{self.partial}: unreadable state.json; delete the folder to start over") from None
         changed = sorted(k for k in set(state) | set(self.settings) if state.get(k) != self.settings.get(k))
+        if "model" in changed and state.get("revision") == self.settings.get("revision"):
+            changed.remove("model")  # the same checkpoint, named by another path
+        if changed == ["inputs"]:
+            raise UsageError(
+                f"{self.partial} was made from other inputs (files added, removed or renamed since); "
+                "rerun with the same inputs, or delete it to start over"
+            )
         if changed:
             raise UsageError(
                 f"{self.partial} was made with different settings ({', '.join(changed)}); "
@@ -235,74 +254,63 @@ class EmbeddingWriter:
             "skipped": self.skipped,
         }
         writers = {".npy": self._write_npy, ".npz": self._write_npz, ".jsonl": self._write_jsonl}
+        # Every file is written in full under a temporary name first; only when all of them are on
+        # disk are they renamed, sidecars first and the main file last. A full disk or a crash while
+        # writing leaves the previous vecs.npy and its sidecars as they were, never a mix.
+        ready: list[tuple[str, Path]] = []
         try:
-            # Sidecars first, the main file last: a reader that finds vecs.npy finds its paths.
             if self.out.suffix == ".npy":
-                atomic_write_text(sidecar(self.out, ".paths.txt"), "".join(n + "\n" for n in self.names))
-            atomic_write_text(sidecar(self.out, ".meta.json"), json.dumps(meta, indent=2) + "\n")
-            writers[self.out.suffix]()
+                paths = sidecar(self.out, ".paths.txt")
+                ready.append((text_temporary(paths, "".join(n + "\n" for n in self.names)), paths))
+            meta_path = sidecar(self.out, ".meta.json")
+            ready.append((text_temporary(meta_path, json.dumps(meta, indent=2) + "\n"), meta_path))
+            tmp = temporary_beside(self.out)
+            ready.append((tmp, self.out))
+            writers[self.out.suffix](tmp)
+            _fsync_file(tmp)
+            while ready:
+                os.replace(*ready[0])
+                ready.pop(0)
             _fsync_dir(self.out.parent)
         except OSError as exc:
             raise OutputError(f"{self.out}: cannot write ({exc.strerror or exc})") from None
+        finally:
+            for tmp, _ in ready:
+                _remove(tmp)
         shutil.rmtree(self.partial, ignore_errors=True)
         return meta
 
-    def _temporary(self) -> str:
-        return temporary_beside(self.out)
+    def _write_npy(self, tmp: str) -> None:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype, shape=(len(self.names), self.dim))
+        start = 0
+        for chunk in self._chunks():
+            array[start : start + len(chunk)] = chunk
+            start += len(chunk)
+        array.flush()
+        del array
 
-    def _write_npy(self) -> None:
-        tmp = self._temporary()
-        try:
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype, shape=(len(self.names), self.dim))
-            start = 0
-            for chunk in self._chunks():
-                array[start : start + len(chunk)] = chunk
-                start += len(chunk)
-            array.flush()
-            del array
-            _fsync_file(tmp)
-            os.replace(tmp, self.out)
-        except BaseException:
-            _remove(tmp)
-            raise
-
-    def _write_npz(self) -> None:
-        tmp = self._temporary()
-        try:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-                shape = (len(self.names), self.dim)
-                with archive.open("embeddings.npy", "w", force_zip64=True) as member:
-                    header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
-                    np.lib.format.write_array_header_2_0(member, header)
-                    for chunk in self._chunks():
-                        member.write(chunk.tobytes())
-                width = max([1] + [len(n) for n in self.names])
-                with archive.open("paths.npy", "w", force_zip64=True) as member:
-                    dtype = np.dtype(f"<U{width}")
-                    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (len(self.names),)}
-                    np.lib.format.write_array_header_2_0(member, header)
-                    for start in range(0, len(self.names), _CHUNK_ROWS):
-                        member.write(np.array(self.names[start : start + _CHUNK_ROWS], dtype=dtype).tobytes())
-            _fsync_file(tmp)
-            os.replace(tmp, self.out)
-        except BaseException:
-            _remove(tmp)
-            raise
-
-    def _write_jsonl(self) -> None:
-        tmp = self._temporary()
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                names = iter(self.names)
+    def _write_npz(self, tmp: str) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            shape = (len(self.names), self.dim)
+            with archive.open("embeddings.npy", "w", force_zip64=True) as member:
+                header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+                np.lib.format.write_array_header_2_0(member, header)
                 for chunk in self._chunks():
-                    for row in chunk:
-                        fh.write(json.dumps(embedding_record(next(names), row)) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.out)
-        except BaseException:
-            _remove(tmp)
-            raise
+                    member.write(chunk.tobytes())
+            width = max([1] + [len(n) for n in self.names])
+            with archive.open("paths.npy", "w", force_zip64=True) as member:
+                dtype = np.dtype(f"<U{width}")
+                header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (len(self.names),)}
+                np.lib.format.write_array_header_2_0(member, header)
+                for start in range(0, len(self.names), _CHUNK_ROWS):
+                    member.write(np.array(self.names[start : start + _CHUNK_ROWS], dtype=dtype).tobytes())
+
+    def _write_jsonl(self, tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            names = iter(self.names)
+            for chunk in self._chunks():
+                for row in chunk:
+                    fh.write(json.dumps(embedding_record(next(names), row)) + "\n")
 
 
 def _fsync_file(path) -> None:

@@ -216,12 +216,13 @@ def test_sigint_keeps_finished_rows_and_resume_equals_a_clean_run(many_images, t
 
 def test_resume_trims_a_half_written_row(run, image_dir, tmp_path, tiny_checkpoint):
     """A crash can stop between writing a row and its name: resume keeps only whole pairs."""
+    from siglip_cli.embed_job import EmbedJob
+    from siglip_cli.sources import expand
     from siglip_cli.writer import EmbeddingWriter
 
     out = tmp_path / "v.npy"
     model = siglip_cli.load(tiny_checkpoint)
-    settings = {**model.describe(), "normalized": True, "templates": []}
-    settings["model_dtype"] = settings.pop("dtype")
+    settings = EmbedJob(model, out, "float32", True, None, False, False).settings(expand([str(image_dir)]), [])
     writer = EmbeddingWriter(out, 32, "float32", settings, resume=False)
     vectors = model.embed_images([image_dir / "a.jpg", image_dir / "b.png"])
     writer.add(str(image_dir / "a.jpg"), vectors[0])
@@ -243,3 +244,79 @@ def test_resume_refuses_other_settings(run, image_dir, tmp_path):
     (partial / "state.json").write_text(json.dumps({"model": "something else"}))
     result = run("embed", image_dir, "--out", out, "--resume")
     assert result.exit_code == 2 and "different settings" in result.stderr
+
+
+def test_a_failed_final_write_keeps_the_previous_set_whole(run, image_dir, tmp_path, monkeypatch):
+    """Disk full while writing the new vecs.npy: the old vecs.npy, paths and meta stay as they
+    were (never new sidecars beside old rows), no temporary file is left, one error line."""
+    import errno
+
+    from siglip_cli.writer import EmbeddingWriter
+
+    out = tmp_path / "v.npy"
+    assert run("embed", image_dir / "a.jpg", "--out", out).exit_code == 0
+    files = [out, tmp_path / "v.paths.txt", tmp_path / "v.meta.json"]
+    before = [f.read_bytes() for f in files]
+
+    def full_disk(self, tmp):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(EmbeddingWriter, "_write_npy", full_disk)
+    result = run("embed", image_dir, "--out", out)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [f"siglip: error: {out}: cannot write (No space left on device)"]
+    assert [f.read_bytes() for f in files] == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".v.")) == []
+
+
+def test_options_are_checked_before_the_model_loads(run, image_dir, tmp_path):
+    out = tmp_path / "v.npy"
+    missing_model = ["--model", tmp_path / "no-such-model"]  # loading it would exit 3
+    result = run("embed", image_dir, "--text", "a", "--template", "no placeholder", "--out", out, *missing_model)
+    assert result.exit_code == 2 and "has no {}" in result.stderr
+    result = run("embed", image_dir, "-t", "a {}", "-t", "b {}", "--no-normalize", "--out", out, *missing_model)
+    assert result.exit_code == 2 and "--no-normalize takes one --template" in result.stderr
+    (tmp_path / "d.npy").mkdir()
+    result = run("embed", image_dir, "--out", tmp_path / "d.npy")
+    assert result.exit_code == 2 and "is a folder" in result.stderr
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("a cat\n")
+    result = run("embed", "--texts-file", notes, "--out", notes)
+    assert result.exit_code == 2 and "would overwrite the texts file" in result.stderr
+    assert notes.read_text() == "a cat\n"
+    result = run("embed", image_dir / "a.jpg", "--out", tmp_path / "a.npy", "--format", "jsonl")
+    assert result.exit_code == 2
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_out_may_not_overwrite_an_input(run, tmp_path, image_dir):
+    import shutil
+
+    target = tmp_path / "x.npy"
+    shutil.copy(image_dir / "a.jpg", target)
+    result = run("embed", target, "--out", target)
+    assert result.exit_code == 2 and "would overwrite the input" in result.stderr
+    assert target.read_bytes() == (image_dir / "a.jpg").read_bytes()
+
+
+def test_resume_refuses_changed_inputs_and_accepts_the_model_by_another_path(run, image_dir, tmp_path, tiny_checkpoint, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(image_dir, folder)
+    out = tmp_path / "v.npy"
+    (folder / "c.webp").write_bytes(b"not an image")
+    assert run("embed", folder, "--out", out, "--strict").exit_code == 1  # stops, keeps a.jpg, b.png
+    assert (tmp_path / "v.npy.partial").is_dir()
+    (folder / "b.png").unlink()
+    result = run("embed", folder, "--out", out, "--resume")
+    assert result.exit_code == 2 and "made from other inputs" in result.stderr
+    shutil.copy(image_dir / "b.png", folder / "b.png")
+    shutil.copy(image_dir / "c.webp", folder / "c.webp")  # the bad file fixed: same inputs
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    result = run("embed", folder, "--out", out, "--resume", "--model", tiny_checkpoint.name)
+    assert result.exit_code == 0, result.stderr
+    clean = tmp_path / "clean.npy"
+    assert run("embed", folder, "--out", clean).exit_code == 0
+    np.testing.assert_allclose(np.load(out), np.load(clean), atol=1e-6)
+    assert (tmp_path / "v.paths.txt").read_text() == (tmp_path / "clean.paths.txt").read_text()
