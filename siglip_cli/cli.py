@@ -310,7 +310,7 @@ def embed(
         if template:
             templates = resolve_templates(template)
             if no_normalize and len(templates) > 1:
-                raise UsageError("--no-normalize takes one --template (an ensemble averages normalised embeddings)")
+                raise UsageError("--no-normalize needs a single template (an ensemble averages normalised embeddings)")
         if out is not None and texts_file is not None and out.resolve() == texts_file.resolve():
             raise UsageError(f"--out {out}: would overwrite the texts file")
         texts = list(text or [])
@@ -330,9 +330,9 @@ def embed(
 @app.command(no_args_is_help=True)
 def similarity(
     image: Annotated[Optional[List[str]], typer.Option("--image", "-i", help="Image file, folder, glob or URL (repeatable).", rich_help_panel="Inputs")] = None,
-    text: Annotated[Optional[List[str]], typer.Option("--text", "-t", help="A text (repeatable).", rich_help_panel="Inputs")] = None,
+    text: Annotated[Optional[List[str]], typer.Option("--text", help="A text (repeatable).", rich_help_panel="Inputs")] = None,
     texts_file: Annotated[Optional[List[Path]], typer.Option("--texts-file", help="A file with one text per line.", rich_help_panel="Inputs")] = None,
-    template: Annotated[Optional[List[str]], typer.Option("--template", help="Put each text into this template first ({} = the text).", rich_help_panel="Inputs")] = None,
+    template: Annotated[Optional[List[str]], typer.Option("--template", "-t", help="Put each text into this template first ({} = the text); several make an ensemble.", rich_help_panel="Inputs")] = None,
     rows: Annotated[str, typer.Option("--rows", help="Which inputs are rows: all, images or texts.", rich_help_panel="Output")] = "all",
     cols: Annotated[str, typer.Option("--cols", help="Which inputs are columns: all, images or texts.", rich_help_panel="Output")] = "all",
     recursive: RecursiveOpt = False,
@@ -359,16 +359,23 @@ def similarity(
         from .similarity import run_similarity
         from .sources import expand
 
+        from .prompts import resolve_templates
+
         groups = ("all", "images", "texts")
         for flag, value in (("--rows", rows), ("--cols", cols)):
             if value not in groups:
                 raise UsageError(f"{flag} {value}: choose all, images or texts")
+        if template:
+            resolve_templates(template)  # checked before any work
         texts = list(text or [])
         for path in texts_file or []:
             texts += [line for line in read_lines(path, "texts file") if line.strip()]
         sources = expand(image or [], recursive=recursive)
         if not sources and not texts:
             raise UsageError("nothing to compare: give --image and/or --text")
+        for flag, value in (("--rows", rows), ("--cols", cols)):
+            if value == "images" and not sources or value == "texts" and not texts:
+                raise UsageError(f"{flag} {value}: no {value[:-1]} inputs were given")
         output = _output_format(fmt, json_flag)
         engine = _load(model, device, dtype, attn, offline, batch_size, workers, max_pixels, use_cache=not no_cache)
         failed = run_similarity(engine, sources, texts, template, rows, cols, output, error_line)

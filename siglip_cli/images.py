@@ -16,6 +16,7 @@ model's device: a batch travels to a GPU as uint8, a quarter of the bytes of flo
 from __future__ import annotations
 
 import io
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ def _pil():
 
 
 def is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
+    return source[:8].lower().startswith(("http://", "https://"))
 
 
 def fetch_url(url: str, timeout: float = DEFAULT_URL_TIMEOUT, max_bytes: int = DEFAULT_URL_MAX_BYTES) -> bytes:
@@ -68,7 +69,19 @@ def fetch_url(url: str, timeout: float = DEFAULT_URL_TIMEOUT, max_bytes: int = D
             length = response.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > max_bytes:
                 raise InputError(f"{url}: {int(length):,} bytes is over the {max_bytes:,}-byte download limit")
-            data = response.read(max_bytes + 1)
+            # The timeout bounds each socket read; the deadline bounds the whole download, so a
+            # server that trickles bytes cannot hold a batch job up for longer.
+            deadline = time.monotonic() + timeout
+            chunks, size = [], 0
+            while size <= max_bytes:
+                chunk = response.read1(min(1 << 16, max_bytes + 1 - size))  # returns what has arrived
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if time.monotonic() > deadline:
+                    raise InputError(f"{url}: download not finished within {timeout:g} s")
+            data = b"".join(chunks)
     except urllib.error.HTTPError as exc:
         raise InputError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:

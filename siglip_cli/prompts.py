@@ -82,6 +82,8 @@ def check_template(template: str) -> str:
 def resolve_templates(templates: Sequence[str] | str | None, use_template: bool = True) -> list[str]:
     """The templates to apply: the default, the user's (checked), or the identity."""
     if not use_template:
+        if templates:
+            raise UsageError("--template and --no-template contradict each other; give one of them")
         return [PLACEHOLDER]
     if templates is None or (not isinstance(templates, str) and len(templates) == 0):
         return [DEFAULT_TEMPLATE]

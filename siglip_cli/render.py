@@ -37,9 +37,13 @@ def clean_float(value: float) -> float:
 
 
 def format_score(score: float) -> str:
-    if score >= 0.001 or score == 0:
-        return f"{score * 100:.1f}%"
-    return f"{score:.1e}"
+    """Always a percentage, so a column never mixes units: 18.8%, 0.0070%, 1.2e-07%."""
+    percent = score * 100
+    if percent >= 0.1 or percent == 0:
+        return f"{percent:.1f}%"
+    if percent >= 1e-4:
+        return f"{percent:.2g}%"
+    return f"{percent:.1e}%"
 
 
 # --------------------------------------------------------------------------- classify
@@ -71,6 +75,8 @@ def write_classify_csv(records: list[dict], out: IO[str]) -> None:
         if "error" in record:
             writer.writerow([record["path"], "", "", "", "", record["error"]])
             continue
+        if not record["labels"]:  # every label cut by --threshold: the image is still listed
+            writer.writerow([record["path"], "", "", "", "", ""])
         for rank, label in enumerate(record["labels"], 1):
             writer.writerow([record["path"], rank, label["label"], label["score"], label["logit"], ""])
 
@@ -86,6 +92,8 @@ def classify_table(results: Sequence[ImageScores], labels: Sequence[str], mode: 
     )
     if len(results) == 1 and good:
         table = _single_table(good[0])
+        if not good[0].labels:
+            note = "no label reached the --threshold; " + note
     elif len(labels) <= MATRIX_MAX_LABELS:
         table = _matrix_table(results, labels)
         note += "; ★ marks each image's best label"

@@ -17,7 +17,8 @@ GROUPS = {"all": ("image", "text"), "images": ("image",), "texts": ("text",)}
 
 def run_similarity(engine, sources, texts, templates, rows: str, cols: str, output: str, error_line) -> int:
     names, kinds, vectors, errors = [], [], [], []
-    for item in engine.iter_image_features([s.value for s in sources], [s.name for s in sources]):
+    features = engine.iter_image_features([s.value for s in sources], [s.name for s in sources]) if sources else []
+    for item in features:  # (no images: the vision tower is never loaded)
         if item.error is not None:
             error_line(item.error)
             errors.append({"path": item.name, "error": item.error})
@@ -69,11 +70,11 @@ def run_similarity(engine, sources, texts, templates, rows: str, cols: str, outp
         out.write("\n")
     elif output == "csv":
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["row", "row_kind", "col", "col_kind", "cosine", "logit", "probability"])
+        writer.writerow(["row", "row_kind", "col", "col_kind", "cosine", "logit", "probability", "error"])
         for c in cells:
-            writer.writerow([c["row"], c["row_kind"], c["col"], c["col_kind"], c["cosine"], c.get("logit", ""), c.get("probability", "")])
+            writer.writerow([c["row"], c["row_kind"], c["col"], c["col_kind"], c["cosine"], c.get("logit", ""), c.get("probability", ""), ""])
         for e in errors:
-            writer.writerow([e["path"], "image", "", "", "", "", ""])
+            writer.writerow([e["path"], "image", "", "", "", "", "", e["error"]])
     else:
         quote = lambda i: names[i] if kinds[i] == "image" else f'"{names[i]}"'  # noqa: E731
         console = render.stdout_console()

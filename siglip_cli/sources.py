@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, TextIO
 
-from .errors import InputError
+from .errors import InputError, UsageError
 from .images import IMAGE_SUFFIXES, is_url
 
 _GLOB_CHARS = set("*?[")
@@ -56,11 +56,15 @@ def expand(arguments: Iterable[str], recursive: bool = False, stdin: TextIO | No
     sources: list[Source] = []
     for argument in arguments:
         if argument == "-":
-            lines = (stdin or sys.stdin).read().splitlines()
+            # Only line ends are removed: a file name may begin or end with a space.
+            lines = (stdin or sys.stdin).read().split("\n")
             for line in lines:
+                line = line.removesuffix("\r")
                 if line.strip():
-                    sources.extend(_expand_many(line.strip(), recursive))
+                    sources.extend(_expand_many(line, recursive))
             continue
+        if not argument.strip():
+            raise UsageError("an empty path was given (an unset shell variable?); give a file, folder, pattern or URL")
         sources.extend(_expand_many(argument, recursive))
     return sources
 
@@ -77,6 +81,8 @@ def _expand_many(argument: str, recursive: bool) -> list[Source]:
     if not path.exists() and _GLOB_CHARS & set(argument):
         matches = sorted(m for m in glob.glob(str(path), recursive=True) if os.path.isfile(m))
         if not matches:
-            return [Source(argument, InputError(f"{argument}: no files match this pattern"))]
+            return [Source(argument, InputError(f"{argument}: no such file, and no files match it as a pattern"))]
         return [Source(m, m) for m in matches]
+    if argument.startswith("~"):
+        return [Source(str(path), str(path))]  # quoted, so the shell did not expand it
     return [Source(argument, argument)]  # a file, or a missing path that fails with its own message

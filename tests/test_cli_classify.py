@@ -285,12 +285,38 @@ def test_similarity_groups_and_formats(run, image_dir, tmp_path):
     cells = [json.loads(line) for line in lines.stdout.splitlines()]
     assert len(cells) == 4 * 2 and all(c["row_kind"] == "image" and c["col_kind"] == "text" for c in cells)
     assert all("probability" in c for c in cells)
-    table = run("similarity", "-i", image_dir / "a.jpg", "-t", "a cat", "-f", "table")
+    table = run("similarity", "-i", image_dir / "a.jpg", "--text", "a cat", "-f", "table")
     assert "cosine similarity" in table.stdout and "SigLIP probability" in table.stdout
-    rows = list(csv.DictReader(io.StringIO(run("similarity", "-t", "x", "-t", "y", "-f", "csv").stdout)))
-    assert len(rows) == 4 and rows[0]["probability"] == ""
-    bad = run("similarity", "-t", "x", "--rows", "cats")
+    rows = list(csv.DictReader(io.StringIO(run("similarity", "--text", "x", "--text", "y", "-f", "csv").stdout)))
+    assert len(rows) == 4 and rows[0]["probability"] == "" and rows[0]["error"] == ""
+    bad = run("similarity", "--text", "x", "--rows", "cats")
     assert bad.exit_code == 2
+
+
+def test_similarity_usage_errors_come_before_any_work(run, image_dir, tmp_path):
+    # a group that has no inputs, a template without {}: exit 2 and nothing printed on stdout
+    for args, message in [
+        (["--image", image_dir, "--rows", "texts", "--cols", "texts"], "--rows texts: no text inputs"),
+        (["--text", "x", "--rows", "images", "-f", "json"], "--rows images: no image inputs"),
+        (["--image", image_dir / "missing.jpg", "--text", "x", "-t", "nope"], "has no {}"),
+    ]:
+        result = run("similarity", *args)
+        assert result.exit_code == 2 and message in result.stderr and result.stdout == ""
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_similarity_template_short_flag_and_csv_errors(run, image_dir, tmp_path):
+    def cosine(*args):
+        return json.loads(run("similarity", *args, "--json").stdout)["cosine"][0][1]
+
+    typed = cosine("--text", "a photo of cat", "--text", "a photo of dog")
+    assert cosine("--text", "cat", "--text", "dog", "-t", "a photo of {}") == pytest.approx(typed, abs=1e-6)
+    assert cosine("--text", "cat", "--text", "dog") != pytest.approx(typed, abs=1e-4)
+    result = run("similarity", "--image", tmp_path / "missing.jpg", "--image", image_dir / "a.jpg", "--text", "x", "-f", "csv")
+    assert result.exit_code == 1
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    failed = [r for r in rows if r["error"]]
+    assert len(failed) == 1 and failed[0]["row"] == str(tmp_path / "missing.jpg") and "no such file" in failed[0]["error"]
 
 
 def test_folder_that_cannot_be_listed_is_reported(run, tmp_path, monkeypatch, image_dir):

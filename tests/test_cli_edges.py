@@ -102,3 +102,40 @@ def test_unwritable_output_is_one_line(run, image_dir, tmp_path):
 def test_no_normalize_with_an_ensemble_is_refused(run, image_dir, tmp_path):
     result = run("embed", "--text", "a cat", "-t", "a {}", "-t", "the {}", "--no-normalize", "--out", tmp_path / "t.npy")
     assert result.exit_code == 2 and "single template" in result.stderr
+
+
+def test_input_spelling_a_shell_user_meets(run, image_dir, tmp_path, monkeypatch):
+    import csv
+    import io
+
+    # an empty argument (an unset variable) is a usage error, not "the current folder"
+    monkeypatch.chdir(image_dir)
+    empty = run("classify", "", "--labels", "a")
+    assert empty.exit_code == 2 and "empty path" in empty.stderr and empty.stdout == ""
+    # stdin: only the line end is removed, so a name that begins with a space is found
+    shutil.copy(image_dir / "a.jpg", tmp_path / " lead.jpg")
+    listed = CliRunner().invoke(app, ["classify", "-", "--labels", "a", "-f", "jsonl"], input=f"{tmp_path}/ lead.jpg\r\n\n")
+    assert listed.exit_code == 0, listed.stderr
+    assert json.loads(listed.stdout)["path"] == f"{tmp_path}/ lead.jpg"
+    # a quoted ~ is expanded for files as for folders and patterns
+    monkeypatch.setenv("HOME", str(image_dir))
+    tilde = run("classify", "~/a.jpg", "--labels", "a", "-f", "jsonl")
+    assert tilde.exit_code == 0 and json.loads(tilde.stdout)["path"] == str(image_dir / "a.jpg")
+    # a missing name with glob characters: both readings are reported
+    missing = run("classify", "scan [1].jpg", "--labels", "a", "-f", "jsonl")
+    assert missing.exit_code == 1 and "no such file, and no files match it as a pattern" in missing.stderr
+    # contradicting template options
+    both = run("classify", "a.jpg", "--labels", "a", "--template", "a {} b", "--no-template")
+    assert both.exit_code == 2 and "contradict" in both.stderr
+    # --threshold that cuts every label still lists the image, in CSV and in the table
+    cut = run("classify", "a.jpg", "--labels", "a,b", "--threshold", "1.0", "-f", "csv")
+    rows = list(csv.DictReader(io.StringIO(cut.stdout)))
+    assert [(r["path"], r["label"], r["error"]) for r in rows] == [("a.jpg", "", "")]
+    table = run("classify", "a.jpg", "--labels", "a,b", "--threshold", "1.0", "-f", "table")
+    assert "no label reached the --threshold" in table.stdout
+
+
+def test_scores_in_tables_are_always_percentages():
+    from siglip_cli.render import format_score
+
+    assert [format_score(v) for v in (0.188, 7e-5, 0.0005, 1.2e-9, 0.0)] == ["18.8%", "0.007%", "0.05%", "1.2e-07%", "0.0%"]

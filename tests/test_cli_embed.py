@@ -275,7 +275,7 @@ def test_options_are_checked_before_the_model_loads(run, image_dir, tmp_path):
     result = run("embed", image_dir, "--text", "a", "--template", "no placeholder", "--out", out, *missing_model)
     assert result.exit_code == 2 and "has no {}" in result.stderr
     result = run("embed", image_dir, "-t", "a {}", "-t", "b {}", "--no-normalize", "--out", out, *missing_model)
-    assert result.exit_code == 2 and "--no-normalize takes one --template" in result.stderr
+    assert result.exit_code == 2 and "--no-normalize needs a single template" in result.stderr
     (tmp_path / "d.npy").mkdir()
     result = run("embed", image_dir, "--out", tmp_path / "d.npy")
     assert result.exit_code == 2 and "is a folder" in result.stderr

@@ -17,6 +17,7 @@ from siglip_cli.config import PreprocessConfig
 from siglip_cli.errors import InputError
 from siglip_cli.images import (
     ImageOptions,
+    is_url,
     load_pixels,
     normalization_table,
     open_image,
@@ -183,6 +184,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 (http.server's naming)
         if self.path == "/slow.png":
             time.sleep(2)
+        if self.path == "/drip.png":  # answers at once, then trickles a byte every 0.05 s
+            self.send_response(200)
+            self.send_header("Content-Length", "200")
+            self.end_headers()
+            for _ in range(200):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.05)
+            return
         body = self.payloads.get(self.path)
         if body is None:
             self.send_response(404)
@@ -220,13 +233,21 @@ def test_url_images_match_the_same_bytes(server):
         ("/missing.png", ImageOptions(), "HTTP 404"),
         ("/big.png", ImageOptions(url_max_bytes=1000), "download limit"),
         ("/slow.png", ImageOptions(url_timeout=0.3), "within 0.3 s"),
+        ("/drip.png", ImageOptions(url_timeout=0.5), "not finished within 0.5 s"),
     ],
 )
 def test_url_errors(server, path, options, message):
     url = server + path
+    started = time.monotonic()
     with pytest.raises(InputError) as info:
         load_pixels(url, url, PRE, options)
     assert str(info.value).startswith(url) and message in str(info.value)
+    assert time.monotonic() - started < 5  # the timeout bounds the whole download, not each read
+
+
+def test_url_schemes_are_case_insensitive(server):
+    url = f"{server}/cat.png".replace("http://", "HTTP://")
+    assert is_url(url) and np.array_equal(ours(url), ours(_Handler.payloads["/cat.png"]))
 
 
 def test_unreachable_host():
