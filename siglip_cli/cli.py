@@ -88,14 +88,24 @@ def _stderr_console():
     return stderr_console()
 
 
-def error_line(message: str) -> None:
-    sys.stderr.write(f"siglip: error: {message}\n")
+_live_bar = None  # the progress bar on screen, if any: stderr lines must go through it
+
+
+def _stderr_line(line: str) -> None:
+    if _live_bar is not None:
+        # printed above the bar by Rich, instead of being glued to the bar's line
+        _live_bar.console.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True)
+        return
+    sys.stderr.write(line + "\n")
     sys.stderr.flush()
+
+
+def error_line(message: str) -> None:
+    _stderr_line(f"siglip: error: {message}")
 
 
 def note(message: str) -> None:
-    sys.stderr.write(f"siglip: {message}\n")
-    sys.stderr.flush()
+    _stderr_line(f"siglip: {message}")
 
 
 @contextlib.contextmanager
@@ -140,7 +150,10 @@ def _load(model, device, dtype, attn, offline, batch_size=None, workers=None, ma
 
 @contextlib.contextmanager
 def progress_bar(total: int, what: str, enabled: bool = True):
-    """A Rich progress bar on stderr, only when stderr is a terminal; yields an advance(n) function."""
+    """A Rich progress bar on stderr, only when stderr is a terminal; yields an advance(n) function.
+    Not when results stream to stdout on the same terminal: the records show the progress, and a
+    bar redrawn between them would garble both."""
+    global _live_bar
     console = _stderr_console()
     if not enabled or not console.is_terminal or total < 2:
         yield lambda n=1: None
@@ -156,6 +169,7 @@ def progress_bar(total: int, what: str, enabled: bool = True):
     ]
     # redirect_*=False: stdout carries results and must never pass through the bar
     with Progress(*columns, console=console, transient=True, redirect_stdout=False, redirect_stderr=False) as bar:
+        _live_bar = bar
         task = bar.add_task(what, total=total, rate="")
         started = time.perf_counter()
         done = 0
@@ -166,7 +180,10 @@ def progress_bar(total: int, what: str, enabled: bool = True):
             rate = done / max(time.perf_counter() - started, 1e-9)
             bar.update(task, advance=n, rate=f"{rate:.1f} {what}/s")
 
-        yield advance
+        try:
+            yield advance
+        finally:
+            _live_bar = None
 
 
 def _output_format(fmt: Format, json_flag: bool) -> str:
@@ -238,7 +255,7 @@ def _run_classify(engine, sources, labels, templates, use_softmax, top_k, thresh
     results = []
     failed = 0
     out = sys.stdout
-    with progress_bar(len(sources), "images") as advance:
+    with progress_bar(len(sources), "images", enabled=not (output == "jsonl" and out.isatty())) as advance:
         scored = engine.iter_classify(
             [s.value for s in sources], [s.name for s in sources], labels, templates, use_softmax, top_k, threshold, advance
         )
@@ -437,7 +454,9 @@ def main() -> None:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=errors)
     try:
-        app()
+        code = app(standalone_mode=False)
+    except Exception as exc:
+        code = _usage_error(exc)
     except BrokenPipeError:
         # `siglip classify ... | head -1`: the reader left; stop quietly like other Unix tools.
         import os
@@ -445,6 +464,30 @@ def main() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_error(exc: Exception) -> int:
+    """Click's own usage errors (an unknown option, a value out of range) as one line on stderr,
+    like every other error of ours, instead of a framed box."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    from typer.exceptions import Abort
+
+    if isinstance(exc, NoArgsIsHelpError):  # `siglip classify` alone: its help, as typer shows it
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(exc)
+        return exc.exit_code
+    if isinstance(exc, Abort):
+        error_line("aborted")
+        return 1
+    if not isinstance(exc, ClickException):
+        raise exc
+    message = " ".join(exc.format_message().split())
+    context = getattr(exc, "ctx", None)
+    hint = f" (see '{context.command_path} --help')" if context is not None else ""
+    error_line(message + hint)
+    return exc.exit_code
 
 
 if __name__ == "__main__":

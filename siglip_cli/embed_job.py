@@ -54,7 +54,8 @@ class EmbedJob:
         text_rows = [t for t in dict.fromkeys(texts) if TEXT_PREFIX + _one_line(t) not in done]
         skipped = embedded = 0
         try:
-            with progress_bar(len(todo), "images") as advance:
+            streaming_to_terminal = self.out is None and sys.stdout.isatty()
+            with progress_bar(len(todo), "images", enabled=not streaming_to_terminal) as advance:
                 batch_end = self.engine.batch_size
                 results = self.engine.iter_image_features(
                     [s.value for s in todo], [s.name for s in todo], normalize_output=self.normalize, on_progress=advance

@@ -123,3 +123,21 @@ def test_slow_rows_get_fewer_warm_up_runs():
     calls.clear()
     times = time_runs(lambda: calls.append(1), torch.device("cpu"), seconds=60.0, repeats=3, warmup=2)
     assert len(times) == 3 and len(calls) == 5
+
+
+def test_a_failed_eager_row_does_not_take_the_others_down(tiny_checkpoint, monkeypatch):
+    """eager materialises the attention matrix, so it is the first to run out of memory at a
+    large batch; sdpa must still be timed (without a difference or speed-up to show)."""
+    from siglip_cli import attention
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("eager attention matrix does not fit")
+
+    monkeypatch.setitem(attention._REGISTRY, "eager", out_of_memory)
+    result = CliRunner().invoke(app, ["bench", "--model", str(tiny_checkpoint), "--attn", "sdpa", "--towers", "vision",
+                                      "--batch-sizes", "2", "--seconds", "0.1", "--format", "json"])
+    assert result.exit_code == 0, result.stderr
+    rows = {r["attn"]: r for r in json.loads(result.stdout)}
+    assert rows["eager"]["status"] == "failed" and "MemoryError" in rows["eager"]["reason"]
+    assert rows["sdpa"]["status"] == "ok" and rows["sdpa"]["items_per_s"] > 0
+    assert rows["sdpa"]["max_abs_diff_vs_eager"] is None and rows["sdpa"]["speedup_vs_eager"] is None

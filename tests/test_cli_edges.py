@@ -139,3 +139,19 @@ def test_scores_in_tables_are_always_percentages():
     from siglip_cli.render import format_score
 
     assert [format_score(v) for v in (0.188, 7e-5, 0.0005, 1.2e-9, 0.0)] == ["18.8%", "0.007%", "0.05%", "1.2e-07%", "0.0%"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["classify", "x.jpg", "--labels", "a", "--threshold", "1.5"], "Invalid value for '--threshold'"),
+        (["classify", "x.jpg", "--bogus"], "No such option: --bogus"),
+        (["embed", "x.jpg", "--out-dtype", "float64"], "Invalid value for '--out-dtype'"),
+        (["nosuch"], "No such command 'nosuch'"),
+    ],
+)
+def test_option_errors_are_one_line_without_a_box(args, message):
+    proc = subprocess.run([sys.executable, "-m", "siglip_cli", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("siglip: error: ") and message in lines[0] and "--help" in lines[0]
