@@ -155,3 +155,41 @@ def test_option_errors_are_one_line_without_a_box(args, message):
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("siglip: error: ") and message in lines[0] and "--help" in lines[0]
+
+
+def test_error_lines_are_not_glued_to_the_progress_bar(image_dir, bad_files, tiny_checkpoint, tmp_path):
+    import threading
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(image_dir, folder)
+    shutil.copy(bad_files["not_image"], folder / "b2.jpg")
+    leader, follower = pty.openpty()
+    chunks: list[bytes] = []
+
+    def drain():
+        while True:
+            try:
+                data = os.read(leader, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "siglip_cli", "classify", str(folder), "-r", "--labels", "a,b", "-b", "1", "-f", "json"],
+            stdout=subprocess.PIPE, stderr=follower, env=_env(tiny_checkpoint, tmp_path / "cache"), timeout=120,
+        )
+    finally:
+        os.close(follower)
+        reader.join(timeout=5)
+        os.close(leader)
+    assert proc.returncode == 1 and len(json.loads(proc.stdout)) == 6
+    screen = b"".join(chunks).decode("utf-8", "replace")
+    at = screen.index("siglip: error: ")
+    before = screen[:at]
+    # the line starts on a fresh or cleared line: after a newline or Rich's erase-line code
+    assert before.endswith("\n") or before.endswith("\x1b[2K"), repr(before[-80:])
