@@ -234,7 +234,9 @@ def run_bench(
     else:
         dtype_names = parse_list(dtypes, tuple(DTYPES), "dtype")
     try:
-        sizes = [int(x) for x in batch_sizes.split(",")] if batch_sizes else default_batch_sizes(torch_device)
+        if batch_sizes is not None and not batch_sizes.strip():
+            raise ValueError
+        sizes = list(dict.fromkeys(int(x) for x in batch_sizes.split(","))) if batch_sizes else default_batch_sizes(torch_device)
     except ValueError:
         raise UsageError(f"--batch-sizes {batch_sizes!r}: give integers, e.g. 1,8,32") from None
     if any(b < 1 for b in sizes):
@@ -281,7 +283,12 @@ def run_bench(
 
                 base = dict(model=model, weights=weights, device=str(torch_device), dtype=dtype_name, tower=tower, batch_size=batch)
                 eager_out, eager_median = None, None
+                others_run = any(
+                    not attention_backends.why_unavailable(b, torch_device, dtype, head_dims) for b in backend_names if b != "eager"
+                )
                 for backend in backend_names:
+                    if backend == "eager" and not show_eager and not others_run:
+                        continue  # a hidden reference for backends that cannot run here: not worth timing
                     row = Row(attn=backend, **base)
                     why = attention_backends.why_unavailable(backend, torch_device, dtype, head_dims)
                     if why:

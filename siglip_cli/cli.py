@@ -319,6 +319,8 @@ def embed(
             raise UsageError("give --out FILE or --format jsonl (stdout), not both")
         if fmt not in (None, "jsonl"):
             raise UsageError(f"--format {fmt}: embed prints only jsonl; use --out for .npy/.npz files")
+        if resume and out is None:
+            raise UsageError("--resume continues an --out file; JSON lines on stdout keep no state to resume")
         from .embed_job import EmbedJob
         from .prompts import read_lines, resolve_templates
         from .sources import expand

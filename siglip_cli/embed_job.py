@@ -59,7 +59,7 @@ class EmbedJob:
                 batch_end = self.engine.batch_size
                 results = self.engine.iter_image_features(
                     [s.value for s in todo], [s.name for s in todo], normalize_output=self.normalize, on_progress=advance
-                )
+                ) if todo else []  # texts only: the vision tower is never loaded
                 for count, item in enumerate(results, 1):
                     if item.error is None and has_line_break(item.name):
                         item.error = f"{item.name!r}: a path with a line break cannot be listed in paths.txt"
@@ -96,10 +96,10 @@ class EmbedJob:
             return 130
         elapsed = time.perf_counter() - started
         if self.out is not None:
-            rate = embedded / elapsed if elapsed > 0 else 0.0
+            rate = f", {embedded / elapsed:.1f} images/s" if embedded and elapsed > 0 else ""
             note(
-                f"wrote {meta['count']} rows ({meta['dim']}-d {meta['dtype']}) to {self.out} in {elapsed:.1f} s "
-                f"({rate:.1f} images/s)" + (f"; skipped {meta['skipped_count']}, listed in {_meta_path(self.out)}" if meta["skipped_count"] else "")
+                f"wrote {meta['count']} rows ({meta['dim']}-d {meta['dtype']}) to {self.out} in {elapsed:.1f} s"
+                f"{rate}" + (f"; skipped {meta['skipped_count']}, listed in {_meta_path(self.out)}" if meta["skipped_count"] else "")
             )
         return 1 if meta["skipped_count"] else 0
 

@@ -141,3 +141,15 @@ def test_a_failed_eager_row_does_not_take_the_others_down(tiny_checkpoint, monke
     assert rows["eager"]["status"] == "failed" and "MemoryError" in rows["eager"]["reason"]
     assert rows["sdpa"]["status"] == "ok" and rows["sdpa"]["items_per_s"] > 0
     assert rows["sdpa"]["max_abs_diff_vs_eager"] is None and rows["sdpa"]["speedup_vs_eager"] is None
+
+
+def test_batch_sizes_are_checked_and_unrunnable_backends_time_nothing(tiny_checkpoint):
+    def bench(*args):
+        return CliRunner().invoke(app, ["bench", "--model", str(tiny_checkpoint), "--towers", "vision", "--seconds", "0.05", *args])
+
+    assert bench("--batch-sizes", "").exit_code == 2
+    rows = json.loads(bench("--attn", "sdpa", "--batch-sizes", "1,1", "--format", "json").stdout)
+    assert [(r["attn"], r["batch_size"]) for r in rows] == [("sdpa", 1)]
+    if not torch.cuda.is_available():
+        rows = json.loads(bench("--attn", "flash", "--batch-sizes", "1", "--format", "json").stdout)
+        assert [(r["attn"], r["status"]) for r in rows] == [("flash", "unavailable")]  # no hidden eager timing

@@ -320,3 +320,12 @@ def test_resume_refuses_changed_inputs_and_accepts_the_model_by_another_path(run
     assert run("embed", folder, "--out", clean).exit_code == 0
     np.testing.assert_allclose(np.load(out), np.load(clean), atol=1e-6)
     assert (tmp_path / "v.paths.txt").read_text() == (tmp_path / "clean.paths.txt").read_text()
+
+
+def test_texts_only_and_stdout_runs(run, tmp_path):
+    out = tmp_path / "t.npy"
+    result = run("embed", "--text", "a cat", "--text", "a dog", "--out", out)
+    assert result.exit_code == 0 and np.load(out).shape == (2, 32)
+    assert "images/s" not in result.stderr and "wrote 2 rows" in result.stderr
+    resume = run("embed", "--text", "a cat", "--format", "jsonl", "--resume")
+    assert resume.exit_code == 2 and "--resume continues an --out file" in resume.stderr
