@@ -374,11 +374,9 @@ def similarity(
     unless --template is given.
     """
     with handled():
-        from .prompts import read_lines
+        from .prompts import read_lines, resolve_templates
         from .similarity import run_similarity
         from .sources import expand
-
-        from .prompts import resolve_templates
 
         groups = ("all", "images", "texts")
         for flag, value in (("--rows", rows), ("--cols", cols)):

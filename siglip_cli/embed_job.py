@@ -99,7 +99,7 @@ class EmbedJob:
             rate = f", {embedded / elapsed:.1f} images/s" if embedded and elapsed > 0 else ""
             note(
                 f"wrote {meta['count']} rows ({meta['dim']}-d {meta['dtype']}) to {self.out} in {elapsed:.1f} s"
-                f"{rate}" + (f"; skipped {meta['skipped_count']}, listed in {_meta_path(self.out)}" if meta["skipped_count"] else "")
+                f"{rate}" + (f"; skipped {meta['skipped_count']}, listed in {sidecar(self.out, '.meta.json')}" if meta["skipped_count"] else "")
             )
         return 1 if meta["skipped_count"] else 0
 
@@ -113,10 +113,6 @@ def _refuse_overwriting_inputs(out: Path, sources) -> None:
 
 def _one_line(text: str) -> str:
     return " ".join(text.splitlines())
-
-
-def _meta_path(out: Path) -> Path:
-    return out.with_name(out.stem + ".meta.json")
 
 
 class _Stdout:
