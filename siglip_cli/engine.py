@@ -1,48 +1,36 @@
-"""The handle behind `siglip_cli.load()`: wires config, weights, tokenizer, images and scoring.
+"""The model handle behind `siglip_cli.load()`: the towers (loaded on first use), the tokenizer,
+the on-disk text cache and the scoring constants, with the embedding and scoring API.
 
-Towers load on first use: scoring images against cached label embeddings never reads the text
-tower's weights or the tokenizer. Images are decoded by a pool of threads (Pillow releases the
-GIL while decoding and resizing) a few batches ahead of the model, travel to the device as
-uint8 and are normalised there. On CUDA one batch is in flight while the previous one's
-results come back. Per-image failures come back as results with an error, never as exceptions
-that would lose the rest of a batch.
+Scoring images against cached label embeddings never reads the text tower's weights or the
+tokenizer. Images go through an `ImagePipeline` (pipeline.py), which decodes ahead in threads
+and keeps the device busy; this module only says what the model does with the pixels.
 """
 
 from __future__ import annotations
 
-import collections
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from . import attention as attention_backends
 from .cache import TextCache, default_cache_dir
-from .config import SiglipConfig, config_from_folder
-from .errors import InputError, SiglipError, UsageError
+from .core import attention as attention_backends
+from .core.config import SiglipConfig, config_from_folder
+from .core.errors import InputError, UsageError
+from .core.images import DEFAULT_MAX_PIXELS, DecodeOptions
+from .core.model import Siglip, normalize
+from .core.scoring import ensemble, l2_normalize, logits, sigmoid, softmax
+from .core.tokenizer import Tokenizer
+from .core.weights import load_model
 from .hub import DEFAULT_MODEL, ResolvedModel, resolve_model
-from .images import ImageOptions, describe, load_pixels, normalization_table, pixels_to_model_input
-from .model import Siglip, normalize
+from .pipeline import DEFAULT_BATCH, ImagePipeline, ImageResult, as_sources, default_workers
 from .prompts import DEFAULT_TEMPLATE, fill, resolve_templates
-from .results import Embedded, ImageScores, LabelScore
 from .runtime import dtype_name, resolve_attention, resolve_device, resolve_dtype
-from .scoring import ensemble, l2_normalize, logits, rank, sigmoid, softmax
-from .tokenizer import Tokenizer
-from .weights import load_model
+from .sources import Source
 
-DEFAULT_BATCH = {"cuda": 128, "mps": 32, "cpu": 16}
 TEXT_BATCH = {"cuda": 512, "mps": 128, "cpu": 64}
-
-
-def default_workers(device: torch.device) -> int:
-    """Decode threads. On a CPU the model needs every core and decoding is a few per cent of the
-    work, so one thread keeps a batch ready without fighting the matrix multiplies; a GPU eats
-    images faster than one core decodes them, so it gets up to 16."""
-    cores = os.cpu_count() or 1
-    return 1 if device.type == "cpu" else max(1, min(16, cores))
 
 
 class Engine:
@@ -55,16 +43,19 @@ class Engine:
         attn: str,
         cache_dir: Path | None = None,
         use_cache: bool = True,
-        image_options: ImageOptions = ImageOptions(),
+        decode_options: DecodeOptions = DecodeOptions(),
         batch_size: int | None = None,
         workers: int | None = None,
+        network: Siglip | None = None,
     ):
+        """`network`: an already built model (e.g. random weights for `bench`); otherwise each
+        tower loads from `resolved.folder` on first use."""
         self.resolved = resolved
         self.config = config
         self.device = device
         self.dtype = dtype
         self.attn = attn
-        self.image_options = image_options
+        self.decode_options = decode_options
         self.batch_size = batch_size or DEFAULT_BATCH.get(device.type, 16)
         self.workers = default_workers(device) if workers is None else workers
         self.text_cache = (
@@ -72,27 +63,21 @@ class Engine:
             if use_cache
             else None
         )
-        self._network: Siglip | None = None
+        self._network = network
         self._tokenizer: Tokenizer | None = None
-        self._table: torch.Tensor | None = None
         self._scale_bias: tuple[float, float] | None = None
+        if network is not None:
+            network.set_attention(self._attend())
 
-    # ------------------------------------------------------------------ loading
-    @property
-    def weights_path(self) -> Path:
-        return self.resolved.folder / "model.safetensors"
-
+    # ------------------------------------------------------------------ the model
     def _attend(self):
-        return attention_backends.resolve(self.attn, self.device, self.dtype, self.head_dims)
-
-    @property
-    def head_dims(self) -> tuple[int, ...]:
-        return self.config.head_dims
+        return attention_backends.resolve(self.attn, self.device, self.dtype, self.config.head_dims)
 
     def _tower(self, name: str) -> torch.nn.Module:
         network = self._network
         if network is None or getattr(network, f"{name}_model") is None:
-            loaded = load_model(self.weights_path, self.config, (name,), self._attend(), self.device, self.dtype)
+            weights = self.resolved.folder / "model.safetensors"
+            loaded = load_model(weights, self.config, (name,), self._attend(), self.device, self.dtype)
             if network is None:
                 self._network = network = loaded
             else:
@@ -115,7 +100,7 @@ class Engine:
 
     def set_attention(self, attn: str) -> None:
         """Switch the attention backend of the loaded towers (and of any loaded later)."""
-        fn = attention_backends.resolve(attn, self.device, self.dtype, self.head_dims)
+        fn = attention_backends.resolve(attn, self.device, self.dtype, self.config.head_dims)
         self.attn = attn
         if self._network is not None:
             self._network.set_attention(fn)
@@ -147,7 +132,8 @@ class Engine:
 
     # ------------------------------------------------------------------ texts
     @torch.inference_mode()
-    def _compute_text_features(self, texts: Sequence[str]) -> np.ndarray:
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Text-tower outputs (N, D) float32 for already-templated texts; no cache."""
         chunk = TEXT_BATCH.get(self.device.type, 64)
         out = []
         for start in range(0, len(texts), chunk):
@@ -159,20 +145,18 @@ class Engine:
         """Un-normalised text-tower outputs (N, D) float32 for already-templated texts, served
         from the on-disk cache where possible."""
         texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.config.text.embed_dim), np.float32)
         result: list[np.ndarray | None] = [None] * len(texts)
         if self.text_cache is not None:
             result = [self.text_cache.get(t) for t in texts]
         todo = list(dict.fromkeys(t for t, r in zip(texts, result) if r is None))
         if todo:
-            computed = dict(zip(todo, self._compute_text_features(todo)))
-            for i, text in enumerate(texts):
-                if result[i] is None:
-                    result[i] = computed[text]
+            computed = dict(zip(todo, self.encode_texts(todo)))
+            result = [computed[t] if r is None else r for t, r in zip(texts, result)]
             if self.text_cache is not None:
                 for text, vector in computed.items():
                     self.text_cache.put(text, vector)
-        if not texts:
-            return np.zeros((0, self.config.text.embed_dim), np.float32)
         return np.stack(result).astype(np.float32)
 
     def embed_texts(
@@ -181,13 +165,11 @@ class Engine:
         """(N, D) text embeddings, L2-normalised unless `normalize=False`. With `template` (one
         or several, each holding `{}`), each text is a label placed in the template(s); several
         templates are averaged as a prompt ensemble."""
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = _text_list(texts)
         templates = resolve_templates(template, use_template=template is not None)
         if not normalize and len(templates) > 1:
             raise UsageError("un-normalised text embeddings need a single template (an ensemble averages normalised ones)")
-        prompts = [fill(t, text) for text in texts for t in templates]
-        features = self.text_features(prompts)
+        features = self.text_features([fill(t, text) for text in texts for t in templates])
         if not normalize:
             return features
         return ensemble(l2_normalize(features), len(texts), len(templates))
@@ -198,142 +180,39 @@ class Engine:
         return ensemble(l2_normalize(self.text_features(prompts)), len(labels), len(templates))
 
     # ------------------------------------------------------------------ images
-    def _normalization_table(self) -> torch.Tensor:
-        if self._table is None:
-            self._table = torch.from_numpy(normalization_table(self.config.preprocess)).to(self.device)
-        return self._table
+    def image_pipeline(self, batch_size: int | None = None, workers: int | None = None) -> ImagePipeline:
+        return ImagePipeline(
+            self.config.preprocess,
+            self.device,
+            batch_size or self.batch_size,
+            self.workers if workers is None else workers,
+            self.decode_options,
+        )
 
-    def _decoded(self, sources: Sequence[Any], names: Sequence[str], workers: int, batch_size: int) -> Iterator[tuple]:
-        """(index, name, uint8 pixels or None, error or None) in input order, decoded ahead."""
-        pre, options = self.config.preprocess, self.image_options
-
-        def work(item):
-            index, source, name = item
-            if isinstance(source, InputError):  # an input that failed before decoding (e.g. an unlistable folder)
-                return index, name, None, str(source)
-            try:
-                return index, name, load_pixels(source, name, pre, options), None
-            except InputError as exc:
-                return index, name, None, str(exc)
-            except Exception as exc:  # an odd file must not stop a batch job: report and go on
-                return index, name, None, f"{name}: cannot read ({type(exc).__name__}: {exc})"
-
-        items = ((i, s, n) for i, (s, n) in enumerate(zip(sources, names)))
-        if workers <= 0:
-            yield from map(work, items)
-            return
-        window = max(2 * batch_size, 4 * workers)
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="siglip-decode")
-        pending: collections.deque = collections.deque()
-        try:
-            for item in items:
-                pending.append(pool.submit(work, item))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-    @torch.inference_mode()
-    def _launch(self, pixels: list[np.ndarray], normalize_output: bool, pinned: torch.Tensor | None):
-        """Queue one batch; returns a handle for `_collect`. On CUDA nothing here waits for the
-        GPU: pixels go up from pinned memory, results come back into pinned memory, and an event
-        marks when they are there."""
-        if pinned is None:
-            batch = torch.from_numpy(np.stack(pixels)).to(self.device)
-        else:
-            host = pinned[: len(pixels)]
-            np.stack(pixels, out=host.numpy())
-            batch = host.to(self.device, non_blocking=True)
-        outputs = self.vision_model(pixels_to_model_input(batch, self._normalization_table()))
-        outputs = normalize(outputs) if normalize_output else outputs.float()
-        if self.device.type != "cuda":
-            return outputs.cpu(), None
-        result = torch.empty(outputs.shape, dtype=outputs.dtype, pin_memory=True)
-        result.copy_(outputs, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return result, done
-
-    @staticmethod
-    def _collect(handle) -> np.ndarray:
-        result, done = handle
-        if done is not None:
-            done.synchronize()
-        return result.numpy()
+    def encode_images(self, pixels: torch.Tensor, normalized: bool = True) -> torch.Tensor:
+        """Normalised pixels (N, 3, H, W) on the device -> image features (N, D) on the device."""
+        features = self.vision_model(pixels)
+        return normalize(features) if normalized else features.float()
 
     def iter_image_features(
         self,
-        sources: Iterable[Any],
-        names: Sequence[str] | None = None,
-        normalize_output: bool = True,
+        sources: Sequence[Source],
+        normalized: bool = True,
         batch_size: int | None = None,
         workers: int | None = None,
         on_progress: Callable[[int], None] | None = None,
-    ) -> Iterator[Embedded]:
-        """One `Embedded` per input, in input order: its image embedding (L2-normalised unless
-        `normalize_output=False`), or the error that made it skip."""
-        sources = list(sources)
-        names = list(names) if names is not None else [describe(s, i) for i, s in enumerate(sources)]
-        batch_size = batch_size or self.batch_size
-        workers = self.workers if workers is None else workers
+    ) -> Iterator[ImageResult]:
+        """One ImageResult per source, in input order: its embedding (L2-normalised unless
+        `normalized=False`), or the error that kept it out."""
         self._tower("vision")
-        pre = self.config.preprocess
-        use_pinned = self.device.type == "cuda"
-        ring = [
-            torch.empty((batch_size, pre.height, pre.width, 3), dtype=torch.uint8).pin_memory() if use_pinned else None
-            for _ in range(2)
-        ]
-        waiting: collections.deque[Embedded] = collections.deque()  # in input order
-        batch: list[np.ndarray] = []
-        batch_items: list[Embedded] = []
-        in_flight = None  # (handle, items) of the batch the device is working on
-        launches = 0
-
-        def launch() -> None:
-            nonlocal in_flight, launches, batch, batch_items
-            handle = self._launch(batch, normalize_output, ring[launches % 2])
-            launches += 1
-            if in_flight is not None:
-                finish(*in_flight)
-                in_flight = None
-            if use_pinned:  # CUDA: collect this batch after the next one is queued
-                in_flight = (handle, batch_items)
-            else:  # CPU/MPS: the work is done already; hand the results out now
-                finish(handle, batch_items)
-            batch, batch_items = [], []
-
-        def finish(handle, items: list[Embedded]) -> None:
-            for item, vector in zip(items, self._collect(handle)):
-                item.vector = vector
-
-        def drain() -> Iterator[Embedded]:
-            while waiting and (waiting[0].vector is not None or waiting[0].error is not None):
-                item = waiting.popleft()
-                if on_progress:
-                    on_progress(1)
-                yield item
-
-        for index, name, pixels, error in self._decoded(sources, names, workers, batch_size):
-            item = Embedded(index=index, name=name, error=error)
-            waiting.append(item)
-            if pixels is not None:
-                batch.append(pixels)
-                batch_items.append(item)
-            if len(batch) == batch_size:
-                launch()
-            yield from drain()
-        if batch:
-            launch()
-        if in_flight is not None:
-            finish(*in_flight)
-        yield from drain()
+        pipeline = self.image_pipeline(batch_size, workers)
+        with torch.inference_mode():
+            yield from pipeline.run(sources, lambda pixels: self.encode_images(pixels, normalized), on_progress)
 
     def embed_images(self, images: Iterable[Any], normalize: bool = True, batch_size: int | None = None) -> np.ndarray:
         """(N, D) image embeddings for paths, URLs, bytes, PIL images or uint8 arrays;
         L2-normalised unless `normalize=False`. A bad input raises InputError naming it."""
-        results = list(self.iter_image_features(images, normalize_output=normalize, batch_size=batch_size))
+        results = list(self.iter_image_features(as_sources(images), normalize, batch_size))
         for item in results:
             if item.error:
                 raise InputError(item.error)
@@ -357,38 +236,14 @@ class Engine:
     ) -> np.ndarray:
         """(N_images, N_labels) probabilities: SigLIP's per-label sigmoid (they do not sum to 1),
         or with `softmax=True` a distribution over the labels."""
-        labels = [labels] if isinstance(labels, str) else list(labels)
+        labels = _text_list(labels)
         templates = resolve_templates(template, use_template=template is not None)
         text = self.label_embeddings(labels, templates)
         image = self.embed_images(images)
         return self.probabilities(self.logits(image, text), softmax)
 
-    def iter_classify(
-        self,
-        sources: Sequence[Any],
-        names: Sequence[str],
-        labels: Sequence[str],
-        templates: Sequence[str],
-        use_softmax: bool = False,
-        top_k: int | None = None,
-        threshold: float | None = None,
-        on_progress: Callable[[int], None] | None = None,
-    ) -> Iterator[ImageScores]:
-        """One ImageScores per input in order, labels best first (cut by top-k and threshold),
-        or the error that kept the image from being scored."""
-        text = self.label_embeddings(labels, templates)
-        for item in self.iter_image_features(sources, names, on_progress=on_progress):
-            if item.error is not None:
-                yield ImageScores(path=item.name, error=item.error)
-                continue
-            logit_row = self.logits(item.vector[None, :], text)
-            probs = self.probabilities(logit_row, use_softmax)[0]
-            yield ImageScores(
-                path=item.name,
-                labels=[LabelScore(labels[i], float(probs[i]), float(logit_row[0, i])) for i in rank(probs, top_k, threshold)],
-            )
-
     def describe(self) -> dict:
+        """What the results depend on: the model's identity and how it runs."""
         return {
             "model": self.resolved.name,
             "revision": self.resolved.revision,
@@ -396,6 +251,17 @@ class Engine:
             "dtype": dtype_name(self.dtype),
             "attn": self.attn,
         }
+
+
+def _text_list(texts: str | Sequence[str]) -> list[str]:
+    """A text or a list of texts; anything that is not a string is refused by name."""
+    if isinstance(texts, str):
+        return [texts]
+    texts = list(texts)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"text #{index} is {type(text).__name__}, not a string: {text!r:.60}")
+    return texts
 
 
 def load(
@@ -407,7 +273,7 @@ def load(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
-    max_pixels: int | None = ImageOptions.max_pixels,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     batch_size: int | None = None,
     workers: int | None = None,
 ) -> Engine:
@@ -429,10 +295,10 @@ def load(
         attn_name,
         cache_dir=Path(cache_dir) if cache_dir else None,
         use_cache=use_cache,
-        image_options=ImageOptions(max_pixels=max_pixels),
+        decode_options=DecodeOptions(max_pixels=max_pixels),
         batch_size=batch_size,
         workers=workers,
     )
 
 
-__all__ = ["Engine", "load", "SiglipError"]
+__all__ = ["Engine", "load"]

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelUnavailable
+from .core.errors import ModelUnavailable
 
 DEFAULT_MODEL = "google/siglip-base-patch16-224"
 REQUIRED_FILES = ("config.json", "model.safetensors", "spiece.model")

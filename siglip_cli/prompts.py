@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .errors import InputError, UsageError
+from .core.errors import UsageError
 
 DEFAULT_TEMPLATE = "This is a photo of {}."
 PLACEHOLDER = "{}"
@@ -25,11 +25,19 @@ class Labels:
 
 
 def split_labels(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",")]
+    """Comma-separated labels, with CSV quoting: '"red, white and blue",a dog' is two labels."""
+    import csv
+
+    try:
+        rows = list(csv.reader([text], skipinitialspace=True, strict=True))
+    except csv.Error:
+        raise UsageError(f"--labels {text!r}: unbalanced quotes; put a label with commas in double quotes, or use --label") from None
+    return [part.strip() for part in (rows[0] if rows else [])]
 
 
 def read_lines(path: str | Path, what: str = "file") -> list[str]:
-    """Lines of a UTF-8 text file ('-' is stdin), without line ends."""
+    """Lines of a UTF-8 text file named by an option ('-' is stdin), without line ends. A file
+    that cannot be read is a usage error: the option is wrong, not an input."""
     import sys
 
     try:
@@ -38,13 +46,13 @@ def read_lines(path: str | Path, what: str = "file") -> list[str]:
         else:
             content = Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise InputError(f"{path}: no such {what}") from None
+        raise UsageError(f"{path}: no such {what}") from None
     except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, not a {what}") from None
+        raise UsageError(f"{path}: is a folder, not a {what}") from None
     except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise UsageError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return content.splitlines()
 
 

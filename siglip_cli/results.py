@@ -1,8 +1,12 @@
-"""Plain results the engine returns to the CLI and renderers (no torch objects)."""
+"""Plain results the commands return and `cli/render.py` prints (no torch objects here).
+
+Floats stay full precision; rounding for output happens in one place, the renderer.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -14,23 +18,177 @@ class LabelScore:
 
 @dataclass
 class ImageScores:
-    """One image's scores, labels best first; or the error that kept it from being scored."""
+    """`classify`: one image's scores, labels best first; or the error that kept it out."""
 
     path: str
     labels: list[LabelScore] = field(default_factory=list)
     error: str | None = None
 
-    def to_dict(self) -> dict:
+    def to_record(self) -> dict:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
         return {"path": self.path, "labels": [vars(s) for s in self.labels]}
 
 
 @dataclass
-class Embedded:
-    """One input of a batch job: its vector, or why it was skipped."""
+class Item:
+    """An input of `similarity`: an image (by path) or a text."""
 
-    index: int
     name: str
-    vector: object = None  # np.ndarray (D,) float32
+    kind: str  # image | text
+
+
+@dataclass
+class SimilarityCell:
+    row: Item
+    col: Item
+    cosine: float
+    logit: float | None = None  # image-text pairs only
+    probability: float | None = None
+
+    def to_record(self) -> dict:
+        record = {"row": self.row.name, "row_kind": self.row.kind, "col": self.col.name, "col_kind": self.col.kind, "cosine": self.cosine}
+        if self.logit is not None:
+            record["logit"], record["probability"] = self.logit, self.probability
+        return record
+
+
+@dataclass
+class InputFailure:
+    """An input that could not be read; printed as an error record."""
+
+    path: str
+    error: str
+
+    def to_record(self) -> dict:
+        return {"path": self.path, "error": self.error}
+
+
+@dataclass
+class SimilarityMatrix:
+    """`similarity`: the cosine of every row with every column, and the SigLIP probability of
+    each image-text pair. Holds the (normalised) vectors and computes cells on demand, so JSON
+    lines stream row by row without a full matrix in memory."""
+
+    rows: list[Item]
+    cols: list[Item]
+    row_vectors: Any  # np.ndarray (R, D)
+    col_vectors: Any  # np.ndarray (C, D)
+    images: list[Item]
+    texts: list[Item]
+    image_vectors: Any
+    text_vectors: Any
+    scale: float  # exp(logit_scale)
+    bias: float
+
+    @property
+    def cosine(self) -> list[list[float]]:
+        return (self.row_vectors @ self.col_vectors.T).tolist()
+
+    def _pair_logits(self):
+        return (self.image_vectors @ self.text_vectors.T) * self.scale + self.bias
+
+    @property
+    def pair_logits(self) -> list[list[float]]:
+        return self._pair_logits().tolist()
+
+    @property
+    def pair_probabilities(self) -> list[list[float]]:
+        import numpy as np
+
+        return (1.0 / (1.0 + np.exp(-self._pair_logits().astype(np.float64)))).tolist()
+
+    def cells(self):
+        import math
+
+        image_pos = {id(item): p for p, item in enumerate(self.images)}
+        text_pos = {id(item): q for q, item in enumerate(self.texts)}
+        for a, row in enumerate(self.rows):
+            cosines = (self.col_vectors @ self.row_vectors[a]).tolist()
+            for b, col in enumerate(self.cols):
+                cell = SimilarityCell(row, col, cosines[b])
+                if row.kind != col.kind:
+                    image, text = (row, col) if row.kind == "image" else (col, row)
+                    p, q = image_pos[id(image)], text_pos[id(text)]
+                    cosine = float(self.image_vectors[p] @ self.text_vectors[q])
+                    cell.logit = cosine * self.scale + self.bias
+                    cell.probability = 1.0 / (1.0 + math.exp(-cell.logit)) if cell.logit > -700 else 0.0
+                yield cell
+
+    def to_record(self) -> dict:
+        logits, probabilities = self.pair_logits, self.pair_probabilities
+        return {
+            "rows": [vars(item) for item in self.rows],
+            "cols": [vars(item) for item in self.cols],
+            "cosine": self.cosine,
+            "pairs": [
+                {"image": image.name, "text": text.name, "logit": logits[p][q], "probability": probabilities[p][q]}
+                for p, image in enumerate(self.images)
+                for q, text in enumerate(self.texts)
+            ],
+        }
+
+
+@dataclass
+class EmbeddingRow:
+    """`embed --format jsonl`: one row on stdout."""
+
+    kind: str
+    name: str
+    embedding: list[float]
+
+    def to_record(self) -> dict:
+        return {"kind": self.kind, "path" if self.kind == "image" else "text": self.name, "embedding": self.embedding}
+
+
+@dataclass
+class BenchRow:
+    """`bench`: one (dtype, tower, batch size, backend) measurement, or why it has none."""
+
+    model: str
+    weights: str
+    device: str
+    dtype: str
+    attn: str
+    tower: str
+    batch_size: int
+    status: str = "ok"  # ok | unavailable | failed
+    reason: str | None = None
+    items_per_s: float | None = None
+    ms_per_batch: float | None = None
+    ms_min: float | None = None
+    ms_max: float | None = None
+    runs: int = 0
+    speedup_vs_eager: float | None = None
+    max_abs_diff_vs_eager: float | None = None
+    peak_mem_mb: float | None = None
+    peak_mem_kind: str | None = None
+    tflops: float | None = None
+    pct_of_peak: float | None = None
+    ours_sdpa_speedup: float | None = None  # transformers rows: our sdpa's speed / theirs
+
+    def to_record(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclass
+class SearchHit:
+    path: str
+    score: float  # SigLIP's sigmoid probability
+    cosine: float
+    rank: int
+    kind: str = "image"
+
+
+@dataclass
+class SearchResult:
+    """`search`: one query's ranking, best first."""
+
+    query: str
+    hits: list[SearchHit] = field(default_factory=list)
     error: str | None = None
+
+    def to_record(self) -> dict:
+        if self.error is not None:
+            return {"query": self.query, "error": self.error}
+        return {"query": self.query, "results": [{"path": h.path, "score": h.score, "cosine": h.cosine, "rank": h.rank} for h in self.hits]}

@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from .attention import why_unavailable
-from .errors import BackendUnavailable, UsageError
+from .core.attention import why_unavailable
+from .core.errors import BackendUnavailable, UsageError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}

@@ -8,10 +8,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from siglip_cli.bench import make_inputs, text_flops, time_runs, vision_flops, warmup_runs
-from siglip_cli.cli import app
-from siglip_cli.config import architecture, config_from_folder
-from siglip_cli.weights import checkpoint_keys
+from siglip_cli.cli.bench import make_inputs, text_flops, time_runs, vision_flops, warmup_runs
+from siglip_cli.cli.app import app
+from siglip_cli.core.config import architecture, config_from_folder
+from siglip_cli.core.weights import checkpoint_keys
 
 FIELDS = {"model", "weights", "device", "dtype", "attn", "tower", "batch_size", "status", "reason", "items_per_s",
           "ms_per_batch", "ms_min", "ms_max", "runs", "speedup_vs_eager", "max_abs_diff_vs_eager", "peak_mem_mb",
@@ -49,7 +49,7 @@ def test_json_rows_on_a_checkpoint(tiny_checkpoint):
 def test_difference_column_comes_from_real_outputs(tiny_checkpoint):
     """Recompute eager vs sdpa on the bench's own inputs and find the number it printed."""
     import siglip_cli
-    from siglip_cli.attention import eager_attention, sdpa_attention
+    from siglip_cli.core.attention import eager_attention, sdpa_attention
 
     result = bench("--model", tiny_checkpoint, "--format", "json", "--seconds", "0.05", "--batch-sizes", "2",
                    "--towers", "text", "--attn", "sdpa", "--device", "cpu")
@@ -128,7 +128,7 @@ def test_slow_rows_get_fewer_warm_up_runs():
 def test_a_failed_eager_row_does_not_take_the_others_down(tiny_checkpoint, monkeypatch):
     """eager materialises the attention matrix, so it is the first to run out of memory at a
     large batch; sdpa must still be timed (without a difference or speed-up to show)."""
-    from siglip_cli import attention
+    from siglip_cli.core import attention
 
     def out_of_memory(*args, **kwargs):
         raise MemoryError("eager attention matrix does not fit")

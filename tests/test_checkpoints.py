@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import siglip_cli
-from siglip_cli.config import ARCHITECTURES, TextConfig, VisionConfig, architecture, config_from_folder
-from siglip_cli.errors import BackendUnavailable, ModelUnavailable
+from siglip_cli.core.config import ARCHITECTURES, TextConfig, VisionConfig, architecture, config_from_folder
+from siglip_cli.core.errors import BackendUnavailable, ModelUnavailable
 from siglip_cli.hub import resolve_model
-from siglip_cli.weights import checkpoint_keys
+from siglip_cli.core.weights import checkpoint_keys
 
 
 def test_official_config_omits_defaults_and_we_fill_them(tiny_checkpoint):
@@ -201,7 +201,7 @@ def test_cuda_unavailable_says_why(tiny_checkpoint):
 
 
 def test_flash_missing_package_message():
-    from siglip_cli.attention import why_unavailable
+    from siglip_cli.core.attention import why_unavailable
 
     reason = why_unavailable("flash", torch.device("cuda"), torch.float16, (64,))
     try:

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 import siglip_cli
-from siglip_cli.cli import app
+from siglip_cli.cli.app import app
 
 from .test_images import server  # noqa: F401  (a fixture: images served on 127.0.0.1)
 
@@ -242,7 +242,7 @@ def test_backends_and_dtypes_are_selectable(run, image_dir):
 def _imports_after(args: list[str]) -> set[str]:
     code = (
         "import sys\n"
-        "from siglip_cli.cli import app\n"
+        "from siglip_cli.cli.app import app\n"
         f"try:\n    app({args!r})\nexcept SystemExit:\n    pass\n"
         "print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))\n"
     )

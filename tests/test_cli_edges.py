@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from siglip_cli.cli import app
+from siglip_cli.cli.app import app
 
 
 def _env(checkpoint: Path, cache: Path) -> dict:
@@ -136,7 +136,7 @@ def test_input_spelling_a_shell_user_meets(run, image_dir, tmp_path, monkeypatch
 
 
 def test_scores_in_tables_are_always_percentages():
-    from siglip_cli.render import format_score
+    from siglip_cli.cli.render import format_score
 
     assert [format_score(v) for v in (0.188, 7e-5, 0.0005, 1.2e-9, 0.0)] == ["18.8%", "0.007%", "0.05%", "1.2e-07%", "0.0%"]
 

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 import siglip_cli
-from siglip_cli.cli import app
+from siglip_cli.cli.app import app
 
 from .conftest import random_image
 

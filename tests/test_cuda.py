@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import siglip_cli
-from siglip_cli.attention import flash_available
+from siglip_cli.core.attention import flash_available
 
 from .conftest import random_image
 

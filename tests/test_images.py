@@ -13,24 +13,24 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from siglip_cli.config import PreprocessConfig
-from siglip_cli.errors import InputError
-from siglip_cli.images import (
-    ImageOptions,
-    is_url,
+from siglip_cli.core.config import PreprocessConfig
+from siglip_cli.core.errors import InputError
+from siglip_cli.core.images import (
+    DecodeOptions,
     load_pixels,
     normalization_table,
     open_image,
     pixels_to_model_input,
     to_rgb,
 )
+from siglip_cli.urls import fetch_url, is_url
 
 from .conftest import random_image
 
 PRE = PreprocessConfig(height=32, width=32)
 
 
-def ours(source, pre=PRE, options=ImageOptions()) -> np.ndarray:
+def ours(source, pre=PRE, options=DecodeOptions()) -> np.ndarray:
     pixels = load_pixels(source, "test", pre, options)
     table = torch.from_numpy(normalization_table(pre))
     return pixels_to_model_input(torch.from_numpy(pixels.copy())[None], table).numpy()[0]
@@ -166,7 +166,7 @@ def test_bad_files_raise_one_line_naming_the_file(bad_files, kind, message):
 
 
 def test_pixel_cap_is_adjustable(bad_files):
-    image = open_image(bad_files["bomb"], "bomb", ImageOptions(max_pixels=200_000_000))
+    image = open_image(bad_files["bomb"], "bomb", DecodeOptions(max_pixels=200_000_000))
     assert image.size == (12000, 12000)
 
 
@@ -224,35 +224,35 @@ def server():
 
 def test_url_images_match_the_same_bytes(server):
     url = f"{server}/cat.png"
-    assert np.array_equal(ours(url), ours(_Handler.payloads["/cat.png"]))
+    assert np.array_equal(ours(fetch_url(url)), ours(_Handler.payloads["/cat.png"]))
 
 
 @pytest.mark.parametrize(
     "path,options,message",
     [
-        ("/missing.png", ImageOptions(), "HTTP 404"),
-        ("/big.png", ImageOptions(url_max_bytes=1000), "download limit"),
-        ("/slow.png", ImageOptions(url_timeout=0.3), "within 0.3 s"),
-        ("/drip.png", ImageOptions(url_timeout=0.5), "not finished within 0.5 s"),
+        ("/missing.png", {}, "HTTP 404"),
+        ("/big.png", {"max_bytes": 1000}, "download limit"),
+        ("/slow.png", {"timeout": 0.3}, "within 0.3 s"),
+        ("/drip.png", {"timeout": 0.5}, "not finished within 0.5 s"),
     ],
 )
 def test_url_errors(server, path, options, message):
     url = server + path
     started = time.monotonic()
     with pytest.raises(InputError) as info:
-        load_pixels(url, url, PRE, options)
+        fetch_url(url, **options)
     assert str(info.value).startswith(url) and message in str(info.value)
     assert time.monotonic() - started < 5  # the timeout bounds the whole download, not each read
 
 
 def test_url_schemes_are_case_insensitive(server):
     url = f"{server}/cat.png".replace("http://", "HTTP://")
-    assert is_url(url) and np.array_equal(ours(url), ours(_Handler.payloads["/cat.png"]))
+    assert is_url(url) and np.array_equal(ours(fetch_url(url)), ours(_Handler.payloads["/cat.png"]))
 
 
 def test_unreachable_host():
     with pytest.raises(InputError, match="cannot download"):
-        load_pixels("http://127.0.0.1:9/x.png", "http://127.0.0.1:9/x.png", PRE)
+        fetch_url("http://127.0.0.1:9/x.png")
 
 
 def test_normalization_table_matches_reference_arithmetic():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import siglip_cli
-from siglip_cli.model import normalize
+from siglip_cli.core.model import normalize
 
 from .conftest import random_image
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from siglip_cli.tokenizer import Tokenizer, canonicalize
+from siglip_cli.core.tokenizer import Tokenizer, canonicalize
 
 TRICKY = [
     "", " ", "   ", "\t\n", "▁", "▁▁a", "a▁b", "a", "A", "This is a photo of 2 cats.", "this is a photo of 2 cats",
@@ -88,14 +88,14 @@ def test_from_folder_reads_tokenizer_config(tiny_checkpoint, tmp_path):
     assert not cased.lower_case and cased(["The Cat"]) != tokenizer(["The Cat"])
     config["additional_special_tokens"] = ["<extra>"]
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    from siglip_cli.errors import ModelUnavailable
+    from siglip_cli.core.errors import ModelUnavailable
 
     with pytest.raises(ModelUnavailable, match="additional_special_tokens"):
         Tokenizer.from_folder(folder, 64)
 
 
 def test_missing_spiece_model_names_the_folder(tmp_path):
-    from siglip_cli.errors import ModelUnavailable
+    from siglip_cli.core.errors import ModelUnavailable
 
     with pytest.raises(ModelUnavailable, match="no spiece.model"):
         Tokenizer.from_folder(tmp_path, 64)

@@ -1,4 +1,4 @@
-"""Images in (path, URL, bytes, PIL image, uint8 array), model pixels out.
+"""Images in (path, bytes, PIL image, uint8 array), model pixels out.
 
 Preprocessing reproduces transformers' `SiglipImageProcessorPil` bit for bit:
 RGB conversion (transparency composited onto white), PIL resize of the uint8 image to the
@@ -16,9 +16,6 @@ model's device: a batch travels to a GPU as uint8, a quarter of the bytes of flo
 from __future__ import annotations
 
 import io
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +26,6 @@ from .config import PreprocessConfig
 from .errors import InputError
 
 DEFAULT_MAX_PIXELS = 100_000_000  # a 100-megapixel image decodes to 300 MB of RGB
-DEFAULT_URL_TIMEOUT = 30.0
-DEFAULT_URL_MAX_BYTES = 50 * 1024 * 1024
 
 IMAGE_SUFFIXES = frozenset(
     ".jpg .jpeg .jpe .jfif .png .apng .gif .webp .bmp .dib .tif .tiff .ppm .pgm .pbm .pnm .tga .ico .jp2 .j2k "
@@ -58,60 +53,12 @@ def _pil():
     return Image
 
 
-def is_url(source: str) -> bool:
-    return source[:8].lower().startswith(("http://", "https://"))
-
-
-def fetch_url(url: str, timeout: float = DEFAULT_URL_TIMEOUT, max_bytes: int = DEFAULT_URL_MAX_BYTES) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "siglip-cli"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            length = response.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > max_bytes:
-                raise InputError(f"{url}: {int(length):,} bytes is over the {max_bytes:,}-byte download limit")
-            # The timeout bounds each socket read; the deadline bounds the whole download, so a
-            # server that trickles bytes cannot hold a batch job up for longer.
-            deadline = time.monotonic() + timeout
-            chunks, size = [], 0
-            while size <= max_bytes:
-                chunk = response.read1(min(1 << 16, max_bytes + 1 - size))  # returns what has arrived
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-                if time.monotonic() > deadline:
-                    raise InputError(f"{url}: download not finished within {timeout:g} s")
-            data = b"".join(chunks)
-    except urllib.error.HTTPError as exc:
-        raise InputError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except urllib.error.URLError as exc:
-        raise InputError(f"{url}: cannot download ({exc.reason})") from None
-    except TimeoutError:
-        raise InputError(f"{url}: no answer within {timeout:g} s") from None
-    except OSError as exc:
-        raise InputError(f"{url}: cannot download ({exc})") from None
-    if len(data) > max_bytes:
-        raise InputError(f"{url}: over the {max_bytes:,}-byte download limit")
-    return data
-
-
 @dataclass(frozen=True)
-class ImageOptions:
+class DecodeOptions:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
-    url_timeout: float = DEFAULT_URL_TIMEOUT
-    url_max_bytes: int = DEFAULT_URL_MAX_BYTES
 
 
-def describe(source: Any, index: int = 0) -> str:
-    """How an input is named in results and error messages."""
-    if isinstance(source, (str, Path)):
-        return str(source)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return f"<bytes #{index}>"
-    return f"<image #{index}>"
-
-
-def open_image(source: Any, name: str, options: ImageOptions = ImageOptions()):
+def open_image(source: Any, name: str, options: DecodeOptions = DecodeOptions()):
     """Decode one input to an upright PIL image (first frame), checking the pixel cap before
     decoding. Raises InputError naming `name` and the cause."""
     Image = _pil()
@@ -122,8 +69,6 @@ def open_image(source: Any, name: str, options: ImageOptions = ImageOptions()):
     else:
         if isinstance(source, (bytes, bytearray, memoryview)):
             stream = io.BytesIO(bytes(source))
-        elif isinstance(source, str) and is_url(source):
-            stream = io.BytesIO(fetch_url(source, options.url_timeout, options.url_max_bytes))
         elif isinstance(source, (str, Path)):
             stream = _open_file(Path(source), name)
         else:
@@ -133,8 +78,13 @@ def open_image(source: Any, name: str, options: ImageOptions = ImageOptions()):
 
 
 def _open_file(path: Path, name: str):
+    """Open a regular file for reading. Opened non-blocking first, so a FIFO or device named as
+    an image is refused instead of blocking forever."""
+    import os
+    import stat
+
     try:
-        return open(path, "rb")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise InputError(f"{name}: no such file") from None
     except IsADirectoryError:
@@ -143,6 +93,14 @@ def _open_file(path: Path, name: str):
         raise InputError(f"{name}: permission denied") from None
     except OSError as exc:
         raise InputError(f"{name}: cannot read ({exc.strerror or exc})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a folder" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
+        raise InputError(f"{name}: is {what}, not an image file")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def _decode(stream, name: str, max_pixels: int | None):
@@ -212,7 +170,7 @@ def resize_to_model(image, preprocess: PreprocessConfig) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def load_pixels(source: Any, name: str, preprocess: PreprocessConfig, options: ImageOptions = ImageOptions()) -> np.ndarray:
+def load_pixels(source: Any, name: str, preprocess: PreprocessConfig, options: DecodeOptions = DecodeOptions()) -> np.ndarray:
     """Everything that happens on the CPU for one image: decode, orient, RGB, resize."""
     image = to_rgb(open_image(source, name, options), name)
     pixels = resize_to_model(image, preprocess)

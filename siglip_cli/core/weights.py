@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import SiglipConfig, TextConfig, VisionConfig
+from .config import SiglipConfig
 from .errors import ModelUnavailable
 from .model import Siglip, skip_init
 
@@ -21,67 +21,13 @@ _IGNORED_SUFFIXES = (".position_ids",)
 _SHOWN = 6
 
 
-def _layer_keys(prefix: str, hidden: int, intermediate: int) -> dict[str, tuple[int, ...]]:
-    keys: dict[str, tuple[int, ...]] = {}
-    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        keys[f"{prefix}.self_attn.{proj}.weight"] = (hidden, hidden)
-        keys[f"{prefix}.self_attn.{proj}.bias"] = (hidden,)
-    for norm in ("layer_norm1", "layer_norm2"):
-        keys[f"{prefix}.{norm}.weight"] = (hidden,)
-        keys[f"{prefix}.{norm}.bias"] = (hidden,)
-    keys.update(_mlp_keys(f"{prefix}.mlp", hidden, intermediate))
-    return keys
-
-
-def _mlp_keys(prefix: str, hidden: int, intermediate: int) -> dict[str, tuple[int, ...]]:
-    return {
-        f"{prefix}.fc1.weight": (intermediate, hidden),
-        f"{prefix}.fc1.bias": (intermediate,),
-        f"{prefix}.fc2.weight": (hidden, intermediate),
-        f"{prefix}.fc2.bias": (hidden,),
-    }
-
-
-def text_keys(config: TextConfig) -> dict[str, tuple[int, ...]]:
-    d = config.hidden_size
-    keys = {
-        "text_model.embeddings.token_embedding.weight": (config.vocab_size, d),
-        "text_model.embeddings.position_embedding.weight": (config.max_position_embeddings, d),
-        "text_model.final_layer_norm.weight": (d,),
-        "text_model.final_layer_norm.bias": (d,),
-        "text_model.head.weight": (config.embed_dim, d),
-        "text_model.head.bias": (config.embed_dim,),
-    }
-    for i in range(config.num_hidden_layers):
-        keys.update(_layer_keys(f"text_model.encoder.layers.{i}", d, config.intermediate_size))
-    return keys
-
-
-def vision_keys(config: VisionConfig) -> dict[str, tuple[int, ...]]:
-    d, p = config.hidden_size, config.patch_size
-    keys = {
-        "vision_model.embeddings.patch_embedding.weight": (d, config.num_channels, p, p),
-        "vision_model.embeddings.patch_embedding.bias": (d,),
-        "vision_model.embeddings.position_embedding.weight": (config.num_patches, d),
-        "vision_model.post_layernorm.weight": (d,),
-        "vision_model.post_layernorm.bias": (d,),
-        "vision_model.head.probe": (1, 1, d),
-        "vision_model.head.attention.in_proj_weight": (3 * d, d),
-        "vision_model.head.attention.in_proj_bias": (3 * d,),
-        "vision_model.head.attention.out_proj.weight": (d, d),
-        "vision_model.head.attention.out_proj.bias": (d,),
-        "vision_model.head.layernorm.weight": (d,),
-        "vision_model.head.layernorm.bias": (d,),
-    }
-    keys.update(_mlp_keys("vision_model.head.mlp", d, config.intermediate_size))
-    for i in range(config.num_hidden_layers):
-        keys.update(_layer_keys(f"vision_model.encoder.layers.{i}", d, config.intermediate_size))
-    return keys
-
-
 def checkpoint_keys(config: SiglipConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor an official SiglipModel checkpoint of this config holds, with its shape."""
-    return {"logit_scale": (1,), "logit_bias": (1,), **text_keys(config.text), **vision_keys(config.vision)}
+    """Every tensor an official SiglipModel checkpoint of this config holds, with its shape:
+    read off the model itself (built on the meta device, so it costs nothing), under the
+    checkpoint's names."""
+    with skip_init():
+        network = Siglip(config, device="meta")
+    return {name: tuple(t.shape) for name, t in to_checkpoint_state(network).items()}
 
 
 def _listing(names: list[str]) -> str:

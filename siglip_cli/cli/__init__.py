@@ -1,0 +1,19 @@
+"""The command-line layer: Typer wiring (app.py), one module per command, the renderer and the
+terminal helpers. Nothing outside this package imports it."""
+
+
+def main() -> None:
+    """The `siglip` entry point. Ctrl-C while the app is still importing (the first ~100 ms) ends
+    the process quietly with 130; after that, commands handle it themselves."""
+    import signal
+    import sys
+
+    def interrupted_early(signum, frame):
+        sys.stderr.write("siglip: error: interrupted\n")
+        raise SystemExit(130)
+
+    signal.signal(signal.SIGINT, interrupted_early)
+    from .app import run
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    run()

@@ -1,0 +1,532 @@
+"""The `siglip` command: Typer wiring only. Each command parses its flags, runs its module
+(classify.py, embed.py, similarity.py, search.py, bench.py), and hands the results to render.
+
+torch and the model load inside the commands that need them, so `siglip --help`, every
+command's `--help` and shell completion never import torch. Errors a user can fix are one line
+on stderr with an exit code by kind (EXIT_CODES); only bugs keep a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Iterator, List, Optional
+
+import typer
+
+from .. import __version__
+from ..core.errors import BackendUnavailable, InputError, ModelUnavailable, OutputError, SiglipError, UsageError
+from .options import (
+    DEFAULT_MODEL,
+    AttnOpt,
+    BatchOpt,
+    DeviceOpt,
+    DType,
+    DTypeOpt,
+    Attn,
+    Format,
+    FormatOpt,
+    JsonOpt,
+    MaxPixelsOpt,
+    ModelOpt,
+    ModelOptions,
+    NoCacheOpt,
+    NoTemplateOpt,
+    OfflineOpt,
+    OutDType,
+    RecursiveOpt,
+    TemplateOpt,
+    TextsFileOpt,
+    WorkersOpt,
+)
+from .terminal import error_line, note, progress_bar, status
+
+EXIT_CODES = {UsageError: 2, ModelUnavailable: 3, BackendUnavailable: 4, InputError: 1, OutputError: 1}
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    name="siglip",
+    help="Zero-shot image classification, embeddings, similarity and search with Google's SigLIP.",
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"siglip-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """Zero-shot image classification, embeddings, similarity and search with Google's SigLIP.
+
+    Scores are SigLIP's own: sigmoid(exp(t) * cosine + b) per image-text pair. Results go to stdout (a table on a terminal, JSON lines when piped); logs and progress to stderr.
+
+    Exit status: 0 success (also when a reader such as `head` closes the pipe early), 1 some inputs failed or an output could not be written, 2 usage error, 3 model unavailable, 4 device or backend unavailable, 130 interrupted.
+    """
+
+
+# ----------------------------------------------------------------------------- plumbing
+def exit_code(exc: SiglipError) -> int:
+    for kind, code in EXIT_CODES.items():
+        if isinstance(exc, kind):
+            return code
+    return 1
+
+
+@contextlib.contextmanager
+def handled() -> Iterator[None]:
+    """User-fixable errors -> one line on stderr and their exit code; Ctrl-C -> 130."""
+    try:
+        yield
+    except SiglipError as exc:
+        error_line(str(exc))
+        raise typer.Exit(exit_code(exc)) from None
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except BrokenPipeError:
+        raise  # main() ends quietly: the reader has what it wanted
+    except MemoryError:
+        error_line("out of memory; try a smaller --batch-size")
+        raise typer.Exit(4) from None
+    except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA) without importing torch here
+        if type(exc).__name__ != "OutOfMemoryError":
+            raise
+        error_line(f"the device ran out of memory ({str(exc).splitlines()[0]}); try a smaller --batch-size")
+        raise typer.Exit(4) from None
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise
+        where = exc.filename or "standard output"
+        error_line(f"{where}: cannot write ({exc.strerror or exc})")
+        raise typer.Exit(1) from None
+
+
+def load_engine(options: ModelOptions, model: str | None = None):
+    from ..engine import load
+    from ..runtime import keep_freed_memory
+
+    keep_freed_memory()
+    with status("loading the model"):
+        return load(
+            model or options.model,
+            device=options.device,
+            dtype=options.dtype,
+            attn=options.attn,
+            offline=True if options.offline else None,
+            batch_size=options.batch_size,
+            workers=options.workers,
+            max_pixels=options.max_pixels,
+            use_cache=options.use_cache,
+        )
+
+
+def output_format(fmt: Format, json_flag: bool) -> str:
+    from .render import resolve_format
+
+    if json_flag:
+        if fmt not in (Format.auto, Format.json):
+            raise UsageError("--json and --format disagree; give one of them")
+        return "json"
+    return resolve_format(fmt.value)
+
+
+def list_inputs(arguments: list[str], recursive: bool):
+    """The inputs, with a hint when paths are about to be read from a terminal."""
+    from ..sources import expand
+
+    if "-" in arguments and sys.stdin.isatty():
+        note("reading image paths from the terminal, one per line; end with Ctrl-D")
+    listing = expand(arguments, recursive=recursive)
+    if listing.duplicates:
+        note(f"{listing.duplicates} input(s) were named more than once; each is used once")
+    return listing
+
+
+def read_texts(texts: list[str] | None, files: list[Path] | None) -> list[str]:
+    from ..prompts import read_lines
+
+    out = list(texts or [])
+    for path in files or []:
+        out += [line for line in read_lines(path, "texts file") if line.strip()]
+    return out
+
+
+def _summarize_failures(failed: int, total: int) -> None:
+    if failed and total > 1:
+        note(f"{failed} of {total} inputs failed")
+
+
+# ----------------------------------------------------------------------------- classify
+@app.command()
+def classify(
+    images: Annotated[Optional[List[str]], typer.Argument(help="Image files, folders, glob patterns, http(s) URLs, or - to read paths from stdin.", show_default=False)] = None,
+    labels: Annotated[Optional[List[str]], typer.Option("--labels", "-l", help='Comma-separated labels, e.g. "2 cats,2 dogs"; a label holding commas goes in double quotes.', rich_help_panel="Labels")] = None,
+    label: Annotated[Optional[List[str]], typer.Option("--label", help="One label, commas kept (repeatable).", rich_help_panel="Labels")] = None,
+    labels_file: Annotated[Optional[List[Path]], typer.Option("--labels-file", help="A file with one label per line.", rich_help_panel="Labels")] = None,
+    template: TemplateOpt = None,
+    no_template: NoTemplateOpt = False,
+    softmax: Annotated[bool, typer.Option("--softmax", help="Single-label mode: a softmax over the given labels (sums to 1) instead of SigLIP's independent sigmoid scores.", rich_help_panel="Scores")] = False,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="Keep only the best K labels per image.", rich_help_panel="Scores")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="Keep only labels scoring at least this.", rich_help_panel="Scores")] = None,
+    recursive: RecursiveOpt = False,
+    fmt: FormatOpt = Format.auto,
+    json_flag: JsonOpt = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DTypeOpt = DType.auto,
+    attn: AttnOpt = Attn.auto,
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = None,
+    offline: OfflineOpt = False,
+    max_pixels: MaxPixelsOpt = 100_000_000,
+    no_cache: NoCacheOpt = False,
+) -> None:
+    """Score images against labels (zero-shot).
+
+    Scores are SigLIP's per-label sigmoid probabilities: each label is judged on its own, so they do NOT sum to 100% (an image can match several labels, or none). Use --softmax to force a choice among the labels. Labels go through "This is a photo of {}." unless --template or --no-template says otherwise.
+
+    [bold]Examples[/bold]
+
+      siglip classify cat.jpg --labels "2 cats,2 dogs"
+
+      find . -name '*.jpg' | siglip classify - --labels-file labels.txt --top-k 1 | jq -r .path
+    """
+    with handled():
+        from ..prompts import collect_labels, resolve_templates
+        from . import render
+        from .classify import classify as run_classify
+
+        if not images:
+            raise UsageError("no images given: name files, folders, patterns or URLs (see 'siglip classify --help')")
+        label_set = collect_labels(labels or [], label or [], labels_file or [])
+        for duplicate in label_set.duplicates:
+            note(f"label {duplicate!r} given more than once; scored once")
+        templates = resolve_templates(template, use_template=not no_template)
+        fmt_name = output_format(fmt, json_flag)
+        listing = list_inputs(images, recursive)
+        if not listing.sources and not listing.failures:
+            raise UsageError("no images given (stdin was empty)")
+        options = ModelOptions(model, device, dtype, attn, batch_size, workers, offline, max_pixels, no_cache)
+        engine = load_engine(options) if listing.sources else None
+        total = len(listing.sources) + len(listing.failures)
+        failed = 0
+
+        def reported(results):
+            nonlocal failed
+            for result in results:
+                if result.error is not None:
+                    failed += 1
+                    error_line(result.error)
+                yield result
+
+        streaming_to_terminal = fmt_name == "jsonl" and sys.stdout.isatty()
+        with progress_bar(len(listing.sources), "images", enabled=not streaming_to_terminal) as advance:
+            results = reported(run_classify(engine, listing, label_set.labels, templates, softmax, top_k, threshold, advance))
+            view = render.classify_view(label_set.labels, "softmax" if softmax else "sigmoid")
+            collected = render.emit(results, fmt_name, view) if fmt_name == "jsonl" else list(results)
+        if fmt_name != "jsonl":  # printed once the progress bar is gone
+            render.emit(collected, fmt_name, view)
+        _summarize_failures(failed, total)
+    if failed:
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- embed
+@app.command()
+def embed(
+    inputs: Annotated[Optional[List[str]], typer.Argument(help="Image files, folders (walked recursively, sorted), glob patterns, URLs, or - for paths on stdin.", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file: .npy (+ .paths.txt, .stamps.npy, .meta.json sidecars), .npz, .jsonl or .parquet.", rich_help_panel="Output")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="jsonl: print {kind, path|text, embedding} lines to stdout instead of writing --out.", rich_help_panel="Output")] = None,
+    out_dtype: Annotated[Optional[OutDType], typer.Option("--out-dtype", help="float32 (default) or float16, which halves the file.", rich_help_panel="Output", show_default=False)] = None,
+    no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Write the raw tower outputs instead of L2-normalised rows.", rich_help_panel="Output")] = False,
+    text: Annotated[Optional[List[str]], typer.Option("--text", help="Also embed this text (repeatable); its row has kind text.", rich_help_panel="Texts")] = None,
+    texts_file: TextsFileOpt = None,
+    template: Annotated[Optional[List[str]], typer.Option("--template", "-t", help="Put each text into this template ({} = the text); several make an ensemble.", rich_help_panel="Texts")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from <out>.partial, skipping finished inputs.", rich_help_panel="Output")] = False,
+    update: Annotated[Optional[str], typer.Option("--update", help="Bring an existing --out up to date with the inputs: embed new or changed files, drop rows of files that are gone, keep the rest. Changed means another size or modification time; --update=hash compares content hashes.", rich_help_panel="Output", show_default=False)] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first input that cannot be read, instead of skipping it.", rich_help_panel="Input")] = False,
+    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Walk sub-folders.", rich_help_panel="Input")] = True,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DTypeOpt = DType.auto,
+    attn: AttnOpt = Attn.auto,
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = None,
+    offline: OfflineOpt = False,
+    max_pixels: MaxPixelsOpt = 100_000_000,
+) -> None:
+    """Embed images (and texts) into vectors on disk.
+
+    Rows are L2-normalised float32 in input order (images, then texts). Every output has a <out>.meta.json with the model, settings and every skipped input with its reason. Files appear atomically when the run completes; Ctrl-C keeps finished batches in <out>.partial and --resume carries on from there. Two runs never write one output at once.
+
+    [bold]Examples[/bold]
+
+      siglip embed ./photos --out vecs.npy
+
+      siglip embed ./photos --out vecs.npy --update     # later: only new or changed photos
+
+      siglip embed ./photos --format jsonl | head -1
+    """
+    with handled():
+        from ..embedding import EmbedPlan
+        from ..prompts import resolve_templates
+        from ..store import check_output_path
+        from .embed import embed_to_stdout, embed_to_store, refuse_foreign_file, refuse_overwriting_inputs, StrictStop
+
+        # Every option is checked before the model loads: a mistake must not cost a whole run.
+        if fmt is not None and fmt != "jsonl":
+            hint = "; use --out vecs.npy (or .npz, .jsonl, .parquet) for files" if fmt in ("json", "csv", "table", "npy", "npz", "parquet") else ""
+            raise UsageError(f"--format {fmt}: embed prints only jsonl to stdout{hint}")
+        if out is None and fmt != "jsonl":
+            raise UsageError("say where the vectors go: --out vecs.npy (or .npz, .jsonl, .parquet), or --format jsonl for stdout")
+        if out is not None and fmt is not None:
+            raise UsageError("give --out FILE or --format jsonl (stdout), not both")
+        if (resume or update) and out is None:
+            raise UsageError("--resume and --update work on an --out file; JSON lines on stdout keep no state")
+        if update not in (None, "mtime", "hash"):
+            raise UsageError(f"--update={update}: use --update (size and modification time) or --update=hash (content)")
+        if out is not None:
+            check_output_path(out)
+        templates = resolve_templates(template) if template else None
+        if no_normalize and templates and len(templates) > 1:
+            raise UsageError("--no-normalize needs a single template (an ensemble averages normalised embeddings)")
+        texts = read_texts(text, texts_file)
+        listing = list_inputs(inputs or [], recursive)
+        if not listing.sources and not texts:
+            if listing.failures:
+                for failure in listing.failures:
+                    error_line(failure.error)
+                raise InputError("nothing to embed: no readable images among the inputs")
+            raise UsageError("nothing to embed: give image paths or folders, --text or --texts-file")
+        plan = EmbedPlan(listing.sources, texts, listing.failures)
+        if out is not None:
+            refuse_overwriting_inputs(out, plan, None)
+            refuse_foreign_file(out, bool(update))
+        base_meta = _update_base_meta(out) if update else {}
+        options = ModelOptions(model or base_meta.get("model"), device, dtype, attn, batch_size, workers, offline, max_pixels)
+        dtype_name = (out_dtype.value if out_dtype else base_meta.get("dtype", "float32"))
+        engine = load_engine(options)
+        if out is None:
+            try:
+                from . import render
+
+                streaming_to_terminal = sys.stdout.isatty()
+                with progress_bar(len(plan.images), "images", enabled=not streaming_to_terminal) as advance:
+                    render.emit(embed_to_stdout(engine, plan, dtype_name, not no_normalize, templates, strict, note, advance), "jsonl", render.EMBED_VIEW)
+            except StrictStop:
+                note("stopped by --strict")
+                raise typer.Exit(1) from None
+            return
+        report = embed_to_store(engine, plan, out, dtype_name, not no_normalize, templates, resume, update, strict,
+                                progress_bar, note)
+    _finish_embed(report, out)
+
+
+def _update_base_meta(out: Path) -> dict:
+    """The existing store's meta: --update reuses its model and output dtype unless given."""
+    from ..store import open_store
+
+    return open_store(out).meta
+
+
+def _finish_embed(report, out: Path) -> None:
+    if report.interrupted_rows is not None:
+        note(f"interrupted: {report.interrupted_rows} rows kept in {report.partial}; run the same command with --resume to continue")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if report.stopped_by_strict:
+        note("stopped by --strict; finished rows are kept, rerun with --resume after fixing the input")
+        raise typer.Exit(1)
+    summary = report.summary
+    meta = summary.meta
+    rate = f", {summary.computed / summary.elapsed:.1f} images/s" if summary.computed and summary.elapsed > 0 else ""
+    parts = [f"{meta['image_rows']} image{'s' if meta['image_rows'] != 1 else ''}"]
+    if meta["text_rows"]:
+        parts.append(f"{meta['text_rows']} text{'s' if meta['text_rows'] != 1 else ''}")
+    reused = f" ({summary.reused} kept from before)" if summary.reused else ""
+    skipped = f"; skipped {meta['skipped_count']}, listed in {out}.meta.json" if meta["skipped_count"] else ""
+    note(f"wrote {' and '.join(parts)}{reused} ({meta['dim']}-d {meta['dtype']}) to {out} in {summary.elapsed:.1f} s{rate}{skipped}")
+    if meta["skipped_count"]:
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- similarity
+@app.command()
+def similarity(
+    image: Annotated[Optional[List[str]], typer.Option("--image", "-i", help="Image file, folder, glob or URL (repeatable).", rich_help_panel="Inputs")] = None,
+    text: Annotated[Optional[List[str]], typer.Option("--text", help="A text (repeatable).", rich_help_panel="Inputs")] = None,
+    texts_file: TextsFileOpt = None,
+    template: Annotated[Optional[List[str]], typer.Option("--template", "-t", help="Put each text into this template first ({} = the text); several make an ensemble.", rich_help_panel="Inputs")] = None,
+    rows: Annotated[str, typer.Option("--rows", help="Which inputs are rows: all, images or texts.", rich_help_panel="Output")] = "all",
+    cols: Annotated[str, typer.Option("--cols", help="Which inputs are columns: all, images or texts.", rich_help_panel="Output")] = "all",
+    recursive: RecursiveOpt = False,
+    fmt: FormatOpt = Format.auto,
+    json_flag: JsonOpt = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DTypeOpt = DType.auto,
+    attn: AttnOpt = Attn.auto,
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = None,
+    offline: OfflineOpt = False,
+    max_pixels: MaxPixelsOpt = 100_000_000,
+    no_cache: NoCacheOpt = False,
+) -> None:
+    """Cosine similarity of images and texts, and SigLIP image-text probabilities.
+
+    Every input is compared with every input (or --rows with --cols); each image-text pair also gets SigLIP's probability sigmoid(exp(t) * cosine + b). Texts are used as typed (no template) unless --template is given. JSON lines stream one cell per line.
+
+    [bold]Examples[/bold]
+
+      siglip similarity -i a.jpg -i b.jpg --text "a cat" --text "a dog"
+
+      siglip similarity -i photos/ --texts-file captions.txt --rows images --cols texts --json
+    """
+    with handled():
+        from ..prompts import resolve_templates
+        from . import render
+        from .similarity import GROUPS
+        from .similarity import similarity as run_similarity
+
+        for flag, value in (("--rows", rows), ("--cols", cols)):
+            if value not in GROUPS:
+                raise UsageError(f"{flag} {value}: choose all, images or texts")
+        templates = resolve_templates(template) if template else None
+        texts = read_texts(text, texts_file)
+        listing = list_inputs(image or [], recursive) if image else None
+        sources = listing.sources if listing else []
+        if not image and not texts:
+            raise UsageError("nothing to compare: give --image and/or --text")
+        for flag, value in (("--rows", rows), ("--cols", cols)):
+            if value == "images" and not image or value == "texts" and not texts:
+                raise UsageError(f"{flag} {value}: no {value[:-1]} inputs were given")
+        fmt_name = output_format(fmt, json_flag)
+        from ..sources import Listing
+
+        engine = load_engine(ModelOptions(model, device, dtype, attn, batch_size, workers, offline, max_pixels, no_cache))
+        failed = 0
+
+        def reported(results):
+            nonlocal failed
+            for result in results:
+                if getattr(result, "error", None) is not None:
+                    failed += 1
+                    error_line(result.error)
+                yield result
+
+        with progress_bar(len(sources), "images", enabled=not (fmt_name == "jsonl" and sys.stdout.isatty())) as advance:
+            results = list(reported(run_similarity(engine, listing or Listing(), texts, templates, rows, cols, advance)))
+        render.emit(results, fmt_name, render.SIMILARITY_VIEW)
+    if failed:
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- bench
+@app.command()
+def bench(
+    model: ModelOpt = None,
+    attn: Annotated[str, typer.Option("--attn", help="A backend, several comma-separated, or all.")] = "all",
+    dtype: Annotated[str, typer.Option("--dtype", help="One or several of fp32, fp16, bf16, comma-separated (default: fp32 on CPU, fp16,bf16 on CUDA).")] = "auto",
+    batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: 1,4 on CPU; 1,32,128 on CUDA).")] = None,
+    towers: Annotated[str, typer.Option("--towers", help="What to time: vision, text, classify, comma-separated.")] = "vision,text,classify",
+    seconds: Annotated[float, typer.Option("--seconds", min=0.05, help="Time budget for each row's timed runs (at least one run). Warm-up: the correctness run, plus two more for fast rows, fewer for slow ones.")] = 2.0,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="At most this many timed runs per row.")] = 10,
+    device: DeviceOpt = "auto",
+    peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", min=0.0, help="The device's peak TFLOP/s for this dtype, to print % of peak.")] = None,
+    compare: Annotated[Optional[str], typer.Option("--compare", help="transformers: also time the reference SiglipModel on the same weights and inputs.")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, json or csv (one record per row).")] = "table",
+) -> None:
+    """Time the attention backends, dtypes and batch sizes.
+
+    Before timing, every backend's outputs are compared with eager's on the same inputs, and the largest difference is shown: a fast but wrong kernel is visible. It never downloads: without a local folder or a cached copy of the weights, the architecture is built from the built-in table with random weights, which times the same but scores nothing.
+
+    [bold]Examples[/bold]
+
+      siglip bench --attn sdpa --dtype fp16
+
+      siglip bench --model ./my-checkpoint --compare transformers --batch-sizes 1,8 --format json
+    """
+    with handled():
+        from . import render
+        from .bench import make_options, run_bench
+        from ..runtime import keep_freed_memory
+
+        if fmt not in ("table", "json", "csv"):
+            raise UsageError(f"--format {fmt}: bench prints table, json or csv")
+        options = make_options(model or DEFAULT_MODEL, attn, dtype, batch_sizes, towers, seconds, repeats, device, peak_tflops, compare)
+        keep_freed_memory()
+        rows = run_bench(options, note)
+        render.emit(rows, fmt, render.BENCH_VIEW)
+
+
+# ----------------------------------------------------------------------------- entry point
+_COMMANDS = ("classify", "embed", "similarity", "search", "bench")
+
+
+def normalize_argv(args: list[str]) -> list[str]:
+    """`siglip` or `siglip CMD` alone shows help; `--update` alone means `--update=mtime` (an
+    option whose value is optional, which Typer's public API cannot declare)."""
+    if not args:
+        return ["--help"]
+    if len(args) == 1 and args[0] in _COMMANDS:
+        return [args[0], "--help"]
+    return ["--update=mtime" if a == "--update" else a for a in args]
+
+
+def _click_error(exc: Exception) -> int | None:
+    """Click's own usage errors (an unknown option, a value out of range), duck-typed so that no
+    private module of Typer's is imported, as one line on stderr like every other error."""
+    if type(exc).__name__ == "Abort" or isinstance(exc, typer.Abort):
+        error_line("aborted")
+        return 1
+    code, format_message = getattr(exc, "exit_code", None), getattr(exc, "format_message", None)
+    if not isinstance(code, int) or not callable(format_message):
+        return None
+    message = " ".join(str(format_message()).split())
+    context = getattr(exc, "ctx", None)
+    hint = f" (see '{context.command_path} --help')" if getattr(context, "command_path", None) else ""
+    error_line(message + hint)
+    return code
+
+
+def _quiet_exit(code: int) -> None:
+    """Exit without Python complaining about a stdout that can no longer be flushed."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    sys.exit(code)
+
+
+def run(args: list[str] | None = None) -> None:
+    # File names that are not valid UTF-8 must neither crash output nor be lost when read back.
+    for stream, errors in ((sys.stdout, "backslashreplace"), (sys.stdin, "surrogateescape")):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=errors)
+    args = normalize_argv(sys.argv[1:] if args is None else list(args))
+    try:
+        code = app(args=args, prog_name="siglip", standalone_mode=False)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_exit(0)  # `siglip classify ... | head -1`: the reader left; a success, as documented
+    except OSError as exc:
+        error_line(f"standard output: cannot write ({exc.strerror or exc})")
+        _quiet_exit(1)
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        _quiet_exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        code = _click_error(exc)
+        if code is None:
+            raise
+    sys.exit(code if isinstance(code, int) else 0)

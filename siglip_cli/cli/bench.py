@@ -1,0 +1,389 @@
+"""`siglip bench`: speed of attention backends, dtypes and batch sizes, checked for correctness.
+
+For every (dtype, tower, batch size) the backends run on the same inputs; before any timing
+each one's output is compared with `eager`'s and the largest absolute difference is reported,
+so a fast but wrong kernel shows. Our engine and transformers' model (`--compare`) are timed by
+the same function: warm-up, device synchronisation around every run, repeated runs within a
+time budget, median with min and max.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..core import attention as attention_backends
+from ..core.config import SiglipConfig, architecture, config_from_folder
+from ..core.errors import ModelUnavailable, UsageError
+from ..core.model import Siglip, random_init_, skip_init
+from ..core.scoring import sigmoid
+from ..core.images import normalization_table, pixels_to_model_input
+from ..engine import Engine
+from ..hub import ResolvedModel, resolve_model
+from ..results import BenchRow
+from ..runtime import DTYPES, resolve_device
+
+TOWERS = ("vision", "text", "classify")
+CLASSIFY_LABELS = 10  # label embeddings an end-to-end classify call scores against
+
+
+@dataclass
+class BenchOptions:
+    model: str
+    backends: list[str]
+    show_eager: bool
+    dtypes: list[str]
+    batch_sizes: list[int]
+    towers: list[str]
+    seconds: float = 2.0
+    repeats: int = 10
+    device: str = "auto"
+    peak_tflops: float | None = None
+    compare: str | None = None
+
+
+# ----------------------------------------------------------------------------- options
+def parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in items if x not in allowed]
+    if unknown or not items:
+        raise UsageError(f"--{what} {text!r}: choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
+def parse_batch_sizes(text: str | None, device: torch.device) -> list[int]:
+    if text is None:
+        return {"cuda": [1, 32, 128], "mps": [1, 16]}.get(device.type, [1, 4])
+    try:
+        sizes = list(dict.fromkeys(int(x) for x in text.split(",")))
+    except ValueError:
+        raise UsageError(f"--batch-sizes {text!r}: give integers, e.g. 1,8,32") from None
+    if not sizes or any(b < 1 for b in sizes):
+        raise UsageError("--batch-sizes must be positive integers, e.g. 1,8,32")
+    return sizes
+
+
+def make_options(model, attn, dtype, batch_sizes, towers, seconds, repeats, device, peak_tflops, compare) -> BenchOptions:
+    torch_device = resolve_device(device)
+    backends = list(attention_backends.BACKENDS) if attn == "all" else parse_list(attn, attention_backends.BACKENDS, "attn")
+    show_eager = "eager" in backends
+    if not show_eager:
+        backends.insert(0, "eager")  # the reference every other backend is checked and timed against
+    dtypes = (["fp16", "bf16"] if torch_device.type == "cuda" else ["fp32"]) if dtype == "auto" else parse_list(dtype, tuple(DTYPES), "dtype")
+    if compare not in (None, "transformers"):
+        raise UsageError(f"--compare {compare}: only 'transformers' is supported")
+    if compare:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise UsageError("--compare transformers: transformers is not installed (pip install 'siglip-cli[test]')") from None
+    return BenchOptions(model, backends, show_eager, dtypes, parse_batch_sizes(batch_sizes, torch_device),
+                        parse_list(towers, TOWERS, "towers"), seconds, repeats, str(torch_device), peak_tflops, compare)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def _layer_flops(tokens: int, hidden: int, inter: int, queries: int | None = None) -> float:
+    """Multiply-adds x 2 of one encoder layer; `queries` < tokens when only some positions go on."""
+    q = tokens if queries is None else queries
+    qkv = 2 * tokens * hidden * 3 * hidden
+    scores = 2 * 2 * q * tokens * hidden  # QK^T and AV
+    out_mlp = 2 * q * hidden * hidden + 2 * 2 * q * hidden * inter
+    return qkv + scores + out_mlp
+
+
+def vision_flops(config: SiglipConfig) -> float:
+    v = config.vision
+    n, d, i = v.num_patches, v.hidden_size, v.intermediate_size
+    patch = 2 * n * v.num_channels * v.patch_size**2 * d
+    head = 2 * n * 2 * d * d + 2 * 2 * n * d + 2 * d * d + 2 * 2 * d * i  # kv proj, attention, out, mlp
+    return patch + v.num_hidden_layers * _layer_flops(n, d, i) + head
+
+
+def text_flops(config: SiglipConfig) -> float:
+    t = config.text
+    length, d, i = config.text_length, t.hidden_size, t.intermediate_size
+    layers = (t.num_hidden_layers - 1) * _layer_flops(length, d, i) + _layer_flops(length, d, i, queries=1)
+    return layers + 2 * d * t.embed_dim
+
+
+# ----------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def warmup_runs(first_call_s: float, seconds: float) -> int:
+    """Warm-up runs after a first (untimed) call that took `first_call_s`: two more when runs are
+    short against the budget, one when they are long, none when one run alone exceeds half the
+    budget (fp16 on a CPU: seconds per batch); there the first call was warm-up enough, and more
+    would multiply the bench's time without changing its figures."""
+    if first_call_s >= seconds / 2:
+        return 0
+    return 2 if first_call_s < seconds / 10 else 1
+
+
+def time_runs(fn: Callable[[], object], device: torch.device, seconds: float, repeats: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    budget_end = time.perf_counter() + seconds
+    while len(times) < repeats:
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        if time.perf_counter() >= budget_end:
+            break
+    return times
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif sys.platform.startswith("linux"):
+        try:  # Linux resets the process's peak RSS (VmHWM) on "5" (since 4.0)
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        except OSError:
+            pass
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float | None, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda allocator peak of the row"
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024, "process peak RSS during the row"
+    except OSError:
+        pass
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (rss / 2**20 if sys.platform == "darwin" else rss / 2**10), "process peak RSS so far"
+
+
+def measure(row: BenchRow, call: Callable[[], torch.Tensor], device: torch.device, options: BenchOptions, flops: float,
+            reference_output: torch.Tensor | None) -> torch.Tensor | None:
+    """Run `call` once to compare its output, then time it; fills `row`. The one timing
+    function for our engine and for transformers. Returns the first output (None on failure)."""
+    try:
+        start = time.perf_counter()
+        output = call().float()
+        synchronize(device)
+        first_call_s = time.perf_counter() - start
+        if reference_output is not None:
+            row.max_abs_diff_vs_eager = float((output.cpu() - reference_output.cpu()).abs().max())
+        _reset_peak_memory(device)
+        times = time_runs(call, device, options.seconds, options.repeats, warmup_runs(first_call_s, options.seconds))
+    except Exception as exc:  # an OOM or kernel error is a row, not a crash
+        row.status, row.reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        return None
+    median = statistics.median(times)
+    row.runs = len(times)
+    row.ms_per_batch = median * 1e3
+    row.ms_min, row.ms_max = min(times) * 1e3, max(times) * 1e3
+    row.items_per_s = row.batch_size / median
+    row.tflops = flops * row.batch_size / median / 1e12
+    if options.peak_tflops:
+        row.pct_of_peak = 100 * row.tflops / options.peak_tflops
+    row.peak_mem_mb, row.peak_mem_kind = _peak_memory_mb(device)
+    return output
+
+
+# ----------------------------------------------------------------------------- the engine under test
+def open_engine(model: str, device: torch.device, dtype: torch.dtype, note: Callable[[str], None] | None) -> tuple[Engine, str]:
+    """Our engine on real weights when a local folder or a cached hub copy is at hand; else on
+    the architecture from the built-in table with random weights. Never downloads: weights do
+    not change speed."""
+    path = Path(model).expanduser()
+    try:
+        resolved = resolve_model(str(path) if path.is_dir() else model, offline=True)
+    except ModelUnavailable:
+        if path.is_dir():
+            raise
+        resolved = None
+    if resolved is not None:
+        config = config_from_folder(resolved.folder)
+        engine = Engine(resolved, config, device, dtype, "eager", use_cache=False)
+        engine._tower("text"), engine._tower("vision")  # noqa: SLF001  (both towers, timed separately)
+        return engine, "checkpoint"
+    try:
+        config = architecture(model)
+    except ModelUnavailable:
+        raise ModelUnavailable(
+            f"{model}: no local checkpoint and not in the built-in table of architectures; "
+            "pass a checkpoint folder or a released SigLIP id"
+        ) from None
+    if note:
+        note(f"{model}: weights not available here (not cached); timing the architecture with random weights")
+    with skip_init():
+        network = Siglip(config, device="meta")
+    network = network.to_empty(device="cpu")
+    random_init_(network)
+    network = network.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    network.logit_scale.data, network.logit_bias.data = network.logit_scale.float(), network.logit_bias.float()
+    resolved = ResolvedModel(model, Path("."), "random")
+    return Engine(resolved, config, device, dtype, "eager", use_cache=False, network=network), "random"
+
+
+def to_transformers(engine: Engine, weights: str):
+    """transformers' SiglipModel with the same weights, kept on the CPU between its rows."""
+    import transformers
+    from transformers import SiglipConfig as HFConfig
+    from transformers import SiglipModel
+
+    from ..core.weights import to_checkpoint_state
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if weights == "checkpoint":
+        return SiglipModel.from_pretrained(engine.resolved.folder, attn_implementation="sdpa", dtype=engine.dtype).eval()
+    t, v = engine.config.text, engine.config.vision
+    hf_config = HFConfig(
+        text_config={k: getattr(t, k) for k in t.__dataclass_fields__ if k != "projection_size"} | {"projection_size": t.embed_dim},
+        vision_config={k: getattr(v, k) for k in v.__dataclass_fields__},
+    )
+    hf_config._attn_implementation = "sdpa"
+    reference = SiglipModel(hf_config).to(engine.dtype)
+    state = {k: t.cpu() for k, t in to_checkpoint_state(engine._network).items()}  # noqa: SLF001
+    reference.load_state_dict(state, strict=True)
+    return reference.eval().requires_grad_(False)
+
+
+def make_inputs(config: SiglipConfig, batch: int, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    pre = config.preprocess
+    pixels_u8 = torch.randint(0, 256, (batch, pre.height, pre.width, 3), dtype=torch.uint8, generator=generator)
+    ids = torch.randint(3, config.text.vocab_size, (batch, config.text_length), generator=generator)
+    ids[:, -8:] = 1  # padding ends the text, as the tokenizer makes it
+    return {"pixels_u8": pixels_u8, "ids": ids}
+
+
+def dtype_unavailable(dtype: torch.dtype, device: torch.device) -> str | None:
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return "this GPU has no bf16 support"
+    return None
+
+
+# ----------------------------------------------------------------------------- the run
+class _Calls:
+    """What each tower row runs, for our engine and for the reference, on the same inputs."""
+
+    def __init__(self, engine: Engine, inputs: dict, labels: np.ndarray):
+        self.engine = engine
+        device = engine.device
+        table = torch.from_numpy(normalization_table(engine.config.preprocess)).to(device)
+        self.pixels = pixels_to_model_input(inputs["pixels_u8"].to(device), table)
+        self.ids = inputs["ids"].to(device)
+        self.frames = list(inputs["pixels_u8"].numpy())
+        self.labels = labels
+        self.pipeline = engine.image_pipeline(batch_size=len(self.frames))
+
+    @torch.inference_mode()
+    def ours(self, tower: str) -> torch.Tensor:
+        if tower == "vision":
+            return self.engine.vision_model(self.pixels)
+        if tower == "text":
+            return self.engine.text_model(self.ids)
+        # classify: uint8 frames through the pipeline's own launch (pinned memory on CUDA),
+        # the vision tower, then SigLIP's scores on the host, as `siglip classify` does
+        features = self.pipeline.embed_pixels(self.frames, self.engine.encode_images)
+        return torch.from_numpy(sigmoid(self.engine.logits(features, self.labels)))
+
+    @torch.inference_mode()
+    def reference(self, model, tower: str) -> torch.Tensor:
+        if tower == "vision":
+            return model.get_image_features(pixel_values=self.pixels).pooler_output
+        return model.get_text_features(input_ids=self.ids).pooler_output
+
+
+def run_bench(options: BenchOptions, note: Callable[[str], None]) -> list[BenchRow]:
+    device = torch.device(options.device)
+    rows: list[BenchRow] = []
+    if device.type == "cpu" and any(d != "fp32" for d in options.dtypes):
+        note("fp16/bf16 on the CPU run, but CPUs without native units compute them slower than fp32")
+    noted = False
+    for dtype_name in options.dtypes:
+        dtype = DTYPES[dtype_name]
+        reason = dtype_unavailable(dtype, device)
+        if reason:
+            rows += [BenchRow(options.model, "-", str(device), dtype_name, a, t, b, "unavailable", reason)
+                     for t in options.towers for b in options.batch_sizes for a in options.backends]
+            continue
+        engine, weights = open_engine(options.model, device, dtype, None if noted else note)
+        noted = True
+        reference = to_transformers(engine, weights) if options.compare else None
+        labels = np.random.default_rng(1).standard_normal((CLASSIFY_LABELS, engine.embed_dim)).astype(np.float32)
+        labels /= np.linalg.norm(labels, axis=1, keepdims=True)
+        flops = {"vision": vision_flops(engine.config), "text": text_flops(engine.config), "classify": vision_flops(engine.config)}
+        for tower in options.towers:
+            for batch in options.batch_sizes:
+                calls = _Calls(engine, make_inputs(engine.config, batch), labels)
+                base = dict(model=options.model, weights=weights, device=str(device), dtype=dtype_name, tower=tower, batch_size=batch)
+                measured, eager_output, eager_median = _backend_rows(engine, calls, tower, base, options, flops[tower])
+                rows += measured
+                if reference is not None and tower != "classify":
+                    rows.append(_reference_row(reference, calls, tower, base, options, flops[tower], eager_output, eager_median, rows))
+                del calls
+        del engine, reference
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _backend_rows(engine: Engine, calls: _Calls, tower: str, base: dict, options: BenchOptions, flops: float):
+    """Every backend's row for one (tower, batch size), plus eager's output and median time,
+    which the reference row is compared with."""
+    device, head_dims = engine.device, engine.config.head_dims
+    available = {b: attention_backends.why_unavailable(b, device, engine.dtype, head_dims) for b in options.backends}
+    others_run = any(not why for b, why in available.items() if b != "eager")
+    rows, eager_output, eager_median = [], None, None
+    for backend in options.backends:
+        if backend == "eager" and not options.show_eager and not others_run:
+            continue  # a hidden reference for backends that cannot run here: not worth timing
+        row = BenchRow(attn=backend, **base)
+        if available[backend]:
+            row.status, row.reason = "unavailable", available[backend]
+            rows.append(row)
+            continue
+        engine.set_attention(backend)
+        output = measure(row, lambda: calls.ours(tower), device, options, flops, eager_output)
+        if backend == "eager":
+            eager_output, eager_median = output, row.ms_per_batch
+        if eager_median and row.ms_per_batch:
+            row.speedup_vs_eager = eager_median / row.ms_per_batch
+        if backend != "eager" or options.show_eager:
+            rows.append(row)
+    return rows, eager_output, eager_median
+
+
+def _reference_row(reference, calls: _Calls, tower: str, base: dict, options: BenchOptions, flops: float,
+                   eager_output, eager_median, rows: list[BenchRow]) -> BenchRow:
+    engine = calls.engine
+    device = engine.device
+    row = BenchRow(attn="transformers", **base)
+    reference.to(device)  # on the device only for its own rows: it must not inflate ours
+    try:
+        measure(row, lambda: calls.reference(reference, tower), device, options, flops, eager_output)
+    finally:
+        reference.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if eager_median and row.ms_per_batch:
+        row.speedup_vs_eager = eager_median / row.ms_per_batch
+    ours = [r for r in rows if r.tower == tower and r.batch_size == base["batch_size"] and r.dtype == base["dtype"] and r.attn == "sdpa" and r.ms_per_batch]
+    if ours and row.ms_per_batch:
+        row.ours_sdpa_speedup = row.ms_per_batch / ours[-1].ms_per_batch
+    return row

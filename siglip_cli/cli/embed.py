@@ -1,0 +1,111 @@
+"""`siglip embed`: inputs -> rows in a store (--out), or JSON lines on stdout.
+
+The run itself (plan, compute, resume, update, atomic files) lives in `embedding.py` and
+`store.py`; this module holds the output's lock, reports on stderr and decides nothing about
+exit codes (app.py does, from the report).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..core.errors import UsageError
+from ..embedding import EmbedPlan, EmbedRun, EmbedSummary, check_base
+from ..results import EmbeddingRow
+from ..store import OutputLock, embedding_values, is_store, open_store, output_files
+
+
+@dataclass
+class EmbedReport:
+    summary: EmbedSummary | None = None  # None when stopped early
+    stopped_by_strict: bool = False
+    interrupted_rows: int | None = None  # rows kept in the partial state after Ctrl-C
+    partial: Path | None = None
+
+
+def refuse_overwriting_inputs(out: Path, plan: EmbedPlan, texts_file: Path | None) -> None:
+    targets = {os.path.realpath(p) for p in output_files(out)}
+    for source in plan.images:
+        if isinstance(source.value, str) and os.path.realpath(source.value) in targets:
+            raise UsageError(f"--out {out}: would overwrite the input {source.name}")
+    if texts_file is not None and os.path.realpath(texts_file) in targets:
+        raise UsageError(f"--out {out}: would overwrite the texts file")
+
+
+def refuse_foreign_file(out: Path, update: bool) -> None:
+    """An existing file that siglip did not write is never replaced; a store is, with a note."""
+    if out.exists() and not is_store(out):
+        raise UsageError(f"--out {out}: exists and is not a siglip embedding file; remove it or choose another name")
+    if update and not out.exists():
+        raise UsageError(f"--update: {out} does not exist yet; run once without --update to create it")
+
+
+def embed_to_store(
+    engine,
+    plan: EmbedPlan,
+    out: Path,
+    out_dtype: str,
+    normalized: bool,
+    templates: Sequence[str] | None,
+    resume: bool,
+    update: str | None,
+    strict: bool,
+    progress_bar,
+    note: Callable[[str], None],
+) -> EmbedReport:
+    """The whole run under the output's lock: two runs never write one output at once."""
+    with OutputLock(out):
+        base = None
+        if update:
+            base = open_store(out)
+            check_base(base, engine, normalized, templates, out_dtype)
+        elif out.exists():
+            note(f"{out} will be replaced when this run completes")
+        run = EmbedRun(engine, plan, out, out_dtype, normalized, templates, resume, base, hash_files=update == "hash")
+        try:
+            if run.resumed:
+                note(f"resuming: {run.resumed} rows already done in {run.partial.folder}")
+            images, _, texts = run.todo()
+            if base is not None:
+                kept = len(plan.images) - len(images)
+                gone = len(set(base.image_rows()) - {s.name for s in plan.images})
+                note(f"--update: {len(images)} new or changed, {kept} unchanged, {gone} gone")
+            with progress_bar(len(images), "images") as advance:
+                finished = run.embed(advance, lambda error: note(f"skipped {error}"), strict)
+            if not finished:
+                return EmbedReport(stopped_by_strict=True, partial=run.partial.folder)
+            return EmbedReport(run.finish())
+        except KeyboardInterrupt:
+            return EmbedReport(interrupted_rows=len(run.partial.records), partial=run.partial.folder)
+        finally:
+            run.close()
+
+
+def embed_to_stdout(engine, plan: EmbedPlan, out_dtype: str, normalized: bool, templates, strict: bool, note, on_progress=None) -> Iterator[EmbeddingRow]:
+    """Rows as they are computed, for `--format jsonl`; skipped inputs go to stderr only."""
+    dtype = np.dtype(out_dtype)
+    for failure in plan.failures:
+        note(f"skipped {failure.error}")
+        if strict:
+            raise StrictStop()
+    if plan.images:
+        for item in engine.iter_image_features(plan.images, normalized, on_progress=on_progress):
+            if item.error is not None:
+                note(f"skipped {item.error}")
+                if strict:
+                    raise StrictStop()
+                continue
+            yield EmbeddingRow("image", item.name, embedding_values(item.vector.astype(dtype)))
+    if plan.texts:
+        texts = list(dict.fromkeys(plan.texts))
+        for text, vector in zip(texts, engine.embed_texts(texts, templates or None, normalize=normalized)):
+            yield EmbeddingRow("text", text, embedding_values(vector.astype(dtype)))
+
+
+class StrictStop(Exception):
+    """--strict met a bad input while streaming to stdout."""

@@ -1,0 +1,99 @@
+"""Option types and the options every model command shares. Importing this stays cheap: no torch."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+DEFAULT_MODEL = "google/siglip-base-patch16-224"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Attn(str, Enum):
+    auto = "auto"
+    eager = "eager"
+    sdpa = "sdpa"
+    flash = "flash"
+
+
+class Format(str, Enum):
+    auto = "auto"
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+class OutDType(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+MODEL_HELP = (
+    "Local checkpoint folder (config.json, model.safetensors, spiece.model) or Hugging Face hub id. "
+    "Hub models download once into the Hugging Face cache (HF_HOME) and are used from there."
+)
+DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."
+DTYPE_HELP = "auto is fp16 on CUDA, fp32 elsewhere. fp16/bf16 run on CPU too, but slowly without native units."
+ATTN_HELP = "Attention kernel: auto (= sdpa), eager (reference math), sdpa (torch fused), flash (flash-attn; CUDA, fp16/bf16)."
+FORMAT_HELP = "auto: a table on a terminal, JSON lines when piped."
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", envvar="SIGLIP_MODEL", help=MODEL_HELP, show_default=DEFAULT_MODEL, rich_help_panel="Model"),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help=DEVICE_HELP, rich_help_panel="Model")]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", help=DTYPE_HELP, rich_help_panel="Model")]
+AttnOpt = Annotated[Attn, typer.Option("--attn", help=ATTN_HELP, rich_help_panel="Model")]
+BatchOpt = Annotated[
+    Optional[int],
+    typer.Option("--batch-size", "-b", min=1, help="Images per model call (default: 16 on CPU, 128 on CUDA).", rich_help_panel="Model"),
+]
+WorkersOpt = Annotated[
+    Optional[int],
+    typer.Option("--workers", min=0, help="Threads decoding images ahead of the model (default: 1 on CPU, cores up to 16 on a GPU; 0 = none).", rich_help_panel="Model"),
+]
+OfflineOpt = Annotated[
+    bool,
+    typer.Option("--offline", help="Never use the network: hub ids must already be in the local cache (as HF_HUB_OFFLINE=1).", rich_help_panel="Model"),
+]
+NoCacheOpt = Annotated[
+    bool, typer.Option("--no-cache", help="Do not read or write the on-disk cache of label embeddings.", rich_help_panel="Model")
+]
+MaxPixelsOpt = Annotated[
+    int,
+    typer.Option("--max-pixels", min=1, help="Refuse images with more pixels than this (decompression bombs).", rich_help_panel="Input"),
+]
+RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Also take images from sub-folders.", rich_help_panel="Input")]
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help=FORMAT_HELP, rich_help_panel="Output")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Short for --format json.", rich_help_panel="Output")]
+TemplateOpt = Annotated[
+    Optional[List[str]],
+    typer.Option("--template", "-t", help="Prompt template with {} for the label; give several for a prompt ensemble.", rich_help_panel="Labels"),
+]
+NoTemplateOpt = Annotated[bool, typer.Option("--no-template", help="Use the texts as the prompts, as typed.", rich_help_panel="Labels")]
+TextsFileOpt = Annotated[Optional[List[Path]], typer.Option("--texts-file", help="A file with one text per line.", rich_help_panel="Texts")]
+
+
+class ModelOptions:
+    """The options of every command that loads the model, gathered once per command."""
+
+    def __init__(self, model, device, dtype, attn, batch_size=None, workers=None, offline=False, max_pixels=100_000_000, no_cache=False):
+        self.model = model
+        self.device = device
+        self.dtype = dtype.value if isinstance(dtype, Enum) else dtype
+        self.attn = attn.value if isinstance(attn, Enum) else attn
+        self.batch_size = batch_size
+        self.workers = workers
+        self.offline = offline
+        self.max_pixels = max_pixels
+        self.use_cache = not no_cache

@@ -1,0 +1,474 @@
+"""Every command's results -> stdout, in every format: table, json, jsonl, csv. No torch here.
+
+One place rounds floats (7 significant digits, what float32 carries; non-finite numbers become
+null, as JSON has no NaN) and one place fits tables to the terminal: numbers are never cut; long
+paths are shortened in the middle, and columns that do not fit are dropped with a note.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import IO, Any, Callable, Iterable, Sequence
+
+from rich import box
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from ..results import BenchRow, ImageScores, InputFailure, SearchResult, SimilarityMatrix
+
+FORMATS = ("table", "json", "jsonl", "csv")
+MATRIX_MAX_LABELS = 6  # more labels than this: the many-image table shows the best 3 instead
+TOP_LABELS = 3
+
+
+# ============================================================================ plumbing
+def stdout_console(file: IO[str] | None = None, width: int | None = None) -> Console:
+    console = Console(file=file, highlight=False, soft_wrap=False, width=width)
+    if width is None and not console.is_terminal:
+        console.width = max(console.width, 120)  # a saved report keeps its columns
+    return console
+
+
+def resolve_format(name: str, stream: IO[str] | None = None) -> str:
+    if name != "auto":
+        return name
+    stream = stream or sys.stdout
+    return "table" if getattr(stream, "isatty", lambda: False)() else "jsonl"
+
+
+def clean(value: Any) -> Any:
+    """Floats to 7 significant digits, NaN and infinities to None, recursively."""
+    if isinstance(value, float):
+        return float(f"{value:.7g}") if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    return value
+
+
+def json_text(record: Any, indent: int | None = None) -> str:
+    return json.dumps(clean(record), ensure_ascii=False, indent=indent, allow_nan=False)
+
+
+def format_score(score: float) -> str:
+    """Always a percentage, so a column never mixes units: 18.8%, 0.0070%, 1.2e-07%."""
+    if score is None or not math.isfinite(score):
+        return "n/a"
+    percent = score * 100
+    if percent >= 0.1 or percent == 0:
+        return f"{percent:.1f}%"
+    if percent >= 1e-4:
+        return f"{percent:.2g}%"
+    return f"{percent:.1e}%"
+
+
+def display_path(path: str) -> str:
+    """A path as short as it can be read: relative to the working folder when inside it."""
+    if "://" in path or not os.path.isabs(path):
+        return path
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:
+        return path
+    return relative if not relative.startswith("..") else path
+
+
+def ellipsize(text: str, width: int) -> str:
+    """Shorten `text` to `width` cells by cutting its middle (a path's folder and file name
+    both stay readable)."""
+    if len(text) <= width or width < 5:
+        return text
+    keep = width - 1
+    head = keep // 2
+    return text[:head] + "…" + text[len(text) - (keep - head):]
+
+
+def _min_width(table: Table, console: Console) -> int:
+    return table.__rich_measure__(console, console.options).minimum
+
+
+# ============================================================================ views
+@dataclass
+class View:
+    """How one command's results look in each format."""
+
+    table: Callable[[list, Console], Any]
+    csv_header: Sequence[str]
+    csv_rows: Callable[[Any], Iterable[Sequence]]
+    json_document: Callable[[list], Any] = lambda results: [r.to_record() for r in results]
+    jsonl_records: Callable[[Any], Iterable[dict]] = lambda result: [result.to_record()]
+
+
+def emit(results: Iterable[Any], fmt: str, view: View, out: IO[str] | None = None, console: Console | None = None) -> list:
+    """Print `results` in `fmt`. JSON lines stream (each record as soon as its result exists);
+    the other formats need every result first. Returns the results."""
+    out = out or sys.stdout
+    if fmt == "jsonl":
+        kept = []
+        for result in results:
+            for record in view.jsonl_records(result):
+                out.write(json_text(record) + "\n")
+            out.flush()
+            kept.append(result)
+        return kept
+    results = list(results)
+    if fmt == "json":
+        out.write(json_text(view.json_document(results), indent=2) + "\n")
+    elif fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(view.csv_header)
+        for result in results:
+            for row in view.csv_rows(result):
+                writer.writerow(["" if v is None else clean(v) for v in row])
+    else:
+        console = console or stdout_console(out if out is not sys.stdout else None)
+        console.print(view.table(results, console))
+    out.flush()
+    return results
+
+
+# ============================================================================ classify
+def _cause(path: str, error: str) -> str:
+    """An error without the path its row already shows."""
+    prefix = f"{path}: "
+    return error[len(prefix):] if error.startswith(prefix) else error
+
+
+def _path_budget(console: Console, other_columns_width: int) -> int:
+    return max(16, console.width - other_columns_width)
+
+
+def classify_table(results: list[ImageScores], console: Console, labels: Sequence[str] = (), mode: str = "sigmoid") -> Group:
+    """One image: its labels with scores and bars. Many: images x labels (best marked), or the
+    best three per image when there are many labels. Errors are listed under the table, so their
+    text never widens a score column."""
+    good = [r for r in results if r.error is None]
+    notes = [
+        "softmax over the given labels: scores sum to 100%"
+        if mode == "softmax"
+        else "sigmoid: each label is scored on its own; scores do not sum to 100%"
+    ]
+    parts: list[Any] = []
+    if len(results) == 1 and good:
+        parts.append(_single_table(good[0], console))
+        if not good[0].labels:
+            notes.insert(0, "no label reached the --threshold")
+    else:
+        errors = [r for r in results if r.error is not None]
+        if len(labels) <= MATRIX_MAX_LABELS:
+            table = _matrix_table(results, labels, console)
+            if table is not None:
+                notes.append("★ marks each image's best label")
+        else:
+            table = None
+        if table is None:
+            table = _top_table(results, console)
+            shown = min(TOP_LABELS, len(labels))
+            if len(labels) > shown:
+                notes.append(f"showing the best {shown} of {len(labels)} labels per image; --format json or csv lists all")
+        parts.append(table)
+        for mark, result in enumerate(errors, 1):
+            parts.append(Text(f"[{mark}] {display_path(result.path)}: {_cause(result.path, result.error)}", style="red"))
+    parts.append(Text("; ".join(notes), style="dim"))
+    return Group(*parts)
+
+
+def _bar(score: float, width: int = 20) -> str:
+    filled = round(max(0.0, min(1.0, score)) * width) if math.isfinite(score) else 0
+    return "█" * filled + "·" * (width - filled)
+
+
+def _single_table(result: ImageScores, console: Console) -> Table:
+    table = Table(title=Text(ellipsize(display_path(result.path), console.width - 2)), title_justify="left")
+    table.add_column("label", overflow="fold")
+    table.add_column("score", justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    table.add_column("logit", justify="right", style="dim", no_wrap=True)
+    for i, item in enumerate(result.labels):
+        table.add_row(Text(item.label, style="bold" if i == 0 else ""), format_score(item.score), _bar(item.score), f"{item.logit:.2f}")
+    if _min_width(table, console) > console.width:
+        table.columns[2].visible = False  # the bar goes first; the numbers stay
+    return table
+
+
+def _error_marks(results: list[ImageScores]) -> dict[int, int]:
+    marks, mark = {}, 0
+    for i, result in enumerate(results):
+        if result.error is not None:
+            mark += 1
+            marks[i] = mark
+    return marks
+
+
+def _image_cell(path: str, budget: int) -> Text:
+    return Text(ellipsize(display_path(path), budget), no_wrap=True)
+
+
+def _matrix_table(results: list[ImageScores], labels: Sequence[str], console: Console) -> Table | None:
+    """Images x labels, or None when the label columns cannot fit the terminal."""
+    score_width = 9  # "★ 100.0%"
+    label_widths = [max(score_width, min(len(label), 14)) + 3 for label in labels]
+    budget = _path_budget(console, sum(label_widths) + 4)
+    if console.width - sum(label_widths) - 4 < 12:
+        return None
+    marks = _error_marks(results)
+    table = Table()
+    table.add_column("image", no_wrap=True)
+    for label in labels:
+        table.add_column(Text(label), justify="right", overflow="fold", min_width=score_width)
+    for i, result in enumerate(results):
+        if result.error is not None:
+            table.add_row(_image_cell(result.path, budget), Text(f"error [{marks[i]}]", style="red"), *[""] * (len(labels) - 1))
+            continue
+        by_label = {item.label: item.score for item in result.labels}
+        best = result.labels[0].label if result.labels else None
+        cells = []
+        for label in labels:
+            if label not in by_label:
+                cells.append(Text("–", style="dim"))
+            elif label == best:
+                cells.append(Text(f"★ {format_score(by_label[label])}", style="bold", no_wrap=True))
+            else:
+                cells.append(Text(format_score(by_label[label]), no_wrap=True))
+        table.add_row(_image_cell(result.path, budget), *cells)
+    return table
+
+
+def _top_table(results: list[ImageScores], console: Console) -> Table:
+    marks = _error_marks(results)
+    budget = _path_budget(console, 3 * 22 + 4)
+    table = Table()
+    table.add_column("image", no_wrap=True)
+    for rank in ("best", "2nd", "3rd")[:TOP_LABELS]:
+        table.add_column(rank, overflow="fold")
+    for i, result in enumerate(results):
+        if result.error is not None:
+            table.add_row(_image_cell(result.path, budget), Text(f"error [{marks[i]}]", style="red"), *[""] * (TOP_LABELS - 1))
+            continue
+        cells = [f"{item.label} ({format_score(item.score)})" for item in result.labels[:TOP_LABELS]]
+        cells += [""] * (TOP_LABELS - len(cells))
+        table.add_row(_image_cell(result.path, budget), Text(cells[0], style="bold"), *[Text(c) for c in cells[1:]])
+    return table
+
+
+def _classify_csv(result: ImageScores) -> Iterable[Sequence]:
+    if result.error is not None:
+        return [[result.path, "", "", "", "", result.error]]
+    if not result.labels:  # every label cut by --threshold: the image is still listed
+        return [[result.path, "", "", "", "", ""]]
+    return [[result.path, rank, s.label, s.score, s.logit, ""] for rank, s in enumerate(result.labels, 1)]
+
+
+def classify_view(labels: Sequence[str], mode: str) -> View:
+    return View(
+        table=lambda results, console: classify_table(results, console, labels, mode),
+        csv_header=["path", "rank", "label", "score", "logit", "error"],
+        csv_rows=_classify_csv,
+    )
+
+
+# ============================================================================ similarity
+def _matrix(title: str, row_names: Sequence[str], col_names: Sequence[str], values, fmt: Callable[[float], str], console: Console) -> Table:
+    budget = max(12, console.width // (len(col_names) + 2))
+    table = Table(title=title, title_justify="left")
+    table.add_column("", no_wrap=True)
+    for name in col_names:
+        table.add_column(Text(ellipsize(name, max(budget, 9))), justify="right", no_wrap=True)
+    for i, name in enumerate(row_names):
+        table.add_row(Text(ellipsize(name, max(16, console.width // 3))), *[fmt(values[i][j]) for j in range(len(col_names))])
+    return table
+
+
+def _item_label(item) -> str:
+    return display_path(item.name) if item.kind == "image" else f'"{item.name}"'
+
+
+def similarity_table(results: list, console: Console) -> Group:
+    parts: list[Any] = []
+    for result in results:
+        if isinstance(result, InputFailure):
+            parts.append(Text(f"{display_path(result.path)}: {_cause(result.path, result.error)}", style="red"))
+            continue
+        matrix: SimilarityMatrix = result
+        if matrix.rows and matrix.cols:
+            parts.append(_matrix("cosine similarity", [_item_label(i) for i in matrix.rows], [_item_label(i) for i in matrix.cols],
+                                 matrix.cosine, lambda v: f"{v:.3f}", console))
+        if matrix.images and matrix.texts:
+            parts.append(_matrix("SigLIP probability: sigmoid(exp(t) * cosine + b), each pair on its own",
+                                 [_item_label(i) for i in matrix.images], [_item_label(i) for i in matrix.texts],
+                                 matrix.pair_probabilities, format_score, console))
+    return Group(*parts)
+
+
+def _similarity_jsonl(result) -> Iterable[dict]:
+    if isinstance(result, InputFailure):
+        return [result.to_record()]
+    return [cell.to_record() for cell in result.cells()]
+
+
+def _similarity_csv(result) -> Iterable[Sequence]:
+    if isinstance(result, InputFailure):
+        return [[result.path, "image", "", "", "", "", "", result.error]]
+    return [[c.row.name, c.row.kind, c.col.name, c.col.kind, c.cosine, c.logit, c.probability, ""] for c in result.cells()]
+
+
+def _similarity_json(results: list) -> dict:
+    matrix = next(r for r in results if isinstance(r, SimilarityMatrix))
+    record = matrix.to_record()
+    record["errors"] = [r.to_record() for r in results if isinstance(r, InputFailure)]
+    return record
+
+
+SIMILARITY_VIEW = View(
+    table=similarity_table,
+    csv_header=["row", "row_kind", "col", "col_kind", "cosine", "logit", "probability", "error"],
+    csv_rows=_similarity_csv,
+    json_document=_similarity_json,
+    jsonl_records=_similarity_jsonl,
+)
+
+
+# ============================================================================ search
+def search_table(results: list[SearchResult], console: Console) -> Group:
+    parts: list[Any] = []
+    for result in results:
+        title = Text(f"{result.query}", style="bold")
+        if result.error is not None:
+            parts.append(Text(f"{result.query}: {result.error}", style="red"))
+            continue
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("rank", justify="right", no_wrap=True)
+        table.add_column("score", justify="right", no_wrap=True)
+        table.add_column("cosine", justify="right", no_wrap=True, style="dim")
+        table.add_column("path", no_wrap=True)
+        budget = max(16, console.width - 26)
+        for hit in result.hits:
+            name = display_path(hit.path) if hit.kind == "image" else f'"{hit.path}"'
+            table.add_row(str(hit.rank), format_score(hit.score), f"{hit.cosine:.3f}", ellipsize(name, budget))
+        if not result.hits:
+            table.add_row("", "", "", Text("no match above the --threshold", style="dim"))
+        parts.append(table)
+    parts.append(Text("score: SigLIP's sigmoid probability that the image matches the query, on its own", style="dim"))
+    return Group(*parts)
+
+
+def _search_csv(result: SearchResult) -> Iterable[Sequence]:
+    if result.error is not None:
+        return [[result.query, "", "", "", "", result.error]]
+    return [[result.query, h.rank, h.path, h.score, h.cosine, ""] for h in result.hits]
+
+
+SEARCH_VIEW = View(table=search_table, csv_header=["query", "rank", "path", "score", "cosine", "error"], csv_rows=_search_csv)
+
+
+# ============================================================================ embed (stdout rows)
+EMBED_VIEW = View(
+    table=lambda results, console: Text("embed prints JSON lines; use --out for files"),
+    csv_header=["kind", "path", "embedding"],
+    csv_rows=lambda row: [[row.kind, row.name, json.dumps(row.embedding)]],
+)
+
+
+# ============================================================================ bench
+_BENCH_UNIT = {"vision": "images/s", "text": "texts/s", "classify": "images/s"}
+
+
+def _bench_cells(row: BenchRow, marks: dict) -> dict[str, Any]:
+    if row.status != "ok":
+        mark = marks.setdefault(f"{row.attn} {row.status}: {row.reason}", len(marks) + 1)
+        return {"batch": str(row.batch_size), "attn": row.attn, "rate": Text(f"{row.status} [{mark}]", style="yellow")}
+    spread = ""
+    if row.ms_min and row.ms_max:
+        spread = f"{row.ms_min:,.2f}–{row.ms_max:,.2f} ({row.runs})"
+    return {
+        "batch": str(row.batch_size),
+        "attn": row.attn,
+        "rate": f"{row.items_per_s:,.1f}",
+        "median": f"{row.ms_per_batch:,.2f}",
+        "spread": spread,
+        "vs_eager": f"{row.speedup_vs_eager:.2f}x" if row.speedup_vs_eager else "–",
+        "diff": f"{row.max_abs_diff_vs_eager:.1e}" if row.max_abs_diff_vs_eager is not None else "–",
+        "memory": f"{row.peak_mem_mb:,.0f}" if row.peak_mem_mb else "–",
+        "tflops": f"{row.tflops:.3g}" if row.tflops is not None else "–",
+        "peak": f"{row.pct_of_peak:.1f}%" if row.pct_of_peak is not None else "",
+    }
+
+
+# Columns in the order they are dropped when the terminal is too narrow: never the numbers that
+# answer "how fast", never cut.
+_BENCH_COLUMNS = [
+    ("batch", "batch", True), ("attn", "attn", True), ("rate", None, True), ("median", "ms median", True),
+    ("vs_eager", "vs eager", False), ("diff", "max|Δ| vs eager", False), ("spread", "min–max (runs)", False),
+    ("memory", "peak MB", False), ("tflops", "TFLOP/s", False), ("peak", "% peak", False),
+]
+_BENCH_DROP_ORDER = ["peak", "tflops", "memory", "spread", "diff", "vs_eager"]
+
+
+def _bench_group_table(tower: str, dtype: str, group: list[BenchRow], marks: dict, console: Console, has_peak: bool) -> tuple[Table, list[str]]:
+    cells = [_bench_cells(row, marks) for row in group]
+    keys = [key for key, _, _ in _BENCH_COLUMNS if key != "peak" or has_peak]
+    dropped: list[str] = []
+    while True:
+        table = Table(title=f"{tower} tower, {dtype}" if tower != "classify" else f"classify, {dtype}",
+                      title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for key, title, _ in _BENCH_COLUMNS:
+            if key in keys:
+                table.add_column(title or _BENCH_UNIT[tower], justify="left" if key == "attn" else "right", no_wrap=True)
+        for row in cells:
+            table.add_row(*[row.get(key, "–") for key in keys])
+        optional = [k for k in _BENCH_DROP_ORDER if k in keys]
+        if _min_width(table, console) <= console.width or not optional:
+            return table, dropped
+        keys.remove(optional[0])
+        dropped.append(dict((k, t) for k, t, _ in _BENCH_COLUMNS)[optional[0]])
+
+
+def bench_table(rows: list[BenchRow], console: Console) -> Group:
+    if not rows:
+        return Group(Text("no rows"))
+    first = rows[0]
+    parts: list[Any] = [Text(f"{first.model} ({first.weights} weights) on {first.device}", style="bold")]
+    marks: dict[str, int] = {}
+    groups: dict[tuple[str, str], list[BenchRow]] = {}
+    for row in rows:
+        groups.setdefault((row.tower, row.dtype), []).append(row)
+    dropped: set[str] = set()
+    has_peak = any(r.pct_of_peak is not None for r in rows)
+    for (tower, dtype), group in groups.items():
+        table, gone = _bench_group_table(tower, dtype, group, marks, console, has_peak)
+        dropped.update(gone)
+        parts.append(table)
+    for reason, mark in marks.items():
+        parts.append(Text(f"[{mark}] {reason}", style="yellow"))
+    noisy = [r for r in rows if r.status == "ok" and r.ms_min and r.ms_max and r.ms_max > 1.5 * r.ms_min and r.runs >= 3]
+    if noisy:
+        parts.append(Text(f"warning: {len(noisy)} row(s) varied by more than 1.5x between runs (min vs max): "
+                          "the machine is busy or throttling; compare ratios from one run only", style="yellow"))
+    for row in rows:
+        if row.ours_sdpa_speedup:
+            parts.append(Text(f"{row.tower} {row.dtype} batch {row.batch_size}: ours (sdpa) is {row.ours_sdpa_speedup:.2f}x "
+                              "the speed of transformers' SiglipModel (sdpa) on the same weights and inputs"))
+    kinds = sorted({r.peak_mem_kind for r in rows if r.peak_mem_kind})
+    legend = ["max|Δ| = largest absolute output difference from eager on the same inputs"]
+    if any(r.tower == "classify" for r in rows):
+        legend.insert(0, "classify = uint8 pixels to the device, normalise, vision tower, sigmoid against 10 cached labels, back to the host")
+    if kinds:
+        legend.append(f"peak MB: {', '.join(kinds)}")
+    if dropped:
+        legend.append(f"columns left out to fit the terminal: {', '.join(sorted(dropped))} (--format json has all)")
+    parts.append(Text(". ".join(legend) + ".", style="dim"))
+    return Group(*parts)
+
+
+BENCH_VIEW = View(
+    table=bench_table,
+    csv_header=list(BenchRow.__dataclass_fields__),
+    csv_rows=lambda row: [list(row.to_record().values())],
+)

@@ -1,0 +1,95 @@
+"""stderr: one-line notes and errors, a status spinner and a progress bar, only on a terminal.
+
+stdout carries results only; everything here goes to stderr. While a progress bar is on
+screen, lines are printed above it through Rich instead of being glued to the bar's line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from typing import Callable, Iterator
+
+_live = None  # the Rich Progress on screen, if any
+
+
+def stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _line(text: str) -> None:
+    if _live is not None:
+        _live.console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
+        return
+    try:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # stderr closed or full: nothing better to do
+        pass
+
+
+def error_line(message: str) -> None:
+    _line(f"siglip: error: {message}")
+
+
+def note(message: str) -> None:
+    _line(f"siglip: {message}")
+
+
+def stderr_is_terminal() -> bool:
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+@contextlib.contextmanager
+def status(message: str) -> Iterator[None]:
+    """A spinner with `message` while something slow happens (e.g. the model loads); only on a
+    terminal."""
+    if not stderr_is_terminal():
+        yield
+        return
+    with stderr_console().status(message, spinner="dots"):
+        yield
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, unit: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A progress bar over `total` items on stderr, only when stderr is a terminal; yields an
+    advance(n) function. The rate counts from the first finished item, so model loading before
+    it does not drag the figure down."""
+    global _live
+    if not enabled or total < 2 or not stderr_is_terminal():
+        yield lambda n=1: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    ]
+    # redirect_*=False: stdout carries results and must never pass through the bar
+    with Progress(*columns, console=stderr_console(), transient=True, redirect_stdout=False, redirect_stderr=False) as bar:
+        _live = bar
+        task = bar.add_task(unit, total=total, rate="")
+        first: list[float] = []
+        done = 0
+
+        def advance(n: int = 1) -> None:
+            nonlocal done
+            now = time.perf_counter()
+            if not first:
+                first.append(now)
+            done += n
+            elapsed = now - first[0]
+            rate = f"{(done - 1) / elapsed:.1f} {unit}/s" if elapsed > 0 and done > 1 else ""
+            bar.update(task, advance=n, rate=rate)
+
+        try:
+            yield advance
+        finally:
+            _live = None

@@ -1,0 +1,269 @@
+"""Embedding runs: a plan of inputs, the rows the model computes for it, and the store that
+keeps them. Used by `siglip embed` (plain, `--resume`, `--update`) and by the Ray engine.
+
+The three parts are separate on purpose:
+- `EmbedPlan`: what the final store will hold, in order (images as listed, then texts), and a
+  digest of it, so `--resume` continues only the same run.
+- `EmbedRun.embed()`: the compute, appending finished rows to the partial state batch by batch.
+  Rows already there (a resumed run) or unchanged in the previous store (`--update`) are not
+  computed again; a file whose size or modification time changed is.
+- `EmbedRun.finish()`: the final files, assembled in plan order and committed atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .core.errors import UsageError
+from .sources import Failure, Source
+from .store import (
+    NO_STAMP,
+    Entry,
+    PartialRows,
+    Store,
+    has_line_break,
+    record_stamp,
+    remove_partial,
+    write_store,
+)
+
+
+@dataclass
+class EmbedPlan:
+    images: list[Source]
+    texts: list[str] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)  # inputs that failed while listing
+
+    def digest(self) -> str:
+        """Identity of the ordered inputs: a resumed run must continue exactly this list."""
+        names = [s.name for s in self.images] + ["\0texts"] + list(self.texts)
+        return hashlib.sha256("\0".join(names).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def file_hash(path: str) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.digest()
+
+
+def stamp_of(source: Source, with_hash: bool) -> tuple:
+    """(size, mtime_ns, sha256) of a listed file; no stamp for URLs and in-memory images."""
+    if source.stamp is None:
+        return NO_STAMP
+    size, mtime = source.stamp
+    return (size, mtime, file_hash(source.value) if with_hash else b"")
+
+
+def same_file(old: tuple, new: tuple) -> bool:
+    """Whether a row made from a file with stamp `old` still stands for the file as it is now:
+    by content hash when both have one, else by size and modification time. URLs never match
+    (their content cannot be checked), so they are fetched again."""
+    if old[0] < 0 or new[0] < 0:
+        return False
+    if old[2] and new[2]:
+        return old[2] == new[2]
+    return tuple(old[:2]) == tuple(new[:2])
+
+
+@dataclass
+class EmbedSummary:
+    meta: dict
+    computed: int  # image rows computed by this run
+    reused: int  # rows kept from a previous store or an interrupted run
+    elapsed: float
+
+    @property
+    def skipped(self) -> list[dict]:
+        return self.meta["skipped"]
+
+
+class EmbedRun:
+    """One run of `siglip embed --out`: plan -> partial rows -> final store. The caller holds the
+    output's lock for the whole run."""
+
+    def __init__(
+        self,
+        engine,
+        plan: EmbedPlan,
+        out: Path,
+        out_dtype: str,
+        normalized: bool,
+        templates: Sequence[str] | None,
+        resume: bool = False,
+        base: Store | None = None,
+        hash_files: bool = False,
+    ):
+        self.engine = engine
+        self.plan = plan
+        self.out = out
+        self.normalized = normalized
+        self.templates = list(templates or [])
+        self.base = base
+        self.hash_files = hash_files
+        self.started = time.perf_counter()
+        if out.suffix == ".npy":
+            for text in plan.texts:
+                if has_line_break(text):
+                    raise UsageError(f"--text {text!r}: a text with a line break cannot be a line of {out.name}.paths.txt; use .npz, .jsonl or .parquet")
+        settings = {**self.settings(), "inputs": plan.digest()}
+        if base is not None:
+            settings["base"] = {"count": base.count, "revision": base.meta.get("revision")}
+        self.partial = PartialRows(out.with_name(out.name + ".partial"), engine.embed_dim, out_dtype, settings, resume)
+        self.resumed = len(self.partial.records)
+        self.computed = 0
+
+    def settings(self) -> dict:
+        """What the rows depend on; recorded in the meta, and checked by --resume and --update."""
+        described = self.engine.describe()
+        return {
+            "model": described["model"],
+            "revision": described["revision"],
+            "model_dtype": described["dtype"],
+            "normalized": self.normalized,
+            "templates": self.templates,
+        }
+
+    # ------------------------------------------------------------------ what is left to do
+    def _stamps(self) -> list[tuple]:
+        return [stamp_of(s, self.hash_files) for s in self.plan.images]
+
+    def _reusable(self, source: Source, stamp: tuple, done: dict, base_rows: dict) -> bool:
+        record = done.get(("image", source.name))
+        if record is not None and (stamp[0] < 0 or same_file(record_stamp(self.partial.records[record]), stamp)):
+            return True  # finished by the interrupted run (URLs and in-memory inputs are trusted there)
+        row = base_rows.get(source.name)
+        if row is not None:
+            old = tuple(self.base.stamps[row].tolist())
+            if stamp[2] and not old[2] and tuple(old[:2]) == tuple(stamp[:2]):
+                return True  # the store had no hash yet; size and time agree
+            return same_file(old, stamp)
+        return False
+
+    def todo(self) -> tuple[list[Source], list[tuple], list[str]]:
+        """(images to embed, their stamps, texts to embed)."""
+        done = self.partial.latest()
+        skipped = {s["path"] for s in self.partial.skipped}
+        base_rows = self.base.image_rows() if self.base is not None else {}
+        self.stamps = self._stamps()
+        images, stamps = [], []
+        for source, stamp in zip(self.plan.images, self.stamps):
+            if source.name in skipped or self._reusable(source, stamp, done, base_rows):
+                continue
+            images.append(source)
+            stamps.append(stamp)
+        texts = [t for t in dict.fromkeys(self.plan.texts) if ("text", t) not in done]
+        return images, stamps, texts
+
+    # ------------------------------------------------------------------ the compute
+    def embed(
+        self,
+        on_progress: Callable[[int], None] | None = None,
+        on_skip: Callable[[str], None] | None = None,
+        strict: bool = False,
+    ) -> bool:
+        """Compute every missing row into the partial state. Returns False when `strict` stopped
+        at a bad input (finished rows are kept). Durable after each batch; on any exception
+        (Ctrl-C included) the finished rows are committed before it propagates."""
+        images, stamps, texts = self.todo()
+        for failure in self.plan.failures:
+            if failure.name not in {s["path"] for s in self.partial.skipped}:
+                if strict:
+                    self.partial.commit()
+                    on_skip and on_skip(failure.error)
+                    return False
+                self.partial.skip(failure.name, failure.error)
+                on_skip and on_skip(failure.error)
+        batch = self.engine.batch_size
+        try:
+            results = self.engine.iter_image_features(images, self.normalized, on_progress=on_progress) if images else []
+            for count, item in enumerate(results, 1):  # (texts only: the vision tower never loads)
+                source = images[item.index]
+                if item.error is None and self.out.suffix == ".npy" and has_line_break(item.name):
+                    item.error = f"{item.name!r}: a path with a line break cannot be a line of {self.out.name}.paths.txt; use .npz, .jsonl or .parquet"
+                if item.error is not None:
+                    on_skip and on_skip(item.error)
+                    if strict:
+                        return False
+                    self.partial.skip(item.name, item.error)
+                else:
+                    self.partial.add("image", source.name, stamps[item.index], item.vector)
+                    self.computed += 1
+                if count % batch == 0:
+                    self.partial.commit()
+            if texts:
+                vectors = self.engine.embed_texts(texts, self.templates or None, normalize=self.normalized)
+                for text, vector in zip(texts, vectors):
+                    self.partial.add("text", text, None, vector)
+        finally:
+            self.partial.commit()
+        return True
+
+    # ------------------------------------------------------------------ the final files
+    def entries(self) -> list[Entry]:
+        """The final rows in plan order: images as listed, then texts; skipped inputs left out."""
+        partial_rows = self.partial.rows_map()
+        latest = self.partial.latest()
+        base_rows = self.base.image_rows() if self.base is not None else {}
+        skipped = {s["path"] for s in self.partial.skipped}
+        entries = []
+        for source, stamp in zip(self.plan.images, self.stamps):
+            row = latest.get(("image", source.name))
+            if row is not None:
+                entries.append(Entry("image", source.name, record_stamp(self.partial.records[row]), partial_rows, row))
+            elif source.name in base_rows and source.name not in skipped:
+                index = base_rows[source.name]
+                old = tuple(self.base.stamps[index].tolist())
+                kept = stamp if stamp[2] and not old[2] else old  # a hash computed now is kept
+                entries.append(Entry("image", source.name, kept, self.base.rows, index))
+        for text in dict.fromkeys(self.plan.texts):
+            row = latest.get(("text", text))
+            if row is not None:
+                entries.append(Entry("text", text, NO_STAMP, partial_rows, row))
+        return entries
+
+    def finish(self) -> EmbedSummary:
+        self.partial.close()
+        entries = self.entries()
+        listed = {s.name for s in self.plan.images}
+        skipped = [s for s in self.partial.skipped if s["path"] in listed or s["path"] in {f.name for f in self.plan.failures}]
+        meta = {
+            **self.settings(),
+            "images": sum(1 for e in entries if e.kind == "image"),
+            "texts": sum(1 for e in entries if e.kind == "text"),
+            "skipped_count": len(skipped),
+            "skipped": skipped,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        meta = write_store(self.out, entries, self.partial.dim, self.partial.dtype.name, meta)
+        remove_partial(self.partial.folder)
+        reused = sum(1 for e in entries if e.kind == "image") - self.computed
+        return EmbedSummary(meta, self.computed, reused, time.perf_counter() - self.started)
+
+    def close(self) -> None:
+        self.partial.close()
+
+
+def check_base(base: Store, engine, normalized: bool, templates: Sequence[str] | None, out_dtype: str) -> None:
+    """--update may only add to a store made the same way: refuse, naming what differs."""
+    described = engine.describe()
+    meta = base.meta
+    if meta.get("revision") != described["revision"]:
+        raise UsageError(
+            f"--update: {base.path} was made with {meta.get('model')} (revision {meta.get('revision')}); "
+            f"this run uses {described['model']} (revision {described['revision']}); "
+            "pass the same --model, or write a new file without --update"
+        )
+    wanted = {"model_dtype": described["dtype"], "normalized": normalized, "templates": list(templates or []), "dtype": np.dtype(out_dtype).name}
+    changed = [f"{k} {meta.get(k)!r} -> {v!r}" for k, v in wanted.items() if meta.get(k) != v]
+    if changed:
+        raise UsageError(f"--update: {base.path} was made with other settings ({'; '.join(changed)}); use the same options, or write a new file")
+    if meta.get("dim") != engine.embed_dim:
+        raise UsageError(f"--update: {base.path} holds {meta.get('dim')}-d rows, the model makes {engine.embed_dim}-d ones")
