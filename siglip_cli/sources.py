@@ -41,6 +41,7 @@ class Failure:
 
     name: str
     error: str
+    before: int = 0  # how many sources come before it in input order (to report it in place)
 
 
 @dataclass
@@ -50,8 +51,22 @@ class Listing:
     duplicates: int = 0  # inputs named more than once, listed once
 
     def extend(self, other: "Listing") -> None:
+        offset = len(self.sources)
+        self.failures += [Failure(f.name, f.error, f.before + offset) for f in other.failures]
         self.sources += other.sources
-        self.failures += other.failures
+
+    def in_order(self, results: Iterable, index=lambda result: result.index) -> Iterator:
+        """`results` (one per source, in order) with the failures in their input positions, as
+        (failure or None, result or None) pairs."""
+        failures = sorted(self.failures, key=lambda f: f.before)
+        position = 0
+        for result in results:
+            while position < len(failures) and failures[position].before <= index(result):
+                yield failures[position], None
+                position += 1
+            yield None, result
+        for failure in failures[position:]:
+            yield failure, None
 
 
 def _why_not_regular(mode: int) -> str:
@@ -84,7 +99,10 @@ def file_source(path: str, name: str | None = None) -> Source | Failure:
 
 
 def _add(listing: "Listing", item: Source | Failure) -> None:
-    (listing.failures if isinstance(item, Failure) else listing.sources).append(item)
+    if isinstance(item, Failure):
+        listing.failures.append(Failure(item.name, item.error, len(listing.sources)))
+    else:
+        listing.sources.append(item)
 
 
 def _is_image_name(name: str) -> bool:
@@ -97,7 +115,7 @@ def _scan(folder: str, listing: Listing) -> tuple[list[str], list[str]]:
         with os.scandir(folder) as entries:
             entries = sorted(entries, key=lambda e: e.name)
     except OSError as exc:
-        listing.failures.append(Failure(folder, f"{folder}: cannot list folder ({exc.strerror or exc})"))
+        _add(listing, Failure(folder, f"{folder}: cannot list folder ({exc.strerror or exc})"))
         return [], []
     files, folders = [], []
     for entry in entries:
@@ -144,7 +162,7 @@ def _folder(argument: str, path: str, recursive: bool) -> Listing:
     if not found and not listing.failures:
         _, sub_folders = _scan(path, Listing())
         hint = " (add --recursive for its sub-folders)" if sub_folders and not recursive else ""
-        listing.failures.append(Failure(argument, f"{argument}: folder holds no image files{hint}"))
+        _add(listing, Failure(argument, f"{argument}: folder holds no image files{hint}"))
     return listing
 
 
@@ -224,7 +242,7 @@ def _glob(argument: str, pattern: str) -> Listing:
     for path in sorted(matches):
         _add(listing, file_source(path))
     if not matches:
-        listing.failures.append(Failure(argument, f"{argument}: no such file, and no files match it as a pattern"))
+        _add(listing, Failure(argument, f"{argument}: no such file, and no files match it as a pattern"))
     return listing
 
 
@@ -268,12 +286,16 @@ def expand(arguments: Iterable[str], recursive: bool = False, stdin: TextIO | No
         listing.extend(_one(argument, recursive))
     seen: set[str] = set()
     unique = []
+    new_position = []  # old source position -> how many unique sources precede it
     for source in listing.sources:
+        new_position.append(len(unique))
         key = _identity(source)
         if key in seen:
             listing.duplicates += 1
             continue
         seen.add(key)
         unique.append(source)
+    new_position.append(len(unique))
+    listing.failures = [Failure(f.name, f.error, new_position[f.before]) for f in listing.failures]
     listing.sources = unique
     return listing

@@ -78,7 +78,7 @@ def test_file_names_that_are_not_utf8(tiny_checkpoint, image_dir, tmp_path):
     embed = subprocess.run([sys.executable, "-m", "siglip_cli", "embed", str(folder), "--out", str(out)],
                            capture_output=True, env=env, timeout=120)
     assert embed.returncode == 0, embed.stderr
-    assert (tmp_path / "v.paths.txt").read_bytes().strip() == odd  # the exact bytes, usable to reopen the file
+    assert (tmp_path / "v.npy.paths.txt").read_bytes().strip() == odd  # the exact bytes, usable to reopen the file
     assert np.load(out).shape == (1, 32)
 
 
@@ -87,7 +87,7 @@ def test_embed_option_conflicts_and_duplicates(run, image_dir, tmp_path):
     assert both.exit_code == 2 and "not both" in both.stderr
     out = tmp_path / "d.npy"
     twice = run("embed", image_dir / "a.jpg", image_dir / "a.jpg", image_dir / "b.png", "--out", out)
-    assert twice.exit_code == 0 and "listed more than once" in twice.stderr
+    assert twice.exit_code == 0 and "named more than once" in twice.stderr
     assert np.load(out).shape[0] == 2
 
 

@@ -52,7 +52,7 @@ def test_rows_equal_the_api_and_the_reference(run, image_dir, tmp_path, tiny_che
     result = run("embed", image_dir, "--out", out)
     assert result.exit_code == 0, result.stderr
     rows = np.load(out)
-    paths = (tmp_path / "vecs.paths.txt").read_text().splitlines()
+    paths = (tmp_path / "vecs.npy.paths.txt").read_text().splitlines()
     assert [Path(p).relative_to(image_dir).as_posix() for p in paths] == ["a.jpg", "b.png", "c.webp", "d.gif", "sub/e.jpg"]
     assert rows.dtype == np.float32 and rows.shape == (5, 32)
     np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-6)
@@ -70,7 +70,7 @@ def test_rows_equal_the_api_and_the_reference(run, image_dir, tmp_path, tiny_che
     expected = ref.image_embeds(pictures)
     assert (np.sum(rows * expected, axis=1) > 0.99999).all()
 
-    meta = json.loads((tmp_path / "vecs.meta.json").read_text())
+    meta = json.loads((tmp_path / "vecs.npy.meta.json").read_text())
     assert meta["count"] == 5 and meta["dim"] == 32 and meta["dtype"] == "float32" and meta["normalized"] is True
     assert meta["model"] == str(tiny_checkpoint) and meta["revision"].startswith("local-") and meta["skipped"] == []
 
@@ -80,11 +80,11 @@ def test_bad_files_in_the_middle_keep_sidecars_aligned(run, mixed_folder, tmp_pa
     result = run("embed", mixed_folder, "--out", out)
     assert result.exit_code == 1
     rows = np.load(out)
-    paths = (tmp_path / "vecs.paths.txt").read_text().splitlines()
+    paths = (tmp_path / "vecs.npy.paths.txt").read_text().splitlines()
     assert [Path(p).name for p in paths] == ["01.jpg", "03.png", "05.webp"]
     api = siglip_cli.load(tiny_checkpoint).embed_images(paths)
     np.testing.assert_allclose(rows, api, atol=1e-6)
-    meta = json.loads((tmp_path / "vecs.meta.json").read_text())
+    meta = json.loads((tmp_path / "vecs.npy.meta.json").read_text())
     skipped = {Path(s["path"]).name: s["error"] for s in meta["skipped"]}
     assert set(skipped) == {"02.jpg", "04.jpg"} and "truncated" in skipped["02.jpg"] and "not an image" in skipped["04.jpg"]
     assert meta["skipped_count"] == 2 and meta["count"] == 3
@@ -105,35 +105,46 @@ def test_texts_and_templates(run, image_dir, tmp_path, tiny_checkpoint):
     out = tmp_path / "vecs.npy"
     result = run("embed", image_dir / "a.jpg", "--text", "a cat", "--texts-file", texts, "--template", "a photo of {}.", "--out", out)
     assert result.exit_code == 0, result.stderr
-    paths = (tmp_path / "vecs.paths.txt").read_text().splitlines()
-    assert paths[1:] == ["text:a cat", "text:a dog", "text:an airplane"]
+    paths = (tmp_path / "vecs.npy.paths.txt").read_text().splitlines()
+    assert paths[1:] == ["a cat", "a dog", "an airplane"]
     model = siglip_cli.load(tiny_checkpoint)
     np.testing.assert_allclose(np.load(out)[1:], model.embed_texts(["a cat", "a dog", "an airplane"], "a photo of {}."), atol=1e-6)
-    meta = json.loads((tmp_path / "vecs.meta.json").read_text())
+    meta = json.loads((tmp_path / "vecs.npy.meta.json").read_text())
     assert meta["images"] == 1 and meta["texts"] == 3 and meta["templates"] == ["a photo of {}."]
+    assert meta["image_rows"] == 1 and meta["text_rows"] == 3  # rows image_rows.. are texts
 
 
 def test_every_output_format_loads(run, image_dir, tmp_path):
     npy = tmp_path / "v.npy"
     run("embed", image_dir, "--out", npy)
     reference = np.load(npy)
-    paths = (tmp_path / "v.paths.txt").read_text().splitlines()
+    paths = (tmp_path / "v.npy.paths.txt").read_text().splitlines()
 
     npz = tmp_path / "v.npz"
     assert run("embed", image_dir, "--out", npz).exit_code == 0
     with np.load(npz) as archive:
         np.testing.assert_allclose(archive["embeddings"], reference, atol=1e-7)
-        assert archive["paths"].tolist() == paths
+        assert archive["paths"].tolist() == paths and set(archive["kinds"].tolist()) == {"image"}
+        assert json.loads(str(archive["meta"]))["count"] == len(paths)
 
     jsonl = tmp_path / "v.jsonl"
     assert run("embed", image_dir, "--out", jsonl).exit_code == 0
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert [r["path"] for r in records] == paths
+    assert [r["path"] for r in records] == paths and {r["kind"] for r in records} == {"image"}
     np.testing.assert_allclose(np.array([r["embedding"] for r in records]), reference, atol=1e-6)
 
     stdout = run("embed", image_dir, "--format", "jsonl", "--text", "a cat")
     lines = [json.loads(line) for line in stdout.stdout.splitlines()]
-    assert [l.get("path") for l in lines[:-1]] == paths and lines[-1]["text"] == "a cat"
+    assert [l.get("path") for l in lines[:-1]] == paths and lines[-1]["text"] == "a cat" and lines[-1]["kind"] == "text"
+
+    parquet = tmp_path / "v.parquet"
+    assert run("embed", image_dir, "--out", parquet).exit_code == 0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(parquet)
+    assert table.column("path").to_pylist() == paths and set(table.column("kind").to_pylist()) == {"image"}
+    np.testing.assert_allclose(np.array(table.column("embedding").to_pylist()), reference, atol=1e-7)
+    assert json.loads(table.schema.metadata[b"siglip"])["count"] == len(paths)
 
     half = tmp_path / "h.npy"
     run("embed", image_dir, "--out", half, "--out-dtype", "float16")
@@ -150,7 +161,7 @@ def test_every_output_format_loads(run, image_dir, tmp_path):
 def test_usage_errors(run, image_dir, tmp_path):
     assert run("embed", image_dir).exit_code == 2  # no --out, no --format jsonl
     bad_suffix = run("embed", image_dir, "--out", tmp_path / "v.txt")
-    assert bad_suffix.exit_code == 2 and ".npy, .npz or .jsonl" in bad_suffix.stderr
+    assert bad_suffix.exit_code == 2 and ".npy, .npz, .jsonl or .parquet" in bad_suffix.stderr
     no_folder = run("embed", image_dir, "--out", tmp_path / "nope" / "v.npy")
     assert no_folder.exit_code == 2 and "does not exist" in no_folder.stderr
 
@@ -160,9 +171,9 @@ def test_output_files_have_normal_permissions(run, image_dir, tmp_path):
     run("embed", image_dir / "a.jpg", "--out", out)
     umask = os.umask(0)
     os.umask(umask)
-    for path in (out, tmp_path / "v.paths.txt", tmp_path / "v.meta.json"):
+    for path in (out, tmp_path / "v.npy.paths.txt", tmp_path / "v.npy.meta.json", tmp_path / "v.npy.stamps.npy"):
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp") or p.name.endswith(".partial")]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".partial", ".lock"))]
 
 
 # ------------------------------------------------------------------------- interrupt + resume
@@ -190,7 +201,7 @@ def test_sigint_keeps_finished_rows_and_resume_equals_a_clean_run(many_images, t
 
     out = tmp_path / "vecs.npy"
     proc = _embed_process(many_images, out, tiny_checkpoint, tmp_path / "cache")
-    names = out.with_name("vecs.npy.partial") / "names.txt"
+    names = out.with_name("vecs.npy.partial") / "rows.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not names.exists() or names.read_text().count("\n") < 12):
         time.sleep(0.02)
@@ -208,28 +219,28 @@ def test_sigint_keeps_finished_rows_and_resume_equals_a_clean_run(many_images, t
 
     resumed = _embed_process(many_images, out, tiny_checkpoint, tmp_path / "cache", "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    assert f"resuming: {kept} inputs already done" in resumed.stderr.read()
-    assert (tmp_path / "vecs.paths.txt").read_text() == (tmp_path / "clean.paths.txt").read_text()
+    assert f"resuming: {kept} rows already done" in resumed.stderr.read()
+    assert (tmp_path / "vecs.npy.paths.txt").read_text() == (tmp_path / "clean.npy.paths.txt").read_text()
     np.testing.assert_allclose(np.load(out), np.load(clean), atol=1e-6)
     assert not out.with_name("vecs.npy.partial").exists()
 
 
 def test_resume_trims_a_half_written_row(run, image_dir, tmp_path, tiny_checkpoint):
     """A crash can stop between writing a row and its name: resume keeps only whole pairs."""
-    from siglip_cli.embed_job import EmbedJob
+    from siglip_cli.embedding import EmbedPlan, EmbedRun, stamp_of
     from siglip_cli.sources import expand
-    from siglip_cli.writer import EmbeddingWriter
 
     out = tmp_path / "v.npy"
     model = siglip_cli.load(tiny_checkpoint)
-    settings = EmbedJob(model, out, "float32", True, None, False, False).settings(expand([str(image_dir)]), [])
-    writer = EmbeddingWriter(out, 32, "float32", settings, resume=False)
+    listing = expand([str(image_dir)])
+    run_ = EmbedRun(model, EmbedPlan(listing.sources), out, "float32", True, None)
     vectors = model.embed_images([image_dir / "a.jpg", image_dir / "b.png"])
-    writer.add(str(image_dir / "a.jpg"), vectors[0])
-    writer.commit()
-    writer.rows.write(vectors[1].tobytes()[:50])  # a torn row without its name
-    writer.commit()
-    writer.close()
+    run_.partial.add("image", listing.sources[0].name, stamp_of(listing.sources[0], False), vectors[0])
+    run_.partial.commit()
+    run_.partial._rows.write(vectors[1].tobytes()[:50])  # a torn row without its index line
+    run_.partial._index.write(b'{"kind": "image", "na')  # and a torn index line
+    run_.partial.commit()
+    run_.close()
     result = run("embed", image_dir, "--out", out, "--resume", "--no-recursive")
     assert result.exit_code == 0, result.stderr
     clean = tmp_path / "clean.npy"
@@ -251,20 +262,21 @@ def test_a_failed_final_write_keeps_the_previous_set_whole(run, image_dir, tmp_p
     were (never new sidecars beside old rows), no temporary file is left, one error line."""
     import errno
 
-    from siglip_cli.writer import EmbeddingWriter
+    from siglip_cli import store
 
     out = tmp_path / "v.npy"
     assert run("embed", image_dir / "a.jpg", "--out", out).exit_code == 0
-    files = [out, tmp_path / "v.paths.txt", tmp_path / "v.meta.json"]
+    files = [out, tmp_path / "v.npy.paths.txt", tmp_path / "v.npy.meta.json", tmp_path / "v.npy.stamps.npy"]
     before = [f.read_bytes() for f in files]
 
-    def full_disk(self, tmp):
+    def full_disk(*args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(EmbeddingWriter, "_write_npy", full_disk)
+    monkeypatch.setattr(store, "_write_npy_rows", full_disk)
     result = run("embed", image_dir, "--out", out)
     assert result.exit_code == 1
-    assert result.stderr.strip().splitlines() == [f"siglip: error: {out}: cannot write (No space left on device)"]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"siglip: error: {out}: no space left on the device") and len([l for l in lines if "error" in l]) == 1
     assert [f.read_bytes() for f in files] == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".v.")) == []
 
@@ -319,13 +331,13 @@ def test_resume_refuses_changed_inputs_and_accepts_the_model_by_another_path(run
     clean = tmp_path / "clean.npy"
     assert run("embed", folder, "--out", clean).exit_code == 0
     np.testing.assert_allclose(np.load(out), np.load(clean), atol=1e-6)
-    assert (tmp_path / "v.paths.txt").read_text() == (tmp_path / "clean.paths.txt").read_text()
+    assert (tmp_path / "v.npy.paths.txt").read_text() == (tmp_path / "clean.npy.paths.txt").read_text()
 
 
 def test_texts_only_and_stdout_runs(run, tmp_path):
     out = tmp_path / "t.npy"
     result = run("embed", "--text", "a cat", "--text", "a dog", "--out", out)
     assert result.exit_code == 0 and np.load(out).shape == (2, 32)
-    assert "images/s" not in result.stderr and "wrote 2 rows" in result.stderr
+    assert "images/s" not in result.stderr and "wrote 2 texts" in result.stderr
     resume = run("embed", "--text", "a cat", "--format", "jsonl", "--resume")
-    assert resume.exit_code == 2 and "--resume continues an --out file" in resume.stderr
+    assert resume.exit_code == 2 and "work on an --out file" in resume.stderr

@@ -300,6 +300,8 @@ def embed(
         templates = resolve_templates(template) if template else None
         if no_normalize and templates and len(templates) > 1:
             raise UsageError("--no-normalize needs a single template (an ensemble averages normalised embeddings)")
+        if out is not None:
+            refuse_overwriting_inputs(out, EmbedPlan([]), texts_file or [])
         texts = read_texts(text, texts_file)
         listing = list_inputs(inputs or [], recursive)
         if not listing.sources and not texts:
@@ -310,7 +312,7 @@ def embed(
             raise UsageError("nothing to embed: give image paths or folders, --text or --texts-file")
         plan = EmbedPlan(listing.sources, texts, listing.failures)
         if out is not None:
-            refuse_overwriting_inputs(out, plan, None)
+            refuse_overwriting_inputs(out, plan, texts_file or [])
             refuse_foreign_file(out, bool(update))
         base_meta = _update_base_meta(out) if update else {}
         options = ModelOptions(model or base_meta.get("model"), device, dtype, attn, batch_size, workers, offline, max_pixels)
@@ -349,7 +351,7 @@ def _finish_embed(report, out: Path) -> None:
     summary = report.summary
     meta = summary.meta
     rate = f", {summary.computed / summary.elapsed:.1f} images/s" if summary.computed and summary.elapsed > 0 else ""
-    parts = [f"{meta['image_rows']} image{'s' if meta['image_rows'] != 1 else ''}"]
+    parts = [f"{meta['image_rows']} image{'s' if meta['image_rows'] != 1 else ''}"] if meta["image_rows"] or not meta["text_rows"] else []
     if meta["text_rows"]:
         parts.append(f"{meta['text_rows']} text{'s' if meta['text_rows'] != 1 else ''}")
     reused = f" ({summary.reused} kept from before)" if summary.reused else ""

@@ -362,10 +362,12 @@ def _backend_rows(engine: Engine, calls: _Calls, tower: str, base: dict, options
         output = measure(row, lambda: calls.ours(tower), device, options, flops, eager_output)
         if backend == "eager":
             eager_output, eager_median = output, row.ms_per_batch
+            if output is not None:
+                row.max_abs_diff_vs_eager = 0.0
         if eager_median and row.ms_per_batch:
             row.speedup_vs_eager = eager_median / row.ms_per_batch
-        if backend != "eager" or options.show_eager:
-            rows.append(row)
+        if backend != "eager" or options.show_eager or row.status != "ok":
+            rows.append(row)  # a hidden eager reference shows only when it failed
     return rows, eager_output, eager_median
 
 

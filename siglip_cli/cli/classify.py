@@ -19,14 +19,14 @@ def classify(
     threshold: float | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> Iterator[ImageScores]:
-    """One ImageScores per input: first the inputs that failed while listing, then every image in
-    order, labels best first (cut by top-k and threshold), or the error that kept it out."""
-    for failure in listing.failures:
-        yield ImageScores(path=failure.name, error=failure.error)
-    if not listing.sources:
-        return
-    text = engine.label_embeddings(labels, templates)
-    for item in engine.iter_image_features(listing.sources, on_progress=on_progress):
+    """One ImageScores per input, in input order: labels best first (cut by top-k and
+    threshold), or the error that kept the input out."""
+    text = engine.label_embeddings(labels, templates) if listing.sources else None
+    images = engine.iter_image_features(listing.sources, on_progress=on_progress) if listing.sources else []
+    for failure, item in listing.in_order(images):
+        if failure is not None:
+            yield ImageScores(path=failure.name, error=failure.error)
+            continue
         if item.error is not None:
             yield ImageScores(path=item.name, error=item.error)
             continue

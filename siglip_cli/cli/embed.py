@@ -28,13 +28,14 @@ class EmbedReport:
     partial: Path | None = None
 
 
-def refuse_overwriting_inputs(out: Path, plan: EmbedPlan, texts_file: Path | None) -> None:
+def refuse_overwriting_inputs(out: Path, plan: EmbedPlan, texts_files: Sequence[Path]) -> None:
     targets = {os.path.realpath(p) for p in output_files(out)}
     for source in plan.images:
         if isinstance(source.value, str) and os.path.realpath(source.value) in targets:
             raise UsageError(f"--out {out}: would overwrite the input {source.name}")
-    if texts_file is not None and os.path.realpath(texts_file) in targets:
-        raise UsageError(f"--out {out}: would overwrite the texts file")
+    for texts_file in texts_files:
+        if os.path.realpath(texts_file) in targets:
+            raise UsageError(f"--out {out}: would overwrite the texts file")
 
 
 def refuse_foreign_file(out: Path, update: bool) -> None:

@@ -22,18 +22,19 @@ def similarity(
     cols: str = "all",
     on_progress: Callable[[int], None] | None = None,
 ) -> Iterator[InputFailure | SimilarityMatrix]:
-    """The inputs that failed (as they are found), then the matrix."""
-    for failure in listing.failures:
-        yield InputFailure(failure.name, failure.error)
+    """The inputs that failed (as they are found), then the matrix of the others."""
     items: list[Item] = []
     vectors: list[np.ndarray] = []
-    if listing.sources:  # (no images: the vision tower is never loaded)
-        for result in engine.iter_image_features(listing.sources, on_progress=on_progress):
-            if result.error is not None:
-                yield InputFailure(result.name, result.error)
-            else:
-                items.append(Item(result.name, "image"))
-                vectors.append(result.vector)
+    # (no images: the vision tower is never loaded)
+    images = engine.iter_image_features(listing.sources, on_progress=on_progress) if listing.sources else []
+    for failure, result in listing.in_order(images):
+        if failure is not None:
+            yield InputFailure(failure.name, failure.error)
+        elif result.error is not None:
+            yield InputFailure(result.name, result.error)
+        else:
+            items.append(Item(result.name, "image"))
+            vectors.append(result.vector)
     if texts:
         items += [Item(text, "text") for text in texts]
         vectors += list(engine.embed_texts(list(texts), templates or None))
