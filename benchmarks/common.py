@@ -29,7 +29,7 @@ def build_checkpoint(folder: Path, name: str = "google/siglip-base-patch16-224",
     except ImportError:  # older transformers: the slow processor had no suffix
         from transformers import SiglipImageProcessor as SiglipImageProcessorPil
 
-    from siglip_cli.config import architecture
+    from siglip_cli.core.config import architecture
 
     arch = architecture(name)
     t, v = arch.text, arch.vision

@@ -47,7 +47,7 @@ def main() -> None:
     from transformers import SiglipModel
 
     import siglip_cli
-    from siglip_cli.bench import vision_flops
+    from siglip_cli.cli.bench import vision_flops
     from siglip_cli.runtime import keep_freed_memory
 
     keep_freed_memory()  # as the CLI does; it helps both implementations alike (same process)

@@ -36,14 +36,14 @@ def main() -> None:
     from transformers import SiglipModel
 
     import siglip_cli
-    from siglip_cli.attention import why_unavailable
+    from siglip_cli.core.attention import why_unavailable
 
     checkpoint = build_checkpoint(args.work / args.model.split("/")[-1], args.model)
     paths = make_jpegs(args.work / "parity-jpegs", args.images)
     reference = SiglipModel.from_pretrained(checkpoint, attn_implementation="eager").eval()
     probe = siglip_cli.load(checkpoint, device="cpu", dtype="fp32", attn="eager", use_cache=False)
     # The same pixels and ids for both sides (pixel and token parity are tested separately).
-    from siglip_cli.images import load_pixels, normalization_table, pixels_to_model_input
+    from siglip_cli.core.images import load_pixels, normalization_table, pixels_to_model_input
 
     pre = probe.config.preprocess
     pixels_u8 = torch.from_numpy(np.stack([load_pixels(p, str(p), pre) for p in paths]))
@@ -60,7 +60,7 @@ def main() -> None:
     print(f"{'device':7} {'dtype':5} {'attn':6} {'max|Δ| logits':>14} {'max|Δ| image emb':>17} {'max|Δ| text emb':>16}")
     for dtype in ("fp32", "bf16", "fp16"):
         for attn in ("eager", "sdpa", "flash"):
-            why = why_unavailable(attn, device, siglip_cli.engine.resolve_dtype(dtype, device), (64,))
+            why = why_unavailable(attn, device, siglip_cli.runtime.resolve_dtype(dtype, device), (64,))
             if why:
                 print(f"{device.type:7} {dtype:5} {attn:6} unavailable: {why}")
                 continue
