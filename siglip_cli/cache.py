@@ -4,8 +4,9 @@
 Layout: <cache dir>/text/<model revision>/<device type>-<dtype>/<sha256 of the prompt>.npy,
 one float32 vector (un-normalised text features) per prompt. The model revision is the hub
 commit or a fingerprint of a local folder's weights, so new weights never meet old vectors.
-Files are written under a temporary name and renamed, so concurrent runs are safe; a file
-that cannot be read is recomputed. The whole folder is safe to delete at any time.
+Files are written under a temporary name and renamed, so concurrent runs are safe; a file that
+cannot be read, or holds a vector of the wrong shape, a NaN or a zero vector, is recomputed and
+rewritten. The whole folder is safe to delete at any time.
 
 Cache dir: $SIGLIP_CACHE_DIR, else $XDG_CACHE_HOME/siglip-cli, else ~/.cache/siglip-cli.
 """
@@ -32,18 +33,27 @@ def _safe(part: str) -> str:
 
 
 class TextCache:
-    def __init__(self, root: Path, revision: str, variant: str):
+    def __init__(self, root: Path, revision: str, variant: str, dim: int | None = None):
         self.folder = root / "text" / _safe(revision) / _safe(variant)
+        self.dim = dim
 
     def _path(self, prompt: str) -> Path:
         return self.folder / (hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:40] + ".npy")
 
     def get(self, prompt: str) -> np.ndarray | None:
+        """The cached vector, or None when there is none or it is damaged (wrong shape or dtype,
+        not a plain array, non-finite or zero): the caller recomputes it and `put` repairs it."""
         try:
             vector = np.load(self._path(prompt), allow_pickle=False)
         except (OSError, ValueError, EOFError):
             return None
-        return vector if vector.ndim == 1 and vector.dtype == np.float32 else None
+        if not isinstance(vector, np.ndarray) or vector.ndim != 1 or vector.dtype != np.float32:
+            return None
+        if self.dim is not None and vector.shape[0] != self.dim:
+            return None
+        if not np.isfinite(vector).all() or not np.linalg.norm(vector) > 0:
+            return None
+        return vector
 
     def put(self, prompt: str, vector: np.ndarray) -> None:
         tmp = None

@@ -18,7 +18,7 @@ import torch
 from .cache import TextCache, default_cache_dir
 from .core import attention as attention_backends
 from .core.config import SiglipConfig, config_from_folder
-from .core.errors import InputError, UsageError
+from .core.errors import InputError, ModelUnavailable, UsageError
 from .core.images import DEFAULT_MAX_PIXELS, DecodeOptions
 from .core.model import Siglip, normalize
 from .core.scoring import ensemble, l2_normalize, logits, sigmoid, softmax
@@ -59,7 +59,7 @@ class Engine:
         self.batch_size = batch_size or DEFAULT_BATCH.get(device.type, 16)
         self.workers = default_workers(device) if workers is None else workers
         self.text_cache = (
-            TextCache(cache_dir or default_cache_dir(), resolved.revision, f"{device.type}-{dtype_name(dtype)}")
+            TextCache(cache_dir or default_cache_dir(), resolved.revision, f"{device.type}-{dtype_name(dtype)}", config.text.embed_dim)
             if use_cache
             else None
         )
@@ -153,6 +153,12 @@ class Engine:
         todo = list(dict.fromkeys(t for t, r in zip(texts, result) if r is None))
         if todo:
             computed = dict(zip(todo, self.encode_texts(todo)))
+            for text, vector in computed.items():
+                if not np.isfinite(vector).all():
+                    raise ModelUnavailable(
+                        f"{self.resolved.name}: the text tower produced non-finite values (NaN or infinity) "
+                        f"for {text!r}; the checkpoint's weights are broken"
+                    )
             result = [computed[t] if r is None else r for t, r in zip(texts, result)]
             if self.text_cache is not None:
                 for text, vector in computed.items():

@@ -36,6 +36,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise BackendUnavailable(f"--device {name}: Apple's MPS backend is not available here; use --device cpu")
     if device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device: {device.type} is not supported (use cpu, cuda or mps)")
+    if device.type in ("cpu", "mps") and device.index not in (None, 0):
+        raise UsageError(f"--device {name}: there is one {device.type} device; use --device {device.type}")
     return device
 
 

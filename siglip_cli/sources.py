@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, TextIO
 
 from .core.errors import UsageError
 from .core.images import IMAGE_SUFFIXES
-from .urls import is_url
+from .urls import is_url, redact
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -248,7 +248,7 @@ def _glob(argument: str, pattern: str) -> Listing:
 
 def _one(argument: str, recursive: bool) -> Listing:
     if is_url(argument):
-        return Listing([Source(argument, argument)])
+        return Listing([Source(redact(argument), argument)])
     path = os.path.expanduser(argument)
     if os.path.isdir(path):
         return _folder(argument, path, recursive)

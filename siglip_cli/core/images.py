@@ -64,6 +64,8 @@ def open_image(source: Any, name: str, options: DecodeOptions = DecodeOptions())
     Image = _pil()
     if isinstance(source, Image.Image):
         image = source
+        if 0 in image.size:
+            raise InputError(f"{name}: the image is {image.size[0]}x{image.size[1]} pixels: nothing to look at")
     elif isinstance(source, np.ndarray):
         image = _from_array(source, name)
     else:
@@ -103,23 +105,65 @@ def _open_file(path: Path, name: str):
     return os.fdopen(fd, "rb")
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Containers whose directory can promise one size while an embedded image holds another: the
+# embedded PNGs are decoded at their own size, whatever the directory says.
+_CONTAINERS = ("ICO", "CUR", "ICNS")
+_HEIF_SUFFIXES = (".heic", ".heif", ".avif")
+
+
+def _too_many_pixels(name: str, width: int, height: int, max_pixels: int | None) -> InputError | None:
+    if max_pixels and width * height > max_pixels:
+        return InputError(
+            f"{name}: {width}x{height} is {width * height / 1e6:.1f} megapixels, over the "
+            f"--max-pixels limit of {max_pixels / 1e6:g} megapixels (a decompression bomb?)"
+        )
+    if width == 0 or height == 0:
+        return InputError(f"{name}: the image is {width}x{height} pixels: nothing to look at")
+    return None
+
+
+def _embedded_png_sizes(stream) -> list[tuple[int, int]]:
+    """(width, height) of every PNG inside a container file, read from their headers (IHDR)."""
+    stream.seek(0)
+    data = stream.read()
+    sizes, start = [], data.find(_PNG_SIGNATURE)
+    while start >= 0:
+        header = data[start + 8 : start + 24]
+        if len(header) == 16 and header[4:8] == b"IHDR":
+            sizes.append((int.from_bytes(header[8:12], "big"), int.from_bytes(header[12:16], "big")))
+        start = data.find(_PNG_SIGNATURE, start + 8)
+    return sizes
+
+
+def _not_identified(name: str) -> InputError:
+    if str(name).lower().endswith(_HEIF_SUFFIXES):
+        return InputError(f"{name}: HEIC/HEIF/AVIF images need the optional pillow-heif package (pip install pillow-heif)")
+    return InputError(f"{name}: not an image, or a format Pillow cannot read")
+
+
 def _decode(stream, name: str, max_pixels: int | None):
+    """Open, check the size that will really be decoded against the pixel cap, then decode."""
     Image = _pil()
     try:
         with stream:
             try:
                 image = Image.open(stream)
             except Image.UnidentifiedImageError:
-                raise InputError(f"{name}: not an image, or a format Pillow cannot read") from None
-            width, height = image.size
-            if max_pixels and width * height > max_pixels:
-                raise InputError(
-                    f"{name}: {width}x{height} is {width * height / 1e6:.1f} megapixels, over the "
-                    f"--max-pixels limit of {max_pixels / 1e6:g} megapixels (a decompression bomb?)"
-                )
+                raise _not_identified(name) from None
+            sizes = [image.size]
+            if image.format in _CONTAINERS:
+                sizes += _embedded_png_sizes(stream)
+            for width, height in sizes:
+                problem = _too_many_pixels(name, width, height, max_pixels)
+                if problem:
+                    raise problem
             if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)  # animated: the first frame, documented
+                image.seek(0)  # animated or multi-page: the first frame, documented
             image.load()
+            problem = _too_many_pixels(name, *image.size, max_pixels)
+            if problem:  # a decoder that still grew past its header's promise
+                raise problem
             return image
     except InputError:
         raise
@@ -134,6 +178,8 @@ def _from_array(array: np.ndarray, name: str):
     Image = _pil()
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
         raise InputError(f"{name}: arrays must be uint8 with shape (H, W), (H, W, 3) or (H, W, 4); got {array.dtype} {array.shape}")
+    if 0 in array.shape[:2]:
+        raise InputError(f"{name}: the array is {array.shape[1]}x{array.shape[0]} pixels: nothing to look at")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     return Image.fromarray(np.ascontiguousarray(array))
