@@ -585,9 +585,13 @@ class PartialRows:
             raise _cannot_write(self.folder, exc) from None
 
     def close(self) -> None:
+        """Close the files; what was not committed may be lost (e.g. on a full disk), never what was."""
         for fh in (self._rows, self._index, self._skipped):
             if not fh.closed:
-                fh.close()
+                try:
+                    fh.close()
+                except OSError:
+                    pass
 
     def rows_map(self) -> np.ndarray:
         if not self.records:

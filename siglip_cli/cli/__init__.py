@@ -5,12 +5,13 @@ terminal helpers. Nothing outside this package imports it."""
 def main() -> None:
     """The `siglip` entry point. Ctrl-C while the app is still importing (the first ~100 ms) ends
     the process quietly with 130; after that, commands handle it themselves."""
+    import os
     import signal
-    import sys
 
     def interrupted_early(signum, frame):
-        sys.stderr.write("siglip: error: interrupted\n")
-        raise SystemExit(130)
+        # Nothing to clean up yet: leave at once, without unwinding half-done imports.
+        os.write(2, b"siglip: error: interrupted\n")
+        os._exit(130)
 
     signal.signal(signal.SIGINT, interrupted_early)
     from .app import run

@@ -94,7 +94,9 @@ def handled() -> Iterator[None]:
         error_line("interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except BrokenPipeError:
-        raise  # main() ends quietly: the reader has what it wanted
+        # `siglip classify ... | head -1`: the reader has what it wanted; a success, documented
+        _silence_stdout()
+        raise typer.Exit(0) from None
     except MemoryError:
         error_line("out of memory; try a smaller --batch-size")
         raise typer.Exit(4) from None
@@ -105,9 +107,12 @@ def handled() -> Iterator[None]:
         raise typer.Exit(4) from None
     except OSError as exc:
         if exc.errno == errno.EPIPE:
-            raise
+            _silence_stdout()
+            raise typer.Exit(0) from None
         where = exc.filename or "standard output"
         error_line(f"{where}: cannot write ({exc.strerror or exc})")
+        if exc.filename is None:
+            _silence_stdout()
         raise typer.Exit(1) from None
 
 
@@ -500,13 +505,18 @@ def _click_error(exc: Exception) -> int | None:
     return code
 
 
-def _quiet_exit(code: int) -> None:
-    """Exit without Python complaining about a stdout that can no longer be flushed."""
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that nothing complains about a stdout that can no longer
+    be flushed (a closed pipe, a full disk) when the process exits."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):
         pass
+
+
+def _quiet_exit(code: int) -> None:
+    _silence_stdout()
     sys.exit(code)
 
 
