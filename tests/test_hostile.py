@@ -407,13 +407,25 @@ def test_symlink_loops_and_broken_links_are_reported_and_the_rest_runs(run, tmp_
         assert len(records) == 3
 
 
-def test_very_deep_trees_and_looping_globs(run, tmp_path, image_dir):
+def _remove_deep(levels: list[Path]) -> None:
+    """Bottom-up, without recursion (shutil.rmtree, which pytest's clean-up uses, recurses)."""
+    for folder in reversed(levels):
+        for entry in os.scandir(folder):
+            if not entry.is_dir(follow_symlinks=False):
+                os.unlink(entry.path)
+        os.rmdir(folder)
+
+
+def test_very_deep_trees_and_looping_globs(run, tmp_path, image_dir, request):
     deep = tmp_path / "deep"
     path = deep
     deep.mkdir()
+    levels = [deep]
     for _ in range(1100):  # (os.makedirs itself recurses)
         path = path / "d"
         path.mkdir()
+        levels.append(path)
+    request.addfinalizer(lambda: _remove_deep(levels))
     shutil.copy(image_dir / "a.jpg", path / "x.jpg")
     shutil.copy(image_dir / "b.png", deep / "y.png")
     os.symlink(deep, deep / "d" / "up")  # a loop a ** pattern would walk forever
