@@ -14,7 +14,7 @@ def main() -> None:
         os._exit(130)
 
     signal.signal(signal.SIGINT, interrupted_early)
-    from .app import run
+    from .app import on_interrupt, run
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, on_interrupt)
     run()

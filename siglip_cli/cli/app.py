@@ -46,6 +46,16 @@ from .terminal import error_line, note, progress_bar, status
 
 EXIT_CODES = {UsageError: 2, ModelUnavailable: 3, BackendUnavailable: 4, InputError: 1, OutputError: 1}
 EXIT_INTERRUPTED = 130
+_interrupted = False  # set by Ctrl-C: whatever exception follows it is the interrupt's doing
+
+
+def on_interrupt(signum, frame) -> None:
+    """SIGINT handler: remember it, then interrupt as Python does. A KeyboardInterrupt that lands
+    inside an import can surface as another exception (TypeError, ImportError); the flag lets us
+    still report it as what it is."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
 
 app = typer.Typer(
     name="siglip",
@@ -82,17 +92,22 @@ def exit_code(exc: SiglipError) -> int:
     return 1
 
 
+class _Interrupted(Exception):
+    """Ctrl-C, after the command's own clean-up (finished rows are committed by then)."""
+
+
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
     """User-fixable errors -> one line on stderr and their exit code; Ctrl-C -> 130."""
     try:
         yield
+    except KeyboardInterrupt:
+        raise _Interrupted() from None
     except SiglipError as exc:
+        if _interrupted:
+            raise _Interrupted() from None
         error_line(str(exc))
         raise typer.Exit(exit_code(exc)) from None
-    except KeyboardInterrupt:
-        error_line("interrupted")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
     except BrokenPipeError:
         # `siglip classify ... | head -1`: the reader has what it wanted; a success, documented
         _silence_stdout()
@@ -100,12 +115,9 @@ def handled() -> Iterator[None]:
     except MemoryError:
         error_line("out of memory; try a smaller --batch-size")
         raise typer.Exit(4) from None
-    except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA) without importing torch here
-        if type(exc).__name__ != "OutOfMemoryError":
-            raise
-        error_line(f"the device ran out of memory ({str(exc).splitlines()[0]}); try a smaller --batch-size")
-        raise typer.Exit(4) from None
     except OSError as exc:
+        if _interrupted:
+            raise _Interrupted() from None
         if exc.errno == errno.EPIPE:
             _silence_stdout()
             raise typer.Exit(0) from None
@@ -114,6 +126,13 @@ def handled() -> Iterator[None]:
         if exc.filename is None:
             _silence_stdout()
         raise typer.Exit(1) from None
+    except Exception as exc:
+        if _interrupted:
+            raise _Interrupted() from None
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's (CUDA), without importing torch here
+            error_line(f"the device ran out of memory ({str(exc).splitlines()[0]}); try a smaller --batch-size")
+            raise typer.Exit(4) from None
+        raise
 
 
 def load_engine(options: ModelOptions, model: str | None = None):
@@ -529,16 +548,32 @@ def run(args: list[str] | None = None) -> None:
     try:
         code = app(args=args, prog_name="siglip", standalone_mode=False)
         sys.stdout.flush()
-    except BrokenPipeError:
-        _quiet_exit(0)  # `siglip classify ... | head -1`: the reader left; a success, as documented
-    except OSError as exc:
-        error_line(f"standard output: cannot write ({exc.strerror or exc})")
-        _quiet_exit(1)
-    except KeyboardInterrupt:
-        error_line("interrupted")
-        _quiet_exit(EXIT_INTERRUPTED)
-    except Exception as exc:
-        code = _click_error(exc)
+    except BaseException as exc:
+        if _interrupted or isinstance(exc, (KeyboardInterrupt, _Interrupted)):
+            _exit_interrupted()
+        if isinstance(exc, SystemExit):
+            raise
+        if isinstance(exc, BrokenPipeError):
+            _quiet_exit(0)  # `siglip classify ... | head -1`: the reader left; a success, as documented
+        if isinstance(exc, OSError):
+            error_line(f"standard output: cannot write ({exc.strerror or exc})")
+            _quiet_exit(1)
+        code = _click_error(exc) if isinstance(exc, Exception) else None
         if code is None:
             raise
+    if _interrupted:
+        _exit_interrupted(announce=code != EXIT_INTERRUPTED)  # (a command that said so itself)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _exit_interrupted(announce: bool = True) -> None:
+    """One line and 130, whatever the interrupt broke on its way; os._exit so that nothing in
+    the interpreter's shutdown can turn it into another code or a traceback."""
+    if announce:
+        error_line("interrupted")
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(EXIT_INTERRUPTED)
