@@ -15,7 +15,6 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Iterator, TextIO
 
 from .core.errors import UsageError

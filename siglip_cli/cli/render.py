@@ -94,6 +94,11 @@ def _min_width(table: Table, console: Console) -> int:
     return table.__rich_measure__(console, console.options).minimum
 
 
+def _natural_width(table: Table, console: Console) -> int:
+    """The width the table takes with no cell wrapped or cut."""
+    return table.__rich_measure__(console, console.options).maximum
+
+
 # ============================================================================ views
 @dataclass
 class View:
@@ -275,15 +280,16 @@ def classify_view(labels: Sequence[str], mode: str) -> View:
 
 
 # ============================================================================ similarity
-def _matrix(title: str, row_names: Sequence[str], col_names: Sequence[str], values, fmt: Callable[[float], str], console: Console) -> Table:
+def _matrix(title: str, row_names: Sequence[str], col_names: Sequence[str], values, fmt: Callable[[float], str], console: Console) -> Group:
+    """A titled matrix; the title is a line of its own, so a narrow table does not fold it."""
     budget = max(12, console.width // (len(col_names) + 2))
-    table = Table(title=title, title_justify="left")
+    table = Table()
     table.add_column("", no_wrap=True)
     for name in col_names:
         table.add_column(Text(ellipsize(name, max(budget, 9))), justify="right", no_wrap=True)
     for i, name in enumerate(row_names):
         table.add_row(Text(ellipsize(name, max(16, console.width // 3))), *[fmt(values[i][j]) for j in range(len(col_names))])
-    return table
+    return Group(Text(title, style="bold"), table)
 
 
 def _item_label(item) -> str:
@@ -424,7 +430,7 @@ def _bench_group_table(tower: str, dtype: str, group: list[BenchRow], marks: dic
         for row in cells:
             table.add_row(*[row.get(key, "–") for key in keys])
         optional = [k for k in _BENCH_DROP_ORDER if k in keys]
-        if _min_width(table, console) <= console.width or not optional:
+        if _natural_width(table, console) <= console.width or not optional:
             return table, dropped
         keys.remove(optional[0])
         dropped.append(dict((k, t) for k, t, _ in _BENCH_COLUMNS)[optional[0]])

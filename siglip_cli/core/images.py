@@ -42,6 +42,11 @@ def _pil():
     from PIL import Image
 
     if not _pil_ready:
+        import warnings
+
+        # Pillow warns about odd files on stderr ("Image was not the expected size", EXIF
+        # oddities); a damaged file is reported as one line by us, or decoded as it is.
+        warnings.filterwarnings("ignore", module=r"PIL\.")
         Image.MAX_IMAGE_PIXELS = None
         try:
             from pillow_heif import register_heif_opener  # type: ignore[import-not-found]
