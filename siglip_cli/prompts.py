@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .core.errors import UsageError
+from .core.errors import UsageError, cannot_read
 
 DEFAULT_TEMPLATE = "This is a photo of {}."
 PLACEHOLDER = "{}"
@@ -45,14 +45,12 @@ def read_lines(path: str | Path, what: str = "file") -> list[str]:
             content = sys.stdin.read()
         else:
             content = Path(path).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such {what}") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a folder, not a {what}") from None
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such {what}") from None
     except OSError as exc:
-        raise UsageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise UsageError(cannot_read(str(path), exc, f"a {what}")) from None
     return content.splitlines()
 
 

@@ -29,3 +29,14 @@ class InputError(SiglipError):
 
 class OutputError(SiglipError):
     """An output cannot be written (permissions, a full disk) or read back (damaged, mismatched)."""
+
+
+def cannot_read(name: str, exc: OSError, what: str = "an image") -> str:
+    """One line saying why `name` could not be opened, from the OSError that said so."""
+    if isinstance(exc, FileNotFoundError):
+        return f"{name}: no such file"
+    if isinstance(exc, IsADirectoryError):
+        return f"{name}: is a folder, not {what}"
+    if isinstance(exc, PermissionError):
+        return f"{name}: permission denied"
+    return f"{name}: cannot read ({exc.strerror or exc})"

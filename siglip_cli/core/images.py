@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .config import PreprocessConfig
-from .errors import InputError
+from .errors import InputError, cannot_read
 
 DEFAULT_MAX_PIXELS = 100_000_000  # a 100-megapixel image decodes to 300 MB of RGB
 
@@ -92,14 +92,8 @@ def _open_file(path: Path, name: str):
 
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise InputError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{name}: is a folder, not an image") from None
-    except PermissionError:
-        raise InputError(f"{name}: permission denied") from None
     except OSError as exc:
-        raise InputError(f"{name}: cannot read ({exc.strerror or exc})") from None
+        raise InputError(cannot_read(name, exc)) from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
