@@ -18,23 +18,49 @@ from siglip_cli.cli.app import app
 
 
 def _env(checkpoint: Path, cache: Path) -> dict:
-    return {**os.environ, "SIGLIP_MODEL": str(checkpoint), "SIGLIP_CACHE_DIR": str(cache), "COLUMNS": "100"}
+    # SIGLIP_PROGRESS_DELAY=0: the bar shows at once, so these short runs draw one
+    return {**os.environ, "SIGLIP_MODEL": str(checkpoint), "SIGLIP_CACHE_DIR": str(cache), "COLUMNS": "100",
+            "SIGLIP_PROGRESS_DELAY": "0"}
+
+
+def _on_a_terminal(args: list[str], env: dict) -> tuple[subprocess.CompletedProcess, str]:
+    """Run siglip with stderr on a real terminal (a pty) and stdout on a pipe; returns the
+    process and what the terminal showed."""
+    import threading
+
+    leader, follower = pty.openpty()
+    chunks: list[bytes] = []
+
+    def drain():
+        while True:
+            try:
+                data = os.read(leader, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "siglip_cli", *args], stdout=subprocess.PIPE, stderr=follower,
+                              env=env, timeout=120)
+    finally:
+        os.close(follower)
+        reader.join(timeout=5)
+        os.close(leader)
+    return proc, b"".join(chunks).decode("utf-8", "replace")
 
 
 @pytest.mark.parametrize("command", [["embed", "--format", "jsonl"], ["classify", "--labels", "a,b", "--format", "jsonl"]])
 def test_progress_bar_on_a_terminal_never_swallows_stdout(command, image_dir, tiny_checkpoint, tmp_path):
-    """stderr is a real terminal (a pty) so the progress bar shows; stdout, a pipe, must still
-    receive every record and nothing else."""
-    leader, follower = pty.openpty()
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "siglip_cli", command[0], str(image_dir), "--recursive", *command[1:]],
-            stdout=subprocess.PIPE, stderr=follower, env=_env(tiny_checkpoint, tmp_path / "cache"), timeout=120,
-        )
-    finally:
-        os.close(follower)
-        os.close(leader)
+    """The progress bar shows on the terminal; stdout, a pipe, still receives every record and
+    nothing else."""
+    proc, screen = _on_a_terminal([command[0], str(image_dir), "--recursive", *command[1:], "-b", "1"],
+                                  _env(tiny_checkpoint, tmp_path / "cache"))
     assert proc.returncode == 0
+    assert "━" in screen and "/5" in screen  # the bar was drawn
     records = [json.loads(line) for line in proc.stdout.decode().splitlines()]
     assert len(records) == 5 and all("path" in r for r in records)
 
@@ -148,38 +174,21 @@ def test_option_errors_are_one_line_without_a_box(args, message):
 
 
 def test_error_lines_are_not_glued_to_the_progress_bar(image_dir, bad_files, tiny_checkpoint, tmp_path):
-    import threading
-
     folder = tmp_path / "mixed"
     shutil.copytree(image_dir, folder)
     shutil.copy(bad_files["not_image"], folder / "b2.jpg")
-    leader, follower = pty.openpty()
-    chunks: list[bytes] = []
-
-    def drain():
-        while True:
-            try:
-                data = os.read(leader, 4096)
-            except OSError:
-                return
-            if not data:
-                return
-            chunks.append(data)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "siglip_cli", "classify", str(folder), "-r", "--labels", "a,b", "-b", "1", "-f", "json"],
-            stdout=subprocess.PIPE, stderr=follower, env=_env(tiny_checkpoint, tmp_path / "cache"), timeout=120,
-        )
-    finally:
-        os.close(follower)
-        reader.join(timeout=5)
-        os.close(leader)
+    proc, screen = _on_a_terminal(["classify", str(folder), "-r", "--labels", "a,b", "-b", "1", "-f", "json"],
+                                  _env(tiny_checkpoint, tmp_path / "cache"))
     assert proc.returncode == 1 and len(json.loads(proc.stdout)) == 6
-    screen = b"".join(chunks).decode("utf-8", "replace")
+    assert "━" in screen and "/6" in screen  # the bar was drawn
     at = screen.index("siglip: error: ")
     before = screen[:at]
     # the line starts on a fresh or cleared line: after a newline or Rich's erase-line code
     assert before.endswith("\n") or before.endswith("\x1b[2K"), repr(before[-80:])
+
+
+def test_no_bar_before_the_delay(image_dir, tiny_checkpoint, tmp_path):
+    """A run shorter than the delay never flashes a bar (here the delay is longer than any run)."""
+    env = {**_env(tiny_checkpoint, tmp_path / "cache"), "SIGLIP_PROGRESS_DELAY": "1000"}
+    proc, screen = _on_a_terminal(["classify", str(image_dir), "-r", "--labels", "a,b", "-b", "1", "-f", "json"], env)
+    assert proc.returncode == 0 and "━" not in screen

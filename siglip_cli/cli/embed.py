@@ -73,9 +73,11 @@ def embed_to_store(
                 note(f"resuming: {run.resumed} rows already done in {run.partial.folder}")
             images, _, texts = run.todo()
             if base is not None:
-                kept = len(plan.images) - len(images)
-                gone = len(set(base.image_rows()) - {s.name for s in plan.images})
-                note(f"--update: {len(images)} new or changed, {kept} unchanged, {gone} gone")
+                known = base.image_rows()
+                changed = sum(1 for s in images if s.name in known)
+                gone = len(set(known) - {s.name for s in plan.images})
+                note(f"--update: {len(images) - changed} new (or skipped before), {changed} changed, "
+                     f"{len(plan.images) - len(images)} unchanged, {gone} gone")
             with progress_bar(len(images), "images") as advance:
                 finished = run.embed(advance, lambda error: note(f"skipped {error}"), strict)
             if not finished:

@@ -54,11 +54,22 @@ def status(message: str) -> Iterator[None]:
         yield
 
 
+def _bar_delay() -> float:
+    """Seconds before a bar shows ($SIGLIP_PROGRESS_DELAY, default 1): a run that ends sooner
+    never shows one (no flash, nothing to garble)."""
+    import os
+
+    try:
+        return max(0.0, float(os.environ.get("SIGLIP_PROGRESS_DELAY", "1")))
+    except ValueError:
+        return 1.0
+
+
 @contextlib.contextmanager
 def progress_bar(total: int, unit: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """A progress bar over `total` items on stderr, only when stderr is a terminal; yields an
-    advance(n) function. The rate counts from the first finished item, so model loading before
-    it does not drag the figure down."""
+    """A progress bar over `total` items on stderr, only when stderr is a terminal, and only once
+    the work has run for a second; yields an advance(n) function. The rate counts from the first
+    finished item, so model loading before it does not drag the figure down."""
     global _live
     if not enabled or total < 2 or not stderr_is_terminal():
         yield lambda n=1: None
@@ -73,23 +84,30 @@ def progress_bar(total: int, unit: str, enabled: bool = True) -> Iterator[Callab
         TimeRemainingColumn(),
     ]
     # redirect_*=False: stdout carries results and must never pass through the bar
-    with Progress(*columns, console=stderr_console(), transient=True, redirect_stdout=False, redirect_stderr=False) as bar:
-        _live = bar
-        task = bar.add_task(unit, total=total, rate="")
-        first: list[float] = []
-        done = 0
+    bar = Progress(*columns, console=stderr_console(), transient=True, redirect_stdout=False, redirect_stderr=False)
+    task = bar.add_task(unit, total=total, rate="")
+    started = time.perf_counter()
+    delay = _bar_delay()
+    first: list[float] = []
+    done = 0
 
-        def advance(n: int = 1) -> None:
-            nonlocal done
-            now = time.perf_counter()
-            if not first:
-                first.append(now)
-            done += n
-            elapsed = now - first[0]
-            rate = f"{(done - 1) / elapsed:.1f} {unit}/s" if elapsed > 0 and done > 1 else ""
-            bar.update(task, advance=n, rate=rate)
+    def advance(n: int = 1) -> None:
+        global _live
+        nonlocal done
+        now = time.perf_counter()
+        if not first:
+            first.append(now)
+        done += n
+        elapsed = now - first[0]
+        rate = f"{(done - 1) / elapsed:.1f} {unit}/s" if elapsed > 0 and done > 1 else ""
+        bar.update(task, completed=done, rate=rate)
+        if _live is None and now - started >= delay and done < total:
+            bar.start()
+            _live = bar
 
-        try:
-            yield advance
-        finally:
-            _live = None
+    try:
+        yield advance
+    finally:
+        if _live is bar:
+            bar.stop()
+        _live = None
