@@ -154,3 +154,42 @@ def test_scores_differ_from_uncased_gemma_tokenizer(tmp_path_factory):
     ours = siglip_cli.load(folder, device="cpu", use_cache=False).embed_texts(text)
     np.testing.assert_allclose(ours, ref.text_embeds(text), atol=1e-5, rtol=0)
     assert np.abs(ours - uncased).max() > 1e-3
+
+
+def test_a_cached_siglip2_hub_id_resolves_offline(tmp_path_factory, tmp_path, monkeypatch):
+    """The hub cache holds what a SigLIP 2 repository holds (tokenizer.json, no spiece.model):
+    resolved offline; without tokenizer.json it is 'not in the local cache'."""
+    import importlib
+
+    import huggingface_hub.constants
+
+    from siglip_cli.core.errors import ModelUnavailable
+    from siglip_cli.hub import resolve_model
+
+    from .test_checkpoints import _fake_hub_cache
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    importlib.reload(huggingface_hub.constants)  # the hub reads HF_HUB_CACHE at import
+    try:
+        snapshot = _fake_hub_cache(tmp_path / "hub", "someone/tiny-siglip2", siglip2_naflex(tmp_path_factory))
+        resolved = resolve_model("someone/tiny-siglip2", offline=True)
+        assert resolved.folder == snapshot and not (snapshot / "spiece.model").exists()
+        (snapshot / "tokenizer.json").unlink()
+        with pytest.raises(ModelUnavailable, match="not in the local Hugging Face cache"):
+            resolve_model("someone/tiny-siglip2", offline=True)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(huggingface_hub.constants)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,bound", [("fp32", 1e-4), ("fp16", 0.02), ("bf16", 0.25)])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_cuda_naflex_logits_match_the_fp32_reference(tmp_path_factory, dtype, bound, attn):
+    """NaFlex on CUDA: masks, position resize on the device, pinned patch buffers."""
+    folder = siglip2_naflex(tmp_path_factory)
+    ref = reference2(folder)
+    images = naflex_images()
+    model = siglip_cli.load(folder, device="cuda", dtype=dtype, attn=attn, use_cache=False)
+    ours = model.logits(model.embed_images(images, batch_size=2), model.embed_texts(TEXTS))
+    np.testing.assert_allclose(ours, ref.logits(images, TEXTS), atol=bound, rtol=0)
