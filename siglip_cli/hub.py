@@ -82,8 +82,8 @@ def resolve_model(name: str, offline: bool | None = None, revision: str | None =
         missing = missing_files(path)
         if missing:
             raise ModelUnavailable(
-                f"{path}: missing {', '.join(missing)} (a SigLIP checkpoint folder holds "
-                f"{', '.join(required_files(path))})"
+                f"{path}: missing {', '.join(missing)} (this checkpoint needs "
+                f"{', '.join(required_files(path))}); copy them from the model's hub repository"
             )
         return ResolvedModel(name=name, folder=path, revision=local_fingerprint(path))
     if path.exists():
