@@ -18,36 +18,55 @@ VOCAB = ROOT / "tests" / "data" / "test_sentencepiece_no_bos.model"  # special i
 
 
 def build_checkpoint(folder: Path, name: str = "google/siglip-base-patch16-224", seed: int = 0) -> Path:
-    """Random weights for the architecture `name` (from our built-in table), saved by transformers."""
+    """Random weights for the architecture `name` (from our built-in table), saved by transformers:
+    SiglipModel for SigLIP and fixed-resolution SigLIP 2, Siglip2Model for NaFlex."""
     if (folder / "model.safetensors").exists():
         return folder
     import torch
-    from transformers import SiglipConfig, SiglipModel, SiglipTokenizer
-
-    try:
-        from transformers import SiglipImageProcessorPil
-    except ImportError:  # older transformers: the slow processor had no suffix
-        from transformers import SiglipImageProcessor as SiglipImageProcessorPil
+    import transformers
 
     from siglip_cli.core.config import architecture
 
     arch = architecture(name)
-    t, v = arch.text, arch.vision
-    config = SiglipConfig(
-        text_config={k: getattr(t, k) for k in t.__dataclass_fields__ if k != "projection_size"},
-        vision_config={k: getattr(v, k) for k in v.__dataclass_fields__},
-    )
+    naflex = arch.vision.naflex
+    text_config, vision_config = arch.hf_sub_configs()
+    config_class = transformers.Siglip2Config if naflex else transformers.SiglipConfig
+    model_class = transformers.Siglip2Model if naflex else transformers.SiglipModel
     torch.manual_seed(seed)
-    model = SiglipModel(config).eval()
+    model = model_class(config_class(text_config=text_config, vision_config=vision_config)).eval()
     with torch.no_grad():
         model.logit_scale.fill_(np.log(10.0))
         model.logit_bias.fill_(-10.0)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    shutil.copy(VOCAB, folder / "spiece.model")
-    SiglipTokenizer(vocab_file=str(VOCAB), model_input_names=["input_ids"]).save_pretrained(folder)
-    SiglipImageProcessorPil(size={"height": v.image_size, "width": v.image_size}).save_pretrained(folder)
+    if naflex:
+        transformers.Siglip2ImageProcessorPil(patch_size=arch.vision.patch_size, max_num_patches=256).save_pretrained(folder)
+    else:
+        size = {"height": arch.vision.image_size, "width": arch.vision.image_size}
+        transformers.SiglipImageProcessorPil(size=size, resample=arch.preprocess.resample).save_pretrained(folder)
+    if arch.text.vocab_size == 256000:  # SigLIP 2: a Gemma-format tokenizer
+        write_byte_tokenizer(folder)
+    else:
+        shutil.copy(VOCAB, folder / "spiece.model")
+        transformers.SiglipTokenizer(vocab_file=str(VOCAB), model_input_names=["input_ids"]).save_pretrained(folder)
     return folder
+
+
+def write_byte_tokenizer(folder: Path) -> None:
+    """A Gemma-format tokenizer.json (pad 0, eos 1, bos 2, unk 3, mask 4, then one token per
+    byte) with the tokenizer_config.json of the SigLIP 2 repositories: enough to run the model;
+    token ids are compared with transformers' by the test suite, not here."""
+    from tokenizers import Tokenizer, models, normalizers
+
+    vocab = {name: i for i, name in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])}
+    vocab.update({f"<0x{b:02X}>": 5 + b for b in range(256)})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+    tokenizer.add_special_tokens(list(vocab)[:5])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": False, "add_eos_token": True,
+              "eos_token": "<eos>", "pad_token": "<pad>", "padding_side": "right", "model_input_names": ["input_ids"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 def make_jpegs(folder: Path, count: int, size=(640, 480), seed: int = 0) -> list[Path]:
@@ -107,4 +126,24 @@ def machine() -> str:
             gpu = f", {torch.cuda.get_device_name(0)}"
     except ImportError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores{gpu}; {time.strftime('%Y-%m-%d')}"
+    return f"{cpu} ({', '.join(cpu_flags())}), {os.cpu_count()} cores{gpu}; load {load()}; {time.strftime('%Y-%m-%d')}"
+
+
+def cpu_flags(wanted=("avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma", "f16c")) -> list[str]:
+    """The vector-unit flags from /proc/cpuinfo that matter for matrix multiplies."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in flags] or ["none of " + "/".join(wanted)]
+    except OSError:
+        pass
+    return ["flags unknown"]
+
+
+def load() -> str:
+    """The 1-minute load average against the cores: other processes share the CPU."""
+    try:
+        return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    except OSError:
+        return "unknown"

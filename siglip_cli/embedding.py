@@ -129,6 +129,8 @@ class EmbedRun:
             "model_dtype": described["dtype"],
             "normalized": self.normalized,
             "templates": self.templates,
+            # NaFlex only (absent otherwise, so stores of other models keep their settings)
+            **({"max_patches": described["max_patches"]} if "max_patches" in described else {}),
         }
 
     # ------------------------------------------------------------------ what is left to do
@@ -261,7 +263,8 @@ def check_base(base: Store, engine, normalized: bool, templates: Sequence[str] |
             f"this run uses {described['model']} (revision {described['revision']}); "
             "pass the same --model, or write a new file without --update"
         )
-    wanted = {"model_dtype": described["dtype"], "normalized": normalized, "templates": list(templates or []), "dtype": np.dtype(out_dtype).name}
+    wanted = {"model_dtype": described["dtype"], "normalized": normalized, "templates": list(templates or []),
+              "dtype": np.dtype(out_dtype).name, "max_patches": described.get("max_patches")}
     changed = [f"{k} {meta.get(k)!r} -> {v!r}" for k, v in wanted.items() if meta.get(k) != v]
     if changed:
         raise UsageError(f"--update: {base.path} was made with other settings ({'; '.join(changed)}); use the same options, or write a new file")

@@ -4,6 +4,10 @@ the on-disk text cache and the scoring constants, with the embedding and scoring
 Scoring images against cached label embeddings never reads the text tower's weights or the
 tokenizer. Images go through an `ImagePipeline` (pipeline.py), which decodes ahead in threads
 and keeps the device busy; this module only says what the model does with the pixels.
+
+Texts longer than the model's length are truncated as the reference does (end-of-text kept
+last). The engine records each one with its length in tokens (`truncated`) and tells
+`on_truncated` once per call that found some, so that the command line can say so.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .core.errors import InputError, ModelUnavailable, UsageError
 from .core.images import DEFAULT_MAX_PIXELS, DecodeOptions
 from .core.model import Siglip, normalize
 from .core.scoring import ensemble, l2_normalize, logits, sigmoid, softmax
-from .core.tokenizer import Tokenizer
+from .core.tokenizer import TextTokenizer, load_tokenizer
 from .core.weights import load_model
 from .hub import DEFAULT_MODEL, ResolvedModel, resolve_model
 from .pipeline import DEFAULT_BATCH, ImagePipeline, ImageResult, as_sources, default_workers
@@ -64,14 +68,21 @@ class Engine:
             else None
         )
         self._network = network
-        self._tokenizer: Tokenizer | None = None
+        self._tokenizer: TextTokenizer | None = None
         self._scale_bias: tuple[float, float] | None = None
+        self.truncated: dict[str, int] = {}  # text -> its length in tokens, for texts cut to fit
+        self.on_truncated: Callable[[dict[str, int], int], None] | None = None
         if network is not None:
             network.set_attention(self._attend())
 
     # ------------------------------------------------------------------ the model
     def _attend(self):
-        return attention_backends.resolve(self.attn, self.device, self.dtype, self.config.head_dims)
+        return attention_backends.resolve(self.attn, self.device, self.dtype, self.config.head_dims, self.masked)
+
+    @property
+    def masked(self) -> bool:
+        """Whether attention needs key masks: NaFlex batches pad images to the longest."""
+        return self.config.vision.naflex
 
     def _tower(self, name: str) -> torch.nn.Module:
         network = self._network
@@ -93,14 +104,14 @@ class Engine:
         return self._tower("text")
 
     @property
-    def tokenizer(self) -> Tokenizer:
+    def tokenizer(self) -> TextTokenizer:
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer.from_folder(self.resolved.folder, self.config.text_length)
+            self._tokenizer = load_tokenizer(self.resolved.folder, self.config.model_type, self.config.text_length)
         return self._tokenizer
 
     def set_attention(self, attn: str) -> None:
         """Switch the attention backend of the loaded towers (and of any loaded later)."""
-        fn = attention_backends.resolve(attn, self.device, self.dtype, self.config.head_dims)
+        fn = attention_backends.resolve(attn, self.device, self.dtype, self.config.head_dims, self.masked)
         self.attn = attn
         if self._network is not None:
             self._network.set_attention(fn)
@@ -136,9 +147,17 @@ class Engine:
         """Text-tower outputs (N, D) float32 for already-templated texts; no cache."""
         chunk = TEXT_BATCH.get(self.device.type, 64)
         out = []
+        truncated: dict[str, int] = {}
         for start in range(0, len(texts), chunk):
-            ids = torch.tensor(self.tokenizer(texts[start : start + chunk]), dtype=torch.long, device=self.device)
+            part = texts[start : start + chunk]
+            tokens = self.tokenizer.tokenize(part)
+            truncated.update(tokens.truncated(part, self.tokenizer.max_length))
+            ids = torch.tensor(tokens.ids, dtype=torch.long, device=self.device)
             out.append(self.text_model(ids).float().cpu().numpy())
+        if truncated:
+            self.truncated.update(truncated)
+            if self.on_truncated is not None:
+                self.on_truncated(truncated, self.tokenizer.max_length)
         return np.concatenate(out) if out else np.zeros((0, self.config.text.embed_dim), np.float32)
 
     def text_features(self, texts: Sequence[str]) -> np.ndarray:
@@ -193,11 +212,13 @@ class Engine:
             batch_size or self.batch_size,
             self.workers if workers is None else workers,
             self.decode_options,
+            vision=self.config.vision,
         )
 
-    def encode_images(self, pixels: torch.Tensor, normalized: bool = True) -> torch.Tensor:
-        """Normalised pixels (N, 3, H, W) on the device -> image features (N, D) on the device."""
-        features = self.vision_model(pixels)
+    def encode_images(self, batch, normalized: bool = True) -> torch.Tensor:
+        """A batch on the device (`PixelBatch`, or NaFlex's `PatchBatch`) -> image features
+        (N, D) on the device."""
+        features = self.vision_model(*batch.model_inputs())
         return normalize(features) if normalized else features.float()
 
     def iter_image_features(
@@ -249,14 +270,18 @@ class Engine:
         return self.probabilities(self.logits(image, text), softmax)
 
     def describe(self) -> dict:
-        """What the results depend on: the model's identity and how it runs."""
-        return {
+        """What the results depend on: the model's identity and how it runs (and for NaFlex the
+        patch budget, which changes every image embedding)."""
+        described = {
             "model": self.resolved.name,
             "revision": self.resolved.revision,
             "device": str(self.device),
             "dtype": dtype_name(self.dtype),
             "attn": self.attn,
         }
+        if self.config.vision.naflex:
+            described["max_patches"] = self.config.preprocess.max_num_patches
+        return described
 
 
 def _text_list(texts: str | Sequence[str]) -> list[str]:
@@ -282,8 +307,12 @@ def load(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     batch_size: int | None = None,
     workers: int | None = None,
+    max_patches: int | None = None,
 ) -> Engine:
     """Open a SigLIP checkpoint (local folder or hub id; default google/siglip-base-patch16-224).
+
+    `max_patches`: SigLIP 2 NaFlex only, the most patches per image (default: the checkpoint's
+    `max_num_patches`); more keeps more detail and costs time.
 
     Nothing heavy happens here beyond reading the config: weights load on first use, one
     tower at a time."""
@@ -292,7 +321,14 @@ def load(
     torch_dtype = resolve_dtype(dtype, torch_device)
     resolved = resolve_model(name, offline=offline, revision=revision)
     config = config_from_folder(resolved.folder)
-    attn_name = resolve_attention(attn, torch_device, torch_dtype, config.head_dims)
+    if max_patches is not None and not config.vision.naflex:
+        size = config.vision.image_size
+        raise UsageError(
+            f"--max-patches: {name} is a fixed-resolution checkpoint ({size}x{size} pixels, "
+            f"{config.vision.num_patches} patches); only SigLIP 2 NaFlex checkpoints take a patch budget"
+        )
+    config = config.with_max_patches(max_patches)
+    attn_name = resolve_attention(attn, torch_device, torch_dtype, config.head_dims, masked=config.vision.naflex)
     return Engine(
         resolved,
         config,

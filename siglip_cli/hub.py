@@ -2,8 +2,10 @@
 
 A local folder is used as it is. A hub id is looked up in the Hugging Face cache first (no
 network at all when it is there, so repeated runs start fast and work offline); otherwise the
-files this tool reads -- and only those: never pickled `.bin` weights -- are downloaded with
-`huggingface_hub`, which honours `HF_HOME`, `HF_HUB_CACHE`, `HF_TOKEN` and `HF_ENDPOINT`.
+files this tool reads -- and only those: never pickled `.bin` weights or tokenizer pickles --
+are downloaded with `huggingface_hub`, which honours `HF_HOME`, `HF_HUB_CACHE`, `HF_TOKEN` and
+`HF_ENDPOINT`. Which tokenizer files those are depends on the checkpoint (`spiece.model` for
+SigLIP, `tokenizer.json` for SigLIP 2), so the small configuration files come first and say.
 Offline (`--offline`, `HF_HUB_OFFLINE=1`) nothing is downloaded.
 """
 
@@ -18,8 +20,9 @@ from pathlib import Path
 from .core.errors import ModelUnavailable
 
 DEFAULT_MODEL = "google/siglip-base-patch16-224"
-REQUIRED_FILES = ("config.json", "model.safetensors", "spiece.model")
-OPTIONAL_FILES = ("preprocessor_config.json", "tokenizer_config.json")
+MODEL_FILES = ("config.json", "model.safetensors")
+# Read when present: preprocessing, tokenizer settings and special tokens.
+OPTIONAL_FILES = ("preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json")
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _TRUTHY = {"1", "true", "yes", "on"}
 
@@ -35,15 +38,26 @@ def offline_from_env() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY
 
 
+def required_files(folder: Path) -> tuple[str, ...]:
+    """config.json, the weights, and the files of the checkpoint's tokenizer family (decided by
+    the folder's config.json and tokenizer_config.json, once those are there)."""
+    from .core.config import read_model_type
+    from .core.tokenizer import tokenizer_family
+
+    if not (folder / "config.json").is_file():
+        return MODEL_FILES
+    return MODEL_FILES + tokenizer_family(folder, read_model_type(folder)).files
+
+
 def missing_files(folder: Path) -> list[str]:
-    return [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    return [name for name in required_files(folder) if not (folder / name).is_file()]
 
 
 def local_fingerprint(folder: Path) -> str:
     """Identity of a local checkpoint that changes when its files change, without reading
     gigabytes: the safetensors header (names, dtypes, offsets), sizes and modification times."""
     digest = hashlib.sha256()
-    for name in REQUIRED_FILES + OPTIONAL_FILES:
+    for name in required_files(folder) + OPTIONAL_FILES:
         path = folder / name
         if not path.is_file():
             continue
@@ -57,32 +71,57 @@ def local_fingerprint(folder: Path) -> str:
     return "local-" + digest.hexdigest()[:16]
 
 
+def _path_like(name: str) -> bool:
+    """A value meant as a folder: `./ck`, `../ck`, `/data/ck`, `~/ck` (a hub id never starts so)."""
+    return name.startswith((".", "/", "~", os.sep)) or (os.altsep is not None and os.altsep in name)
+
+
 def resolve_model(name: str, offline: bool | None = None, revision: str | None = None) -> ResolvedModel:
     path = Path(name).expanduser()
     if path.is_dir():
         missing = missing_files(path)
         if missing:
             raise ModelUnavailable(
-                f"{path}: missing {', '.join(missing)} (a SigLIP checkpoint folder holds "
-                f"{', '.join(REQUIRED_FILES)})"
+                f"{path}: missing {', '.join(missing)} (this checkpoint needs "
+                f"{', '.join(required_files(path))}); copy them from the model's hub repository"
             )
         return ResolvedModel(name=name, folder=path, revision=local_fingerprint(path))
     if path.exists():
         raise ModelUnavailable(f"{name}: is a file; --model takes a checkpoint folder or a hub id")
+    if _path_like(name):
+        raise ModelUnavailable(f"{name}: no such folder")
     if not _REPO_ID.match(name):
         raise ModelUnavailable(f"{name}: no such folder, and not a Hugging Face hub id (owner/name)")
     if offline is None:
         offline = offline_from_env()
-    return _resolve_hub(name, offline, revision)
+    try:
+        return _resolve_hub(name, offline, revision)
+    except ModelUnavailable as exc:
+        if path.parent.is_dir() and path.parent != Path("."):
+            # `models/ck` where ./models exists was most likely meant as a folder.
+            raise ModelUnavailable(f"{name}: no such folder (its parent {path.parent} exists); as a hub id: {exc}") from None
+        raise
+
+
+def _snapshot(repo_id: str, revision: str | None, local_only: bool) -> Path:
+    """The snapshot folder holding the configuration files, then every file the checkpoint
+    needs (which depends on them). Raises the hub's own errors."""
+    from huggingface_hub import snapshot_download
+
+    def fetch(patterns: list[str]) -> Path:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=local_only))
+
+    configs = ["config.json", *OPTIONAL_FILES]
+    folder = fetch(configs)
+    return fetch(configs + list(required_files(folder)))
 
 
 def _resolve_hub(repo_id: str, offline: bool, revision: str | None) -> ResolvedModel:
-    from huggingface_hub import snapshot_download
-
-    patterns = list(REQUIRED_FILES + OPTIONAL_FILES)
     cached = None
     try:
-        cached = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+        cached = _snapshot(repo_id, revision, local_only=True)
+    except ModelUnavailable:
+        raise
     except Exception:  # not cached (LocalEntryNotFoundError and friends across hub versions)
         cached = None
     if cached is not None and not missing_files(cached):
@@ -90,7 +129,9 @@ def _resolve_hub(repo_id: str, offline: bool, revision: str | None) -> ResolvedM
     if offline:
         raise ModelUnavailable(_not_cached_message(repo_id, "offline mode is on (--offline or HF_HUB_OFFLINE)"))
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        folder = _snapshot(repo_id, revision, local_only=False)
+    except ModelUnavailable:
+        raise
     except Exception as exc:
         raise ModelUnavailable(_download_failure(repo_id, exc)) from None
     missing = missing_files(folder)
@@ -105,15 +146,17 @@ def _resolve_hub(repo_id: str, offline: bool, revision: str | None) -> ResolvedM
 def _not_cached_message(repo_id: str, why: str) -> str:
     return (
         f"{repo_id}: not in the local Hugging Face cache and {why}; download it once where the hub "
-        f"is reachable, or pass --model /path/to/folder holding {', '.join(REQUIRED_FILES)}"
+        f"is reachable, or pass --model /path/to/folder holding {', '.join(MODEL_FILES)} and its "
+        "tokenizer (spiece.model for SigLIP, tokenizer.json for SigLIP 2)"
     )
 
 
 def _download_failure(repo_id: str, exc: Exception) -> str:
     kind = type(exc).__name__
+    if kind == "HFValidationError":
+        return f"{repo_id}: no such folder, and not a valid Hugging Face hub id"
     if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
         return f"{repo_id}: not found on the Hugging Face hub, or gated/private ({kind}); check the name or log in with HF_TOKEN"
     if kind in ("LocalEntryNotFoundError", "ConnectionError", "ConnectTimeout", "OfflineModeIsEnabled") or "connect" in str(exc).lower():
         return _not_cached_message(repo_id, "the hub cannot be reached")
     return _not_cached_message(repo_id, f"the download failed ({kind}: {str(exc).splitlines()[0] if str(exc) else ''})")
-

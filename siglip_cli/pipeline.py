@@ -1,5 +1,12 @@
 """Image sources -> decoded pixels (threads, ahead of the model) -> device batches -> features.
 
+Two layouts, chosen from the model: `SquareImages` (SigLIP, fixed-resolution SigLIP 2) resizes
+every image to the model's square and batches (B, H, W, 3); `PatchSequences` (SigLIP 2 NaFlex)
+cuts each image into as many patches as its aspect ratio and the budget give, and batches
+them padded to the longest image in the batch, with a mask of the real patches and each
+image's grid. The model gets a typed batch (`PixelBatch` or `PatchBatch`) and unpacks its
+`model_inputs()`; nothing downstream asks which kind it is.
+
 Pillow releases the GIL while it decodes and resizes, so a pool of threads keeps the next
 batches ready while the model runs. Pixels travel to the device as uint8 (a quarter of the
 bytes of float32) and are normalised there. On CUDA one batch is in flight while the previous
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
 import queue
 import threading
@@ -24,9 +32,17 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .core.config import PreprocessConfig
+from .core.config import PreprocessConfig, VisionConfig
 from .core.errors import InputError
-from .core.images import DecodeOptions, load_pixels, normalization_table, pixels_to_model_input
+from .core.images import (
+    DecodeOptions,
+    Patches,
+    load_patches,
+    load_pixels,
+    normalization_table,
+    normalize_channels_last,
+    pixels_to_model_input,
+)
 from .sources import Source
 from .urls import DEFAULT_URL_MAX_BYTES, DEFAULT_URL_TIMEOUT, fetch_url, is_url
 
@@ -49,12 +65,99 @@ class FetchOptions:
 
 @dataclass
 class Decoded:
-    """One source after the CPU's share of the work: uint8 pixels, or why there are none."""
+    """One source after the CPU's share of the work: uint8 pixels (NaFlex: `Patches`), or why
+    there are none."""
 
     index: int
     name: str
-    pixels: np.ndarray | None = None
+    pixels: np.ndarray | Patches | None = None
     error: str | None = None
+
+
+@dataclass
+class PixelBatch:
+    """Fixed resolution: normalised pixels (B, 3, H, W) on the device."""
+
+    pixels: torch.Tensor
+
+    def model_inputs(self) -> tuple:
+        return (self.pixels,)
+
+
+@dataclass
+class PatchBatch:
+    """NaFlex: normalised patches (B, N, p*p*3) on the device, padded to the longest image of the
+    batch; the mask (B, N) of real patches, on the device; each image's (rows, columns) of
+    patches (B, 2), on the host, where the position tables are resized without waiting for the
+    device."""
+
+    patches: torch.Tensor
+    mask: torch.Tensor
+    spatial_shapes: torch.Tensor
+
+    def model_inputs(self) -> tuple:
+        return (self.patches, self.mask, self.spatial_shapes)
+
+
+class SquareImages:
+    """Fixed resolution: each image resized to the model's square, uint8 (H, W, 3)."""
+
+    def __init__(self, preprocess: PreprocessConfig):
+        self.preprocess = preprocess
+
+    def prepare(self, value: Any, name: str, options: DecodeOptions) -> np.ndarray:
+        return load_pixels(value, name, self.preprocess, options)
+
+    def host_buffer(self, batch_size: int) -> torch.Tensor:
+        return torch.empty((batch_size, self.preprocess.height, self.preprocess.width, 3), dtype=torch.uint8)
+
+    def collate(self, items: list[np.ndarray], buffer: torch.Tensor | None) -> tuple:
+        if buffer is None:
+            return (torch.from_numpy(np.stack(items)),)
+        host = buffer[: len(items)]
+        np.stack(items, out=host.numpy())
+        return (host,)
+
+    def to_device(self, host: tuple, device: torch.device, table: torch.Tensor) -> PixelBatch:
+        return PixelBatch(pixels_to_model_input(host[0].to(device, non_blocking=True), table))
+
+
+class PatchSequences:
+    """SigLIP 2 NaFlex: each image as its own number of patches (at most the budget), uint8
+    (n, p*p*3); a batch is padded to its longest image, so the padding an image gets, and with
+    the mask its result, does not depend on its neighbours."""
+
+    def __init__(self, preprocess: PreprocessConfig, vision: VisionConfig):
+        self.preprocess = preprocess
+        self.patch_size = vision.patch_size
+        self.patch_values = vision.patch_values
+
+    def prepare(self, value: Any, name: str, options: DecodeOptions) -> Patches:
+        return load_patches(value, name, self.preprocess, self.patch_size, options)
+
+    def host_buffer(self, batch_size: int) -> torch.Tensor:
+        return torch.empty(batch_size * self.preprocess.max_num_patches * self.patch_values, dtype=torch.uint8)
+
+    def collate(self, items: list[Patches], buffer: torch.Tensor | None) -> tuple:
+        batch, longest = len(items), max(item.values.shape[0] for item in items)
+        shape = (batch, longest, self.patch_values)
+        host = torch.empty(shape, dtype=torch.uint8) if buffer is None else buffer[: math.prod(shape)].view(shape)
+        values = host.numpy()
+        mask = torch.zeros((batch, longest), dtype=torch.bool)
+        for row, item in enumerate(items):
+            count = item.values.shape[0]
+            values[row, :count] = item.values  # the rest is padding, masked; its bytes never matter
+            mask[row, :count] = True
+        return host, mask, torch.tensor([item.grid for item in items], dtype=torch.long)
+
+    def to_device(self, host: tuple, device: torch.device, table: torch.Tensor) -> PatchBatch:
+        values, mask, grids = host
+        patches = normalize_channels_last(values.to(device, non_blocking=True), table)
+        return PatchBatch(patches, mask.to(device, non_blocking=True), grids)
+
+
+def image_layout(preprocess: PreprocessConfig, vision: VisionConfig | None) -> SquareImages | PatchSequences:
+    return PatchSequences(preprocess, vision) if vision is not None and vision.naflex else SquareImages(preprocess)
 
 
 @dataclass
@@ -100,15 +203,19 @@ class ImagePipeline:
     workers: int
     decode_options: DecodeOptions = DecodeOptions()
     fetch_options: FetchOptions = FetchOptions()
+    vision: VisionConfig | None = None  # the model's vision config; NaFlex picks the patch layout
     _table: torch.Tensor | None = field(default=None, repr=False)
     _ring: list | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        self.layout = image_layout(self.preprocess, self.vision)
+
     # ------------------------------------------------------------------ CPU side
-    def load(self, source: Source) -> np.ndarray:
+    def load(self, source: Source) -> np.ndarray | Patches:
         value = source.value
         if isinstance(value, str) and is_url(value):
             value = fetch_url(value, self.fetch_options.timeout, self.fetch_options.max_bytes)
-        return load_pixels(value, source.name, self.preprocess, self.decode_options)
+        return self.layout.prepare(value, source.name, self.decode_options)
 
     def _decode_one(self, index: int, source: Source) -> Decoded:
         try:
@@ -166,16 +273,12 @@ class ImagePipeline:
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     @torch.inference_mode()
-    def _launch(self, results: list[ImageResult], pixels: list[np.ndarray], pinned: torch.Tensor | None, encode) -> _InFlight:
+    def _launch(self, results: list[ImageResult], items: list, pinned: torch.Tensor | None, encode) -> _InFlight:
         """Queue one batch. On CUDA nothing here waits for the GPU."""
         with self._device_scope():
-            if pinned is None:
-                batch = torch.from_numpy(np.stack(pixels)).to(self.device)
-            else:
-                host = pinned[: len(pixels)]
-                np.stack(pixels, out=host.numpy())
-                batch = host.to(self.device, non_blocking=True)
-            features = encode(pixels_to_model_input(batch, self._normalization_table())).float()
+            host = self.layout.collate(items, pinned)
+            batch = self.layout.to_device(host, self.device, self._normalization_table())
+            features = encode(batch).float()
             if self.device.type != "cuda":
                 return _InFlight(results, features.cpu())
             host_out = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
@@ -187,16 +290,15 @@ class ImagePipeline:
     def _pinned_ring(self) -> list[torch.Tensor | None]:
         """Two host buffers on CUDA: one batch in flight, the next one being filled."""
         if self._ring is None:
-            pre = self.preprocess
             self._ring = [
-                torch.empty((self.batch_size, pre.height, pre.width, 3), dtype=torch.uint8).pin_memory()
-                if self.device.type == "cuda" else None
+                self.layout.host_buffer(self.batch_size).pin_memory() if self.device.type == "cuda" else None
                 for _ in range(2)
             ]
         return self._ring
 
-    def embed_pixels(self, frames: list[np.ndarray], encode: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
-        """Already decoded uint8 frames through the same device path as `run` (one batch)."""
+    def embed_pixels(self, frames: list, encode: Callable[[Any], torch.Tensor]) -> np.ndarray:
+        """Already prepared frames (uint8 pixels, or NaFlex `Patches`) through the same device path
+        as `run` (one batch)."""
         results = [ImageResult(i, "") for i in range(len(frames))]
         self._launch(results, frames, self._pinned_ring()[0], encode).collect()
         return np.stack([r.vector for r in results])
@@ -204,11 +306,11 @@ class ImagePipeline:
     def run(
         self,
         sources: Sequence[Source],
-        encode: Callable[[torch.Tensor], torch.Tensor],
+        encode: Callable[[Any], torch.Tensor],
         on_progress: Callable[[int], None] | None = None,
     ) -> Iterator[ImageResult]:
-        """One ImageResult per source, in input order. `encode` maps normalised pixels
-        (N, 3, H, W) on the device to features (N, D)."""
+        """One ImageResult per source, in input order. `encode` maps a batch on the device
+        (`PixelBatch` or `PatchBatch`) to features (N, D)."""
         ring = self._pinned_ring()
         waiting: collections.deque[ImageResult] = collections.deque()
         batch_results: list[ImageResult] = []

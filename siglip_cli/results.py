@@ -166,6 +166,7 @@ class BenchRow:
     tflops: float | None = None
     pct_of_peak: float | None = None
     ours_sdpa_speedup: float | None = None  # transformers rows: our sdpa's speed / theirs
+    max_patches: int | None = None  # SigLIP 2 NaFlex: the patch budget each image fills
 
     def to_record(self) -> dict:
         return dict(vars(self))

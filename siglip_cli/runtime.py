@@ -58,12 +58,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise UsageError(f"--dtype: unknown dtype {name!r} (use auto, fp32, fp16 or bf16)") from None
 
 
-def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, head_dims: tuple[int, ...]) -> str:
-    """auto: torch's SDPA, which picks its own fused kernel per device; `flash` only on request."""
+def resolve_attention(
+    name: str, device: torch.device, dtype: torch.dtype, head_dims: tuple[int, ...], masked: bool = False
+) -> str:
+    """auto: torch's SDPA, which picks its own fused kernel per device; `flash` only on request.
+    `masked`: the model needs key masks (SigLIP 2 NaFlex)."""
     name = (name or "auto").lower()
     if name == "auto":
         return "sdpa"
-    reason = why_unavailable(name, device, dtype, head_dims)
+    reason = why_unavailable(name, device, dtype, head_dims, masked)
     if reason:
         raise BackendUnavailable(f"--attn {name}: {reason}")
     return name

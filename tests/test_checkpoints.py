@@ -175,8 +175,10 @@ def test_unreachable_hub_says_so(tmp_path, monkeypatch):
 
 
 def test_not_a_folder_nor_a_hub_id(tmp_path):
-    with pytest.raises(ModelUnavailable, match="no such folder, and not a Hugging Face hub id"):
+    with pytest.raises(ModelUnavailable, match="no such folder$"):  # an absolute path is never a hub id
         resolve_model(str(tmp_path / "nope"))
+    with pytest.raises(ModelUnavailable, match="no such folder, and not a Hugging Face hub id"):
+        resolve_model("a/b/c")
 
 
 def test_local_fingerprint_changes_with_the_weights(tiny_checkpoint, tmp_path):

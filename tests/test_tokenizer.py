@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from siglip_cli.core.tokenizer import Tokenizer, canonicalize
+from siglip_cli.core.sentencepiece_tokenizer import SentencePieceTokenizer, canonicalize
 
 TRICKY = [
     "", " ", "   ", "\t\n", "▁", "▁▁a", "a▁b", "a", "A", "This is a photo of 2 cats.", "this is a photo of 2 cats",
@@ -30,7 +30,7 @@ def tokenizers(request, spiece_model):
     from transformers import SiglipTokenizer
 
     vocab = spiece_model if request.param == "trained-here" else FIXTURE_VOCAB
-    return SiglipTokenizer(vocab_file=str(vocab)), Tokenizer(vocab, max_length=64)
+    return SiglipTokenizer(vocab_file=str(vocab)), SentencePieceTokenizer(vocab, max_length=64)
 
 
 def test_at_least_fifty_tricky_strings():
@@ -63,7 +63,7 @@ def test_shorter_model_length(spiece_model):
     from transformers import SiglipTokenizer
 
     reference = SiglipTokenizer(vocab_file=str(spiece_model), model_max_length=16)
-    ours = Tokenizer(spiece_model, max_length=16)
+    ours = SentencePieceTokenizer(spiece_model, max_length=16)
     for text in ["a cat", "word " * 30]:
         assert ours([text])[0] == reference(text, padding="max_length", max_length=16, truncation=True)["input_ids"]
 
@@ -77,25 +77,25 @@ def test_from_folder_reads_tokenizer_config(tiny_checkpoint, tmp_path):
     import json
     import shutil
 
-    tokenizer = Tokenizer.from_folder(tiny_checkpoint, 64)
+    tokenizer = SentencePieceTokenizer.from_folder(tiny_checkpoint, 64)
     assert tokenizer.eos_id == 1 and tokenizer.pad_id == 1 and tokenizer.lower_case
     folder = tmp_path / "cased"
     shutil.copytree(tiny_checkpoint, folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["do_lower_case"] = False
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    cased = Tokenizer.from_folder(folder, 64)
+    cased = SentencePieceTokenizer.from_folder(folder, 64)
     assert not cased.lower_case and cased(["The Cat"]) != tokenizer(["The Cat"])
     config["additional_special_tokens"] = ["<extra>"]
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     from siglip_cli.core.errors import ModelUnavailable
 
     with pytest.raises(ModelUnavailable, match="additional_special_tokens"):
-        Tokenizer.from_folder(folder, 64)
+        SentencePieceTokenizer.from_folder(folder, 64)
 
 
 def test_missing_spiece_model_names_the_folder(tmp_path):
     from siglip_cli.core.errors import ModelUnavailable
 
     with pytest.raises(ModelUnavailable, match="no spiece.model"):
-        Tokenizer.from_folder(tmp_path, 64)
+        SentencePieceTokenizer.from_folder(tmp_path, 64)

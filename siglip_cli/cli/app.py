@@ -30,6 +30,7 @@ from .options import (
     Format,
     FormatOpt,
     JsonOpt,
+    MaxPatchesOpt,
     MaxPixelsOpt,
     ModelOpt,
     ModelOptions,
@@ -42,7 +43,7 @@ from .options import (
     TextsFileOpt,
     WorkersOpt,
 )
-from .terminal import error_line, note, progress_bar, status
+from .terminal import error_line, note, progress_bar, status, truncation_note
 
 EXIT_CODES = {UsageError: 2, ModelUnavailable: 3, BackendUnavailable: 4, InputError: 1, OutputError: 1}
 EXIT_INTERRUPTED = 130
@@ -141,7 +142,7 @@ def load_engine(options: ModelOptions, model: str | None = None):
 
     keep_freed_memory()
     with status("loading the model"):
-        return load(
+        engine = load(
             model or options.model,
             device=options.device,
             dtype=options.dtype,
@@ -151,7 +152,10 @@ def load_engine(options: ModelOptions, model: str | None = None):
             workers=options.workers,
             max_pixels=options.max_pixels,
             use_cache=options.use_cache,
+            max_patches=options.max_patches,
         )
+    engine.on_truncated = lambda texts, length: note(truncation_note(texts, length))
+    return engine
 
 
 def output_format(fmt: Format, json_flag: bool) -> str:
@@ -214,6 +218,7 @@ def classify(
     offline: OfflineOpt = False,
     max_pixels: MaxPixelsOpt = 100_000_000,
     no_cache: NoCacheOpt = False,
+    max_patches: MaxPatchesOpt = None,
 ) -> None:
     """Score images against labels (zero-shot).
 
@@ -240,7 +245,7 @@ def classify(
         listing = list_inputs(images, recursive)
         if not listing.sources and not listing.failures:
             raise UsageError("no images given (stdin was empty)")
-        options = ModelOptions(model, device, dtype, attn, batch_size, workers, offline, max_pixels, no_cache)
+        options = ModelOptions(model, device, dtype, attn, batch_size, workers, offline, max_pixels, no_cache, max_patches)
         engine = load_engine(options) if listing.sources else None
         total = len(listing.sources) + len(listing.failures)
         failed = 0
@@ -288,6 +293,7 @@ def embed(
     workers: WorkersOpt = None,
     offline: OfflineOpt = False,
     max_pixels: MaxPixelsOpt = 100_000_000,
+    max_patches: MaxPatchesOpt = None,
 ) -> None:
     """Embed images (and texts) into vectors on disk.
 
@@ -339,7 +345,8 @@ def embed(
             refuse_overwriting_inputs(out, plan, texts_file or [])
             refuse_foreign_file(out, bool(update))
         base_meta = _update_base_meta(out) if update else {}
-        options = ModelOptions(model or base_meta.get("model"), device, dtype, attn, batch_size, workers, offline, max_pixels)
+        options = ModelOptions(model or base_meta.get("model"), device, dtype, attn, batch_size, workers, offline, max_pixels,
+                               max_patches=max_patches or base_meta.get("max_patches"))
         dtype_name = (out_dtype.value if out_dtype else base_meta.get("dtype", "float32"))
         engine = load_engine(options)
         if out is None:
@@ -406,6 +413,7 @@ def similarity(
     offline: OfflineOpt = False,
     max_pixels: MaxPixelsOpt = 100_000_000,
     no_cache: NoCacheOpt = False,
+    max_patches: MaxPatchesOpt = None,
 ) -> None:
     """Cosine similarity of images and texts, and SigLIP image-text probabilities.
 
@@ -438,7 +446,7 @@ def similarity(
         fmt_name = output_format(fmt, json_flag)
         from ..sources import Listing
 
-        engine = load_engine(ModelOptions(model, device, dtype, attn, batch_size, workers, offline, max_pixels, no_cache))
+        engine = load_engine(ModelOptions(model, device, dtype, attn, batch_size, workers, offline, max_pixels, no_cache, max_patches))
         failed = 0
 
         def reported(results):
@@ -470,6 +478,7 @@ def bench(
     peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", min=0.0, help="The device's peak TFLOP/s for this dtype, to print % of peak.")] = None,
     compare: Annotated[Optional[str], typer.Option("--compare", help="transformers: also time the reference SiglipModel on the same weights and inputs.")] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, json or csv (one record per row).")] = "table",
+    max_patches: MaxPatchesOpt = None,
 ) -> None:
     """Time the attention backends, dtypes and batch sizes.
 
@@ -488,7 +497,8 @@ def bench(
 
         if fmt not in ("table", "json", "csv"):
             raise UsageError(f"--format {fmt}: bench prints table, json or csv")
-        options = make_options(model or DEFAULT_MODEL, attn, dtype, batch_sizes, towers, seconds, repeats, device, peak_tflops, compare)
+        options = make_options(model or DEFAULT_MODEL, attn, dtype, batch_sizes, towers, seconds, repeats, device, peak_tflops,
+                               compare, max_patches)
         keep_freed_memory()
         rows = run_bench(options, note)
         render.emit(rows, fmt, render.BENCH_VIEW)

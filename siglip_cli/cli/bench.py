@@ -9,6 +9,7 @@ time budget, median with min and max.
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -24,9 +25,10 @@ from ..core.config import SiglipConfig, architecture, config_from_folder
 from ..core.errors import ModelUnavailable, UsageError
 from ..core.model import Siglip, random_init_, skip_init
 from ..core.scoring import sigmoid
-from ..core.images import normalization_table, pixels_to_model_input
+from ..core.images import Patches, normalization_table, patchify
 from ..engine import Engine
 from ..hub import ResolvedModel, resolve_model
+from ..pipeline import PatchBatch
 from ..results import BenchRow
 from ..runtime import DTYPES, resolve_device
 
@@ -47,6 +49,7 @@ class BenchOptions:
     device: str = "auto"
     peak_tflops: float | None = None
     compare: str | None = None
+    max_patches: int | None = None  # NaFlex: the patch budget per image (None: the checkpoint's)
 
 
 # ----------------------------------------------------------------------------- options
@@ -70,7 +73,8 @@ def parse_batch_sizes(text: str | None, device: torch.device) -> list[int]:
     return sizes
 
 
-def make_options(model, attn, dtype, batch_sizes, towers, seconds, repeats, device, peak_tflops, compare) -> BenchOptions:
+def make_options(model, attn, dtype, batch_sizes, towers, seconds, repeats, device, peak_tflops, compare,
+                 max_patches: int | None = None) -> BenchOptions:
     torch_device = resolve_device(device)
     backends = list(attention_backends.BACKENDS) if attn == "all" else parse_list(attn, attention_backends.BACKENDS, "attn")
     show_eager = "eager" in backends
@@ -85,7 +89,8 @@ def make_options(model, attn, dtype, batch_sizes, towers, seconds, repeats, devi
         except ImportError:
             raise UsageError("--compare transformers: transformers is not installed (pip install 'siglip-cli[test]')") from None
     return BenchOptions(model, backends, show_eager, dtypes, parse_batch_sizes(batch_sizes, torch_device),
-                        parse_list(towers, TOWERS, "towers"), seconds, repeats, str(torch_device), peak_tflops, compare)
+                        parse_list(towers, TOWERS, "towers"), seconds, repeats, str(torch_device), peak_tflops, compare,
+                        max_patches)
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -98,9 +103,15 @@ def _layer_flops(tokens: int, hidden: int, inter: int, queries: int | None = Non
     return qkv + scores + out_mlp
 
 
+def vision_tokens(config: SiglipConfig) -> int:
+    """Patches the vision tower sees per image: the fixed grid, or NaFlex's whole budget (bench
+    images are cut to exactly fill it)."""
+    return config.preprocess.max_num_patches if config.vision.naflex else config.vision.num_patches
+
+
 def vision_flops(config: SiglipConfig) -> float:
     v = config.vision
-    n, d, i = v.num_patches, v.hidden_size, v.intermediate_size
+    n, d, i = vision_tokens(config), v.hidden_size, v.intermediate_size
     patch = 2 * n * v.num_channels * v.patch_size**2 * d
     head = 2 * n * 2 * d * d + 2 * 2 * n * d + 2 * d * d + 2 * 2 * d * i  # kv proj, attention, out, mlp
     return patch + v.num_hidden_layers * _layer_flops(n, d, i) + head
@@ -203,10 +214,12 @@ def measure(row: BenchRow, call: Callable[[], torch.Tensor], device: torch.devic
 
 
 # ----------------------------------------------------------------------------- the engine under test
-def open_engine(model: str, device: torch.device, dtype: torch.dtype, note: Callable[[str], None] | None) -> tuple[Engine, str]:
+def open_engine(model: str, device: torch.device, dtype: torch.dtype, note: Callable[[str], None] | None,
+                max_patches: int | None = None, towers: tuple[str, ...] = ("text", "vision")) -> tuple[Engine, str]:
     """Our engine on real weights when a local folder or a cached hub copy is at hand; else on
     the architecture from the built-in table with random weights. Never downloads: weights do
-    not change speed."""
+    not change speed. Only `towers` are built (SigLIP 2's 256k-token text embedding alone is
+    786 MB in fp32)."""
     path = Path(model).expanduser()
     try:
         resolved = resolve_model(str(path) if path.is_dir() else model, offline=True)
@@ -215,9 +228,10 @@ def open_engine(model: str, device: torch.device, dtype: torch.dtype, note: Call
             raise
         resolved = None
     if resolved is not None:
-        config = config_from_folder(resolved.folder)
+        config = _with_budget(config_from_folder(resolved.folder), model, max_patches)
         engine = Engine(resolved, config, device, dtype, "eager", use_cache=False)
-        engine._tower("text"), engine._tower("vision")  # noqa: SLF001  (both towers, timed separately)
+        for tower in towers:
+            engine._tower(tower)  # noqa: SLF001  (loaded before any timing)
         return engine, "checkpoint"
     try:
         config = architecture(model)
@@ -226,10 +240,11 @@ def open_engine(model: str, device: torch.device, dtype: torch.dtype, note: Call
             f"{model}: no local checkpoint and not in the built-in table of architectures; "
             "pass a checkpoint folder or a released SigLIP id"
         ) from None
+    config = _with_budget(config, model, max_patches)
     if note:
         note(f"{model}: weights not available here (not cached); timing the architecture with random weights")
     with skip_init():
-        network = Siglip(config, device="meta")
+        network = Siglip(config, towers=towers, device="meta")
     network = network.to_empty(device="cpu")
     random_init_(network)
     network = network.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -238,37 +253,63 @@ def open_engine(model: str, device: torch.device, dtype: torch.dtype, note: Call
     return Engine(resolved, config, device, dtype, "eager", use_cache=False, network=network), "random"
 
 
+def _with_budget(config: SiglipConfig, model: str, max_patches: int | None) -> SiglipConfig:
+    if max_patches is not None and not config.vision.naflex:
+        raise UsageError(f"--max-patches: {model} is a fixed-resolution model; only SigLIP 2 NaFlex models take a patch budget")
+    return config.with_max_patches(max_patches)
+
+
 def to_transformers(engine: Engine, weights: str):
-    """transformers' SiglipModel with the same weights, kept on the CPU between its rows."""
+    """transformers' SiglipModel (Siglip2Model for NaFlex) with the same weights, kept on the CPU
+    between its rows."""
     import transformers
-    from transformers import SiglipConfig as HFConfig
-    from transformers import SiglipModel
 
     from ..core.weights import to_checkpoint_state
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    naflex = engine.config.vision.naflex
+    model_class = transformers.Siglip2Model if naflex else transformers.SiglipModel
     if weights == "checkpoint":
-        return SiglipModel.from_pretrained(engine.resolved.folder, attn_implementation="sdpa", dtype=engine.dtype).eval()
-    t, v = engine.config.text, engine.config.vision
-    hf_config = HFConfig(
-        text_config={k: getattr(t, k) for k in t.__dataclass_fields__ if k != "projection_size"} | {"projection_size": t.embed_dim},
-        vision_config={k: getattr(v, k) for k in v.__dataclass_fields__},
-    )
+        return model_class.from_pretrained(engine.resolved.folder, attn_implementation="sdpa", dtype=engine.dtype).eval()
+    config_class = transformers.Siglip2Config if naflex else transformers.SiglipConfig
+    text_config, vision_config = engine.config.hf_sub_configs()
+    hf_config = config_class(text_config=text_config, vision_config=vision_config)
     hf_config._attn_implementation = "sdpa"
-    reference = SiglipModel(hf_config).to(engine.dtype)
+    reference = model_class(hf_config).to(engine.dtype)
     state = {k: t.cpu() for k, t in to_checkpoint_state(engine._network).items()}  # noqa: SLF001
-    reference.load_state_dict(state, strict=True)
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    built = tuple(f"{t}_model." for t in ("text", "vision") if getattr(engine._network, f"{t}_model") is not None)  # noqa: SLF001
+    if unexpected or any(name.startswith(built) for name in missing):  # only towers not built may be missing
+        raise RuntimeError(f"transformers' model does not take our weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return reference.eval().requires_grad_(False)
 
 
+def bench_grid(budget: int) -> tuple[int, int]:
+    """NaFlex: the patch grid of bench images, as square as fills the budget exactly."""
+    rows = math.isqrt(budget)
+    while budget % rows:
+        rows -= 1
+    return rows, budget // rows
+
+
 def make_inputs(config: SiglipConfig, batch: int, seed: int = 0) -> dict:
+    """Random uint8 frames, already prepared as the pipeline prepares them (square pixels, or
+    NaFlex patches filling the budget), and token ids that end in padding."""
     generator = torch.Generator().manual_seed(seed)
-    pre = config.preprocess
-    pixels_u8 = torch.randint(0, 256, (batch, pre.height, pre.width, 3), dtype=torch.uint8, generator=generator)
+    pre, vision = config.preprocess, config.vision
+    if vision.naflex:
+        rows, columns = bench_grid(pre.max_num_patches)
+        size = (batch, rows * vision.patch_size, columns * vision.patch_size, 3)
+    else:
+        size = (batch, pre.height, pre.width, 3)
+    pixels_u8 = torch.randint(0, 256, size, dtype=torch.uint8, generator=generator)
+    frames = list(pixels_u8.numpy())
+    if vision.naflex:
+        frames = [Patches(patchify(frame, vision.patch_size), (rows, columns)) for frame in frames]
     ids = torch.randint(3, config.text.vocab_size, (batch, config.text_length), generator=generator)
     ids[:, -8:] = 1  # padding ends the text, as the tokenizer makes it
-    return {"pixels_u8": pixels_u8, "ids": ids}
+    return {"frames": frames, "ids": ids}
 
 
 def dtype_unavailable(dtype: torch.dtype, device: torch.device) -> str | None:
@@ -284,17 +325,18 @@ class _Calls:
     def __init__(self, engine: Engine, inputs: dict, labels: np.ndarray):
         self.engine = engine
         device = engine.device
-        table = torch.from_numpy(normalization_table(engine.config.preprocess)).to(device)
-        self.pixels = pixels_to_model_input(inputs["pixels_u8"].to(device), table)
-        self.ids = inputs["ids"].to(device)
-        self.frames = list(inputs["pixels_u8"].numpy())
-        self.labels = labels
+        self.frames = inputs["frames"]
         self.pipeline = engine.image_pipeline(batch_size=len(self.frames))
+        layout = self.pipeline.layout
+        table = torch.from_numpy(normalization_table(engine.config.preprocess)).to(device)
+        self.images = layout.to_device(layout.collate(self.frames, None), device, table)  # PixelBatch or PatchBatch
+        self.ids = inputs["ids"].to(device)
+        self.labels = labels
 
     @torch.inference_mode()
     def ours(self, tower: str) -> torch.Tensor:
         if tower == "vision":
-            return self.engine.vision_model(self.pixels)
+            return self.engine.vision_model(*self.images.model_inputs())
         if tower == "text":
             return self.engine.text_model(self.ids)
         # classify: uint8 frames through the pipeline's own launch (pinned memory on CUDA),
@@ -305,8 +347,15 @@ class _Calls:
     @torch.inference_mode()
     def reference(self, model, tower: str) -> torch.Tensor:
         if tower == "vision":
-            return model.get_image_features(pixel_values=self.pixels).pooler_output
+            return model.get_image_features(**_reference_image_inputs(self.images)).pooler_output
         return model.get_text_features(input_ids=self.ids).pooler_output
+
+
+def _reference_image_inputs(images) -> dict:
+    """Our device batch under transformers' argument names."""
+    if isinstance(images, PatchBatch):
+        return {"pixel_values": images.patches, "pixel_attention_mask": images.mask, "spatial_shapes": images.spatial_shapes}
+    return {"pixel_values": images.pixels}
 
 
 def run_bench(options: BenchOptions, note: Callable[[str], None]) -> list[BenchRow]:
@@ -322,7 +371,8 @@ def run_bench(options: BenchOptions, note: Callable[[str], None]) -> list[BenchR
             rows += [BenchRow(options.model, "-", str(device), dtype_name, a, t, b, "unavailable", reason)
                      for t in options.towers for b in options.batch_sizes for a in options.backends]
             continue
-        engine, weights = open_engine(options.model, device, dtype, None if noted else note)
+        towers = tuple(t for t in ("text", "vision") if t in options.towers or (t == "vision" and "classify" in options.towers))
+        engine, weights = open_engine(options.model, device, dtype, None if noted else note, options.max_patches, towers)
         noted = True
         reference = to_transformers(engine, weights) if options.compare else None
         labels = np.random.default_rng(1).standard_normal((CLASSIFY_LABELS, engine.embed_dim)).astype(np.float32)
@@ -331,7 +381,8 @@ def run_bench(options: BenchOptions, note: Callable[[str], None]) -> list[BenchR
         for tower in options.towers:
             for batch in options.batch_sizes:
                 calls = _Calls(engine, make_inputs(engine.config, batch), labels)
-                base = dict(model=options.model, weights=weights, device=str(device), dtype=dtype_name, tower=tower, batch_size=batch)
+                base = dict(model=options.model, weights=weights, device=str(device), dtype=dtype_name, tower=tower,
+                            batch_size=batch, max_patches=engine.describe().get("max_patches"))
                 measured, eager_output, eager_median = _backend_rows(engine, calls, tower, base, options, flops[tower])
                 rows += measured
                 if reference is not None and tower != "classify":
@@ -347,7 +398,7 @@ def _backend_rows(engine: Engine, calls: _Calls, tower: str, base: dict, options
     """Every backend's row for one (tower, batch size), plus eager's output and median time,
     which the reference row is compared with."""
     device, head_dims = engine.device, engine.config.head_dims
-    available = {b: attention_backends.why_unavailable(b, device, engine.dtype, head_dims) for b in options.backends}
+    available = {b: attention_backends.why_unavailable(b, device, engine.dtype, head_dims, engine.masked) for b in options.backends}
     others_run = any(not why for b, why in available.items() if b != "eager")
     rows, eager_output, eager_median = [], None, None
     for backend in options.backends:

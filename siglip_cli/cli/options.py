@@ -8,6 +8,8 @@ from typing import Annotated, List, Optional
 
 import typer
 
+from ..core.config import MAX_PATCH_BUDGET  # plain Python: no torch
+
 DEFAULT_MODEL = "google/siglip-base-patch16-224"
 
 
@@ -39,7 +41,8 @@ class OutDType(str, Enum):
 
 
 MODEL_HELP = (
-    "Local checkpoint folder (config.json, model.safetensors, spiece.model) or Hugging Face hub id. "
+    "Local checkpoint folder (config.json, model.safetensors and the tokenizer: spiece.model for SigLIP, "
+    "tokenizer.json for SigLIP 2) or Hugging Face hub id. "
     "Hub models download once into the Hugging Face cache (HF_HOME) and are used from there."
 )
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."
@@ -69,6 +72,15 @@ OfflineOpt = Annotated[
 NoCacheOpt = Annotated[
     bool, typer.Option("--no-cache", help="Do not read or write the on-disk cache of label embeddings.", rich_help_panel="Model")
 ]
+MaxPatchesOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-patches", min=1, max=MAX_PATCH_BUDGET, show_default=False, rich_help_panel="Model",
+        help="SigLIP 2 NaFlex models: the most patches per image (default: the checkpoint's max_num_patches, "
+             "256 for the released ones). Images keep their aspect ratio; more patches keep more detail and cost "
+             "more time.",
+    ),
+]
 MaxPixelsOpt = Annotated[
     int,
     typer.Option("--max-pixels", min=1, help="Refuse images with more pixels than this (decompression bombs).", rich_help_panel="Input"),
@@ -87,7 +99,8 @@ TextsFileOpt = Annotated[Optional[List[Path]], typer.Option("--texts-file", help
 class ModelOptions:
     """The options of every command that loads the model, gathered once per command."""
 
-    def __init__(self, model, device, dtype, attn, batch_size=None, workers=None, offline=False, max_pixels=100_000_000, no_cache=False):
+    def __init__(self, model, device, dtype, attn, batch_size=None, workers=None, offline=False, max_pixels=100_000_000,
+                 no_cache=False, max_patches=None):
         self.model = model
         self.device = device
         self.dtype = dtype.value if isinstance(dtype, Enum) else dtype
@@ -97,3 +110,4 @@ class ModelOptions:
         self.offline = offline
         self.max_pixels = max_pixels
         self.use_cache = not no_cache
+        self.max_patches = max_patches

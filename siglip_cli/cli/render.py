@@ -440,7 +440,8 @@ def bench_table(rows: list[BenchRow], console: Console) -> Group:
     if not rows:
         return Group(Text("no rows"))
     first = rows[0]
-    parts: list[Any] = [Text(f"{first.model} ({first.weights} weights) on {first.device}", style="bold")]
+    budget = f" at {first.max_patches} patches per image" if first.max_patches else ""
+    parts: list[Any] = [Text(f"{first.model}{budget} ({first.weights} weights) on {first.device}", style="bold")]
     marks: dict[str, int] = {}
     groups: dict[tuple[str, str], list[BenchRow]] = {}
     for row in rows:
@@ -460,7 +461,7 @@ def bench_table(rows: list[BenchRow], console: Console) -> Group:
     for row in rows:
         if row.ours_sdpa_speedup:
             parts.append(Text(f"{row.tower} {row.dtype} batch {row.batch_size}: ours (sdpa) is {row.ours_sdpa_speedup:.2f}x "
-                              "the speed of transformers' SiglipModel (sdpa) on the same weights and inputs"))
+                              "the speed of transformers' model (sdpa) on the same weights and inputs"))
     kinds = sorted({r.peak_mem_kind for r in rows if r.peak_mem_kind})
     legend = ["max|Δ| = largest absolute output difference from eager on the same inputs"]
     if any(r.tower == "classify" for r in rows):

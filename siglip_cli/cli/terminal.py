@@ -39,6 +39,18 @@ def note(message: str) -> None:
     _line(f"siglip: {message}")
 
 
+def truncation_note(texts: dict[str, int], max_length: int, shown: int = 3) -> str:
+    """One line for the texts the engine cut to the model's length: which, and how long each was."""
+    def short(text: str) -> str:
+        return repr(text if len(text) <= 40 else text[:37] + "...")
+
+    listed = ", ".join(f"{short(text)} ({count} tokens)" for text, count in list(texts.items())[:shown])
+    more = f" and {len(texts) - shown} more" if len(texts) > shown else ""
+    what = "text is" if len(texts) == 1 else f"{len(texts)} texts are"
+    return (f"{what} longer than the model's {max_length} tokens and cut to fit, keeping the end-of-text "
+            f"token last, as the reference does: {listed}{more}")
+
+
 def stderr_is_terminal() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 

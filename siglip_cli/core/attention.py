@@ -2,9 +2,14 @@
 
 Every backend takes `q` of shape (batch, query_len, heads, head_dim) and `k`, `v` of shape
 (batch, key_len, heads, head_dim) -- the layout the projections produce without a copy and the
-one flash-attn wants -- plus the softmax scale, and returns (batch, query_len, heads * head_dim).
-SigLIP attends without any mask in both towers (the text tower attends over its padding, as in
-training), so no backend takes one.
+one flash-attn wants -- plus the softmax scale and an optional key mask, and returns
+(batch, query_len, heads * head_dim).
+
+The key mask (batch, key_len), True for real tokens, exists for SigLIP 2 NaFlex: images of
+different patch counts share a batch padded to the longest, and no query may attend to the
+padding (in the encoder and in the pooling head). SigLIP's text tower attends without a mask,
+over its padding, as in training. A backend that cannot take a mask says so
+(`why_unavailable(..., masked=True)`) instead of computing something else.
 
 `eager` is the reference: plain matmuls with the softmax upcast to fp32, the same math as
 transformers' `eager_attention_forward`. `sdpa` and `flash` are tested against it.
@@ -20,23 +25,31 @@ import torch.nn.functional as F
 
 from .errors import BackendUnavailable
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+AttentionFn = Callable[..., torch.Tensor]  # (q, k, v, scale, key_mask=None) -> (B, Lq, H * D)
 
 BACKENDS = ("eager", "sdpa", "flash")
 
 
-def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     batch, query_len, heads, head_dim = q.shape
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
     weights = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if key_mask is not None:
+        # The reference adds the dtype's minimum: after the softmax a padded key weighs exactly 0.
+        weights = weights.masked_fill(~key_mask[:, None, None, :], torch.finfo(weights.dtype).min)
     weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(weights, v)  # (B, H, Lq, D)
     return out.transpose(1, 2).reshape(batch, query_len, heads * head_dim)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     batch, query_len, heads, head_dim = q.shape
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # boolean: True takes part
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
     return out.transpose(1, 2).reshape(batch, query_len, heads * head_dim)
 
 
@@ -53,8 +66,13 @@ def _flash_attn_func() -> Callable:
         return flash_attn_func
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     batch, query_len, heads, head_dim = q.shape
+    if key_mask is not None and not bool(key_mask.all()):
+        # Refused up front by why_unavailable(masked=True); this guards direct calls.
+        raise BackendUnavailable(FLASH_NO_MASK)
     out = _flash_attn_func()(q, k, v, softmax_scale=scale)
     if isinstance(out, tuple):  # flash-attn 4 returns (out, lse)
         out = out[0]
@@ -79,12 +97,26 @@ def flash_available() -> str | None:
     return None
 
 
-def why_unavailable(name: str, device: torch.device, dtype: torch.dtype, head_dims: tuple[int, ...] = ()) -> str | None:
-    """None if backend `name` can run on this device and dtype, else one sentence saying why not."""
+# flash-attn's padded-batch entry point (`flash_attn_varlen_func`) needs the batch unpadded into
+# one packed sequence; that path is not written, since it could not be tested on the machines
+# this was built on. NaFlex checkpoints therefore run flash-free.
+FLASH_NO_MASK = (
+    "flash attention here takes no padding mask, which SigLIP 2 NaFlex batches need "
+    "(images of different patch counts share a batch); use --attn sdpa"
+)
+
+
+def why_unavailable(
+    name: str, device: torch.device, dtype: torch.dtype, head_dims: tuple[int, ...] = (), masked: bool = False
+) -> str | None:
+    """None if backend `name` can run on this device and dtype (and with a key mask, when
+    `masked`), else one sentence saying why not."""
     if name not in _REGISTRY:
         return f"unknown attention backend {name!r} (choose from {', '.join(BACKENDS)})"
     if name != "flash":
         return None
+    if masked:
+        return FLASH_NO_MASK
     if device.type != "cuda":
         return f"flash attention needs a CUDA device, not {device.type}; use --attn sdpa"
     if dtype not in (torch.float16, torch.bfloat16):
@@ -95,9 +127,11 @@ def why_unavailable(name: str, device: torch.device, dtype: torch.dtype, head_di
     return flash_available()
 
 
-def resolve(name: str, device: torch.device, dtype: torch.dtype, head_dims: tuple[int, ...] = ()) -> AttentionFn:
+def resolve(
+    name: str, device: torch.device, dtype: torch.dtype, head_dims: tuple[int, ...] = (), masked: bool = False
+) -> AttentionFn:
     """The attention function for `name`, or BackendUnavailable saying why it cannot run here."""
-    reason = why_unavailable(name, device, dtype, head_dims)
+    reason = why_unavailable(name, device, dtype, head_dims, masked)
     if reason:
         raise BackendUnavailable(reason)
     return _REGISTRY[name]

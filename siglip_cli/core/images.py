@@ -2,8 +2,13 @@
 
 Preprocessing reproduces transformers' `SiglipImageProcessorPil` bit for bit:
 RGB conversion (transparency composited onto white), PIL resize of the uint8 image to the
-model's square size with the checkpoint's filter (bicubic for SigLIP), then x * (1/255) in
-float64 cast to float32, then (x - mean) / std in float32, i.e. [-1, 1].
+model's square size with the checkpoint's filter (bicubic for SigLIP, bilinear for SigLIP 2),
+then x * (1/255) in float64 cast to float32, then (x - mean) / std in float32, i.e. [-1, 1].
+
+SigLIP 2 NaFlex (`Siglip2ImageProcessorPil`, also bit for bit): the image keeps its aspect
+ratio and is resized to the largest size whose sides are multiples of the patch size and
+whose patch count fits the budget (`naflex_size`), then cut into patches in row-major order,
+each flattened as (row, column, channel) (`patchify`). Padding to the batch happens later.
 
 Two deliberate additions, both as in transformers' zero-shot pipeline (`load_image`) rather
 than the bare processor: the EXIF orientation is applied (phones store pictures sideways and
@@ -16,6 +21,7 @@ model's device: a batch travels to a GPU as uint8, a quarter of the bytes of flo
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,6 +230,58 @@ def load_pixels(source: Any, name: str, preprocess: PreprocessConfig, options: D
     return pixels
 
 
+@dataclass(frozen=True)
+class Patches:
+    """One image for a NaFlex model: uint8 patches (rows * columns, patch * patch * 3), row-major,
+    and the grid they came from."""
+
+    values: np.ndarray
+    grid: tuple[int, int]  # (rows, columns) of patches
+
+
+def naflex_size(height: int, width: int, patch_size: int, max_patches: int) -> tuple[int, int]:
+    """(height, width) in pixels for an image to be cut into at most `max_patches` patches: the
+    largest scale of the image whose sides, rounded up to whole patches (at least one), fit.
+    The same bisection over the scale as the reference (`get_image_size_for_max_num_patches`),
+    so that its floating-point rounding, and therefore every size, is the same."""
+
+    def side(size: int, scale: float) -> int:
+        return max(patch_size, math.ceil(size * scale / patch_size) * patch_size)
+
+    eps = 1e-5
+    low, high = eps / 10, 100.0
+    while high - low >= eps:
+        scale = (low + high) / 2
+        if (side(height, scale) / patch_size) * (side(width, scale) / patch_size) <= max_patches:
+            low = scale
+        else:
+            high = scale
+    return side(height, low), side(width, low)
+
+
+def patchify(pixels: np.ndarray, patch_size: int) -> np.ndarray:
+    """(H, W, 3) uint8 with sides multiples of `patch_size` -> (rows * columns, patch * patch * 3),
+    patches row by row, each flattened in (row, column, channel) order as the linear patch
+    embedding expects."""
+    height, width, channels = pixels.shape
+    rows, columns = height // patch_size, width // patch_size
+    grid = pixels.reshape(rows, patch_size, columns, patch_size, channels).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(grid.reshape(rows * columns, patch_size * patch_size * channels))
+
+
+def load_patches(
+    source: Any, name: str, preprocess: PreprocessConfig, patch_size: int, options: DecodeOptions = DecodeOptions()
+) -> Patches:
+    """Everything that happens on the CPU for one image of a NaFlex model: decode, orient, RGB,
+    aspect-preserving resize to the patch budget, patches."""
+    image = to_rgb(open_image(source, name, options), name)
+    height, width = naflex_size(image.height, image.width, patch_size, preprocess.max_num_patches)
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=preprocess.resample)
+    values = patchify(np.asarray(image, dtype=np.uint8), patch_size)
+    return Patches(values, (height // patch_size, width // patch_size))
+
+
 def normalization_table(preprocess: PreprocessConfig) -> np.ndarray:
     """(3, 256) float32: the value each uint8 level of each channel becomes, computed with the
     reference's exact casts (rescale in float64 then float32; normalise in float32)."""
@@ -239,11 +297,17 @@ def normalization_table(preprocess: PreprocessConfig) -> np.ndarray:
     return table.astype(np.float32)
 
 
-def pixels_to_model_input(batch, table):
-    """uint8 (N, H, W, 3) torch tensor + (3, 256) table on the same device -> float (N, 3, H, W)."""
+def normalize_channels_last(values, table):
+    """uint8 torch tensor whose last axis cycles through R, G, B (pixels (..., 3), or NaFlex
+    patches (..., p * p * 3)) + (3, 256) table on the same device -> float, same shape."""
     import torch
 
-    channel_offset = torch.arange(3, device=batch.device) * 256
-    flat = table.reshape(-1)
-    values = flat[batch.long() + channel_offset]  # (N, H, W, 3)
-    return values.permute(0, 3, 1, 2)  # a channels-last view; the patch conv takes it as is
+    shape = values.shape
+    rgb = values.reshape(*shape[:-1], shape[-1] // 3, 3)
+    channel_offset = torch.arange(3, device=values.device) * 256
+    return table.reshape(-1)[rgb.long() + channel_offset].reshape(shape)
+
+
+def pixels_to_model_input(batch, table):
+    """uint8 (N, H, W, 3) torch tensor + (3, 256) table on the same device -> float (N, 3, H, W)."""
+    return normalize_channels_last(batch, table).permute(0, 3, 1, 2)  # a channels-last view; the patch conv takes it as is

@@ -1,7 +1,10 @@
 """SigLIP in plain PyTorch: two towers and a sigmoid.
 
 Follows transformers' `modeling_siglip.py` (itself a port of big_vision's
-`models/proj/image_text/two_towers.py`). Module names match the checkpoint keys, so a
+`models/proj/image_text/two_towers.py`) and, for SigLIP 2 NaFlex, `modeling_siglip2.py`: a
+linear patch embedding over already cut patches, a learned position table resized to each
+image's patch grid, and a key mask in every attention layer and in the pooling head so that
+images padded to a common length never see the padding. Module names match the checkpoint keys, so a
 `model.safetensors` state dict loads as it is, with one exception: each encoder layer's
 separate `q_proj`, `k_proj`, `v_proj` are stored here as one `qkv_proj` (one matrix multiply
 instead of three; `weights.py` concatenates them at load time, exactly as the pooling head's
@@ -73,13 +76,13 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(hidden_size, hidden_size, device=device)
         self.attend = attend
 
-    def forward(self, x: torch.Tensor, last_query_only: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, last_query_only: bool = False) -> torch.Tensor:
         batch, length, _ = x.shape
         qkv = self.qkv_proj(x).view(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(2)  # each (B, L, H, D), views into qkv
         if last_query_only:
             q = q[:, -1:]
-        return self.out_proj(self.attend(q, k, v, self.scale))
+        return self.out_proj(self.attend(q, k, v, self.scale, key_mask))
 
 
 class EncoderLayer(nn.Module):
@@ -92,10 +95,10 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device)
         self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act, device)
 
-    def forward(self, x: torch.Tensor, last_query_only: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, last_query_only: bool = False) -> torch.Tensor:
         residual = x[:, -1:] if last_query_only else x
         # Residual sums go into the freshly made branch outputs: no extra activation-sized buffers.
-        h = self.self_attn(self.layer_norm1(x), last_query_only)
+        h = self.self_attn(self.layer_norm1(x), key_mask, last_query_only)
         h += residual
         out = self.mlp(self.layer_norm2(h))
         out += h
@@ -107,12 +110,13 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(config, attend, device) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, last_query_only: bool = False) -> torch.Tensor:
-        """`last_query_only`: the caller needs only the last position, so the final layer computes
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, last_query_only: bool = False) -> torch.Tensor:
+        """`key_mask` (B, L), True for real tokens: no position attends to padding.
+        `last_query_only`: the caller needs only the last position, so the final layer computes
         its attention output and MLP for that one position (keys and values still see all)."""
         last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
-            x = layer(x, last_query_only and index == last)
+            x = layer(x, key_mask, last_query_only and index == last)
         return x
 
 
@@ -181,13 +185,13 @@ class PoolingAttention(nn.Module):
         self.out_proj = nn.Linear(hidden_size, hidden_size, device=device)
         self.attend = attend
 
-    def forward(self, query: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, hidden = x.shape
         w_q, w_kv = self.in_proj_weight[:hidden], self.in_proj_weight[hidden:]
         b_q, b_kv = self.in_proj_bias[:hidden], self.in_proj_bias[hidden:]
         q = F.linear(query, w_q, b_q).view(1, 1, self.num_heads, self.head_dim).expand(batch, -1, -1, -1)
         k, v = F.linear(x, w_kv, b_kv).view(batch, length, 2, self.num_heads, self.head_dim).unbind(2)
-        return self.out_proj(self.attend(q, k, v, self.head_dim**-0.5))
+        return self.out_proj(self.attend(q, k, v, self.head_dim**-0.5, key_mask))
 
 
 class AttentionPoolingHead(nn.Module):
@@ -200,8 +204,8 @@ class AttentionPoolingHead(nn.Module):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device)
         self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.attention(self.probe, x)  # (B, 1, D); no residual from the probe itself
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        pooled = self.attention(self.probe, x, key_mask)  # (B, 1, D); no residual from the probe itself
         pooled = pooled + self.mlp(self.layernorm(pooled))
         return pooled[:, 0]
 
@@ -209,16 +213,79 @@ class AttentionPoolingHead(nn.Module):
 class VisionTower(nn.Module):
     """Pixels (B, 3, S, S) in [-1, 1] -> image features (B, hidden), not normalised."""
 
+    embeddings_class: type[nn.Module] = VisionEmbeddings
+
     def __init__(self, config: VisionConfig, attend: AttentionFn, device=None):
         super().__init__()
         self.config = config
-        self.embeddings = VisionEmbeddings(config, device)
+        self.embeddings = self.embeddings_class(config, device)
         self.encoder = Encoder(config, attend, device)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device)
         self.head = AttentionPoolingHead(config, attend, device)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.head(self.post_layernorm(self.encoder(self.embeddings(pixel_values))))
+
+
+class PatchEmbeddings(nn.Module):
+    """SigLIP 2 NaFlex: flattened patches -> a linear embedding plus the learned positions,
+    resized for each image's grid."""
+
+    def __init__(self, config: VisionConfig, device=None):
+        super().__init__()
+        self.grid = config.position_grid
+        self.patch_embedding = nn.Linear(config.patch_values, config.hidden_size, device=device)
+        self.position_embedding = nn.Embedding(config.naflex_positions, config.hidden_size, device=device)
+
+    def positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position table resized to `grid` (rows, columns): (rows * columns, D), row-major
+        like the patches. Bilinear with antialiasing, in fp32, as transformers'
+        `resize_positional_embeddings` and big_vision's `jax.image.resize` do."""
+        rows, columns = grid
+        table = self.position_embedding.weight.float().reshape(self.grid, self.grid, -1)
+        row_weights = resize_weights(self.grid, rows, table.device)
+        column_weights = resize_weights(self.grid, columns, table.device)
+        resized = torch.einsum("hi,wj,ijd->hwd", row_weights, column_weights, table)
+        return resized.reshape(rows * columns, -1)
+
+    def forward(self, patches: torch.Tensor, spatial_shapes: torch.Tensor) -> torch.Tensor:
+        """`patches` (B, N, p*p*3), `spatial_shapes` (B, 2) with each image's (rows, columns); the
+        positions past an image's patches stay zero (padding, which no one attends to)."""
+        weight = self.patch_embedding.weight
+        x = self.patch_embedding(patches.to(weight.dtype))
+        positions = torch.zeros(x.shape, dtype=weight.dtype, device=weight.device)
+        grids = [tuple(shape) for shape in spatial_shapes.tolist()]
+        for grid in dict.fromkeys(grids):  # each distinct grid is resized once per batch
+            resized = self.positions(grid).to(device=weight.device, dtype=weight.dtype)
+            for index in (i for i, g in enumerate(grids) if g == grid):
+                positions[index, : resized.shape[0]] = resized
+        return x + positions
+
+
+def resize_weights(source: int, target: int, device=None) -> torch.Tensor:
+    """(target, source) weights of a bilinear, antialiased resize along one axis: a triangle
+    filter over the source samples, widened by the factor when shrinking, each row summing to 1
+    (the weights of `F.interpolate(mode="bilinear", align_corners=False, antialias=True)`).
+    Written out rather than calling F.interpolate: torch 2.13's CPU kernel gets an output side
+    of 1 wrong when the other side grows (a 4x4 table resized to 7x1 came out off by ~1)."""
+    scale = source / target
+    centers = (torch.arange(target, dtype=torch.float32, device=device) + 0.5) * scale - 0.5
+    offsets = torch.arange(source, dtype=torch.float32, device=device)[None, :] - centers[:, None]
+    weights = (1 - offsets.abs() / max(scale, 1.0)).clamp(min=0)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+class NaFlexVisionTower(VisionTower):
+    """SigLIP 2 NaFlex: patches (B, N, p*p*3) in [-1, 1], their mask (B, N) (True for real
+    patches) and grids (B, 2) -> image features (B, hidden), not normalised. An image's
+    features do not depend on the padding, so not on the batch it lands in."""
+
+    embeddings_class = PatchEmbeddings
+
+    def forward(self, patches: torch.Tensor, mask: torch.Tensor, spatial_shapes: torch.Tensor) -> torch.Tensor:
+        mask = mask.to(device=patches.device, dtype=torch.bool)
+        x = self.encoder(self.embeddings(patches, spatial_shapes), key_mask=mask)
+        return self.head(self.post_layernorm(x), key_mask=mask)
 
 
 class Siglip(nn.Module):
@@ -231,7 +298,8 @@ class Siglip(nn.Module):
         super().__init__()
         self.config = config
         self.text_model = TextTower(config.text, attend, device) if "text" in towers else None
-        self.vision_model = VisionTower(config.vision, attend, device) if "vision" in towers else None
+        vision_tower = NaFlexVisionTower if config.vision.naflex else VisionTower
+        self.vision_model = vision_tower(config.vision, attend, device) if "vision" in towers else None
         self.logit_scale = nn.Parameter(torch.zeros(1, device=device))
         self.logit_bias = nn.Parameter(torch.zeros(1, device=device))
 

@@ -1,149 +1,135 @@
-"""SigLIP's text tokenizer: sentencepiece plus the reference's text canonicalisation.
+"""Text tokenizers: one interface, one implementation per family, chosen from the checkpoint.
 
-Reproduces transformers' slow `SiglipTokenizer` id for id:
-1. the text gets a leading "▁" (any "▁" inside becomes a space);
-2. it is split around the special tokens (`</s>`, `<unk>`), which swallow the whitespace on
-   both sides, exactly as the reference's added tokens do (lstrip=rstrip=True);
-3. every other piece is canonicalised as big_vision does for SigLIP: lower-cased, ASCII
-   punctuation deleted, whitespace runs collapsed, stripped;
-4. each piece is encoded as "<unk>" + piece and the pieces of "<unk>" are dropped (the
-   reference's trick to keep sentencepiece from eating the leading "▁");
-5. `</s>` (eos) is appended unless the ids already end with it; texts are truncated to
-   `max_length` (keeping eos last) and right-padded with the pad token (`</s>` for SigLIP).
+Families (one file each in core/):
+- `sentencepiece` (sentencepiece_tokenizer.py): SigLIP's `spiece.model`, English and
+  multilingual, as transformers' `SiglipTokenizer`;
+- `gemma` (gemma_tokenizer.py): SigLIP 2's Gemma `tokenizer.json`, lower-cased, as
+  transformers' `Siglip2Tokenizer`.
 
-The text tower pools the LAST position, so every text must be padded to the model's fixed
-length: an unpadded text gives a different, wrong embedding.
+Every family turns a text into ids, appends the end-of-text token, truncates to the model's
+length keeping that token last, and right-pads with its pad token: the text tower reads the
+LAST position of the padded sequence. `tokenize` also says how long each text was before
+truncation, so that callers can tell the user which texts were cut.
+
+The family comes from `tokenizer_config.json`'s `tokenizer_class` when the checkpoint has one
+(SigLIP 1 repositories now ship a `tokenizer.json` too, so files alone do not decide), else
+from `config.json`'s model_type and the files present.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import string
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import sentencepiece
-
 from .errors import ModelUnavailable
 
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
-_WHITESPACE = re.compile(r"\s+")
-SPIECE_UNDERLINE = "▁"
+
+@dataclass(frozen=True)
+class Tokens:
+    ids: list[list[int]]  # one row per text, each exactly max_length ids
+    lengths: list[int]  # each text's length in tokens (end-of-text included) before truncation
+
+    def truncated(self, texts: Sequence[str], max_length: int) -> dict[str, int]:
+        """{text: its untruncated length} for the texts that did not fit."""
+        return {text: n for text, n in zip(texts, self.lengths) if n > max_length}
 
 
-def canonicalize(text: str, lower_case: bool = True) -> str:
-    """big_vision's `canonicalize_text`: lower-case, drop ASCII punctuation, squeeze spaces."""
-    if lower_case:
-        text = text.lower()
-    text = text.translate(_PUNCTUATION)
-    return _WHITESPACE.sub(" ", text).strip()
+class TextTokenizer:
+    """The interface. A family sets the class attributes and implements `token_ids`."""
 
+    family = ""
+    files: tuple[str, ...] = ()  # files the family reads from a checkpoint folder
+    tokenizer_classes: tuple[str, ...] = ()  # `tokenizer_class` values that select it
+    # SigLIP's sentencepiece tokenizer does not append eos to a text that already ends with it
+    # (its "sticky" eos); Gemma's template appends it always.
+    eos_unless_last = False
 
-class Tokenizer:
-    def __init__(
-        self,
-        model_file: Path,
-        max_length: int = 64,
-        eos_token: str = "</s>",
-        pad_token: str = "</s>",
-        unk_token: str = "<unk>",
-        lower_case: bool = True,
-    ):
-        self.processor = sentencepiece.SentencePieceProcessor()
-        try:
-            self.processor.Load(str(model_file))
-        except (OSError, RuntimeError) as exc:
-            raise ModelUnavailable(f"{model_file}: not a readable sentencepiece model ({exc})") from None
-        self.max_length = max_length
-        self.lower_case = lower_case
-        self.special_tokens = [t for t in dict.fromkeys((eos_token, unk_token, pad_token)) if t]
-        self.eos_token = eos_token
-        self.eos_id = self._special_id(eos_token, model_file)
-        self.pad_id = self._special_id(pad_token, model_file)
-        self.unk_id = self.processor.unk_id()
-        self._unk_token = unk_token
-        self._unk_piece_count = len(self.processor.encode(unk_token))
-        # Longest first, so that a token that contains another still wins (like a trie).
-        alternatives = "|".join(re.escape(t) for t in sorted(self.special_tokens, key=len, reverse=True))
-        self._special_split = re.compile(f"({alternatives})")
+    max_length: int
+    eos_id: int
+    pad_id: int
 
     @classmethod
-    def from_folder(cls, folder: Path, max_length: int) -> "Tokenizer":
-        model_file = folder / "spiece.model"
-        if not model_file.is_file():
-            raise ModelUnavailable(f"{folder}: no spiece.model (the SigLIP sentencepiece tokenizer)")
-        kwargs = {}
-        config_file = folder / "tokenizer_config.json"
-        if config_file.is_file():
-            try:
-                raw = json.loads(config_file.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise ModelUnavailable(f"{config_file}: cannot read ({exc})") from None
-            for key in ("eos_token", "pad_token", "unk_token"):
-                value = raw.get(key)
-                if isinstance(value, dict):  # serialised AddedToken
-                    value = value.get("content")
-                if isinstance(value, str):
-                    kwargs[key] = value
-            if "do_lower_case" in raw:
-                kwargs["lower_case"] = bool(raw["do_lower_case"])
-            # Settings the released SigLIP tokenizers never use; refuse rather than diverge silently.
-            if raw.get("additional_special_tokens"):
-                raise ModelUnavailable(f"{config_file}: additional_special_tokens are not supported")
-            if raw.get("legacy") is False:
-                raise ModelUnavailable(f"{config_file}: legacy=false sentencepiece handling is not supported")
-        return cls(model_file, max_length=max_length, **kwargs)
+    def from_folder(cls, folder: Path, max_length: int) -> "TextTokenizer":
+        """The family's tokenizer from a checkpoint folder; a missing file is one line naming it."""
+        for name in cls.files:
+            if not (folder / name).is_file():
+                raise ModelUnavailable(missing_tokenizer_file(folder, cls, name))
+        return cls.from_settings(folder, max_length, tokenizer_settings(folder))
 
-    def _special_id(self, token: str, model_file: Path) -> int:
-        token_id = self.processor.piece_to_id(token)
-        if self.processor.id_to_piece(token_id) != token:
-            raise ModelUnavailable(f"{model_file}: special token {token!r} is not in the vocabulary")
-        return token_id
+    @classmethod
+    def from_settings(cls, folder: Path, max_length: int, settings: dict) -> "TextTokenizer":
+        """`settings`: the folder's tokenizer_config.json ({} if none); the files are there."""
+        raise NotImplementedError
 
-    def _pieces_plain(self, text: str) -> list[str]:
-        text = canonicalize(text, self.lower_case)
-        pieces = self.processor.encode(self._unk_token + text, out_type=str)
-        return pieces[self._unk_piece_count :] if len(pieces) >= self._unk_piece_count else pieces
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's ids without end-of-text token, truncation or padding."""
+        raise NotImplementedError
 
-    def _split_special(self, text: str) -> list[str]:
-        parts = self._special_split.split(text)
-        for i, part in enumerate(parts):
-            if part in self.special_tokens:
-                if i > 0:
-                    parts[i - 1] = parts[i - 1].rstrip()
-                if i + 1 < len(parts):
-                    parts[i + 1] = parts[i + 1].lstrip()
-        return parts
-
-    def pieces(self, text: str) -> list[str]:
-        """The reference's `tokenize`: sentencepiece pieces and special tokens, no eos."""
-        text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
-        pieces: list[str] = []
-        for part in self._split_special(text):
-            if part in self.special_tokens:
-                pieces.append(part)
-            elif part:
-                pieces.extend(self._pieces_plain(part))
-        # A bare "▁" directly before a special token at the start is dropped, as the reference does.
-        if len(pieces) > 1 and pieces[0] == SPIECE_UNDERLINE and pieces[1] in self.special_tokens:
-            pieces = pieces[1:]
-        return pieces
-
-    def encode(self, text: str, max_length: int | None = None) -> list[int]:
-        """Token ids of one text, truncated so that they and eos fit `max_length`, eos appended
-        unless the (truncated) ids already end with it. No padding."""
-        ids = [self.processor.piece_to_id(piece) for piece in self.pieces(text)]
-        if max_length is not None and len(ids) > max_length - 1:
-            ids = ids[: max_length - 1]
-        if not ids or ids[-1] != self.eos_id:
-            ids.append(self.eos_id)
-        return ids
+    def tokenize(self, texts: Sequence[str]) -> Tokens:
+        rows, lengths = [], []
+        for ids in self.token_ids(texts):
+            ends_with_eos = bool(ids) and ids[-1] == self.eos_id
+            lengths.append(len(ids) + (0 if self.eos_unless_last and ends_with_eos else 1))
+            ids = ids[: self.max_length - 1]
+            if not (self.eos_unless_last and ids and ids[-1] == self.eos_id):
+                ids = ids + [self.eos_id]
+            rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
+        return Tokens(rows, lengths)
 
     def __call__(self, texts: Sequence[str]) -> list[list[int]]:
-        """Ids for each text, truncated to `max_length` (eos kept last) and padded to it."""
-        batch = []
-        for text in texts:
-            ids = self.encode(text, self.max_length)
-            batch.append(ids + [self.pad_id] * (self.max_length - len(ids)))
-        return batch
+        """Ids for each text, truncated to `max_length` (end-of-text kept last) and padded to it."""
+        return self.tokenize(texts).ids
+
+
+def families() -> dict[str, type[TextTokenizer]]:
+    """Every tokenizer family, by name. A new family is one file in core/ and one line here."""
+    from .gemma_tokenizer import GemmaTokenizer
+    from .sentencepiece_tokenizer import SentencePieceTokenizer
+
+    return {cls.family: cls for cls in (SentencePieceTokenizer, GemmaTokenizer)}
+
+
+def special_token(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or a serialised AddedToken."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def tokenizer_settings(folder: Path) -> dict:
+    from .config import read_json_object
+
+    path = folder / "tokenizer_config.json"
+    return read_json_object(path) if path.is_file() else {}
+
+
+def tokenizer_family(folder: Path, model_type: str) -> type[TextTokenizer]:
+    """The family a checkpoint folder's tokenizer belongs to; its files may still be missing."""
+    known = families()
+    name = tokenizer_settings(folder).get("tokenizer_class")
+    if name is not None:
+        plain = str(name).removesuffix("Fast")
+        for family in known.values():
+            if plain in family.tokenizer_classes:
+                return family
+        supported = ", ".join(c for family in known.values() for c in family.tokenizer_classes)
+        raise ModelUnavailable(
+            f"{folder / 'tokenizer_config.json'}: tokenizer_class {name!r:.60} is not supported (supported: {supported})"
+        )
+    if model_type == "siglip2":
+        return known["gemma"]
+    if not (folder / "spiece.model").is_file() and (folder / "tokenizer.json").is_file():
+        return known["gemma"]
+    return known["sentencepiece"]
+
+
+def load_tokenizer(folder: Path, model_type: str, max_length: int) -> TextTokenizer:
+    return tokenizer_family(folder, model_type).from_folder(folder, max_length)
+
+
+def missing_tokenizer_file(folder: Path, family: type[TextTokenizer], name: str) -> str:
+    return (
+        f"{folder}: no {name} (the {family.family} tokenizer this checkpoint needs); "
+        "copy it from the model's hub repository into the folder"
+    )
