@@ -75,7 +75,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_callback(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[bool, typer.Option("--version", metavar="", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
     """Zero-shot image classification, embeddings, similarity and search with Google's SigLIP.
 
@@ -197,15 +197,15 @@ def _summarize_failures(failed: int, total: int) -> None:
 # ----------------------------------------------------------------------------- classify
 @app.command()
 def classify(
-    images: Annotated[Optional[List[str]], typer.Argument(help="Image files, folders, glob patterns, http(s) URLs, or - to read paths from stdin.", show_default=False)] = None,
-    labels: Annotated[Optional[List[str]], typer.Option("--labels", "-l", help='Comma-separated labels, e.g. "2 cats,2 dogs"; a label holding commas goes in double quotes.', rich_help_panel="Labels")] = None,
-    label: Annotated[Optional[List[str]], typer.Option("--label", help="One label, commas kept (repeatable).", rich_help_panel="Labels")] = None,
-    labels_file: Annotated[Optional[List[Path]], typer.Option("--labels-file", help="A file with one label per line.", rich_help_panel="Labels")] = None,
+    images: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", help="Image files, folders, glob patterns, http(s) URLs, or - to read paths from stdin.", show_default=False)] = None,
+    labels: Annotated[Optional[List[str]], typer.Option("--labels", "-l", metavar="LABELS", help='Comma-separated labels, e.g. "2 cats,2 dogs"; a label holding commas goes in double quotes.', rich_help_panel="Labels")] = None,
+    label: Annotated[Optional[List[str]], typer.Option("--label", metavar="LABEL", help="One label, commas kept (repeatable).", rich_help_panel="Labels")] = None,
+    labels_file: Annotated[Optional[List[Path]], typer.Option("--labels-file", metavar="FILE", help="A file with one label per line.", rich_help_panel="Labels")] = None,
     template: TemplateOpt = None,
     no_template: NoTemplateOpt = False,
-    softmax: Annotated[bool, typer.Option("--softmax", help="Single-label mode: a softmax over the given labels (sums to 1) instead of SigLIP's independent sigmoid scores.", rich_help_panel="Scores")] = False,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="Keep only the best K labels per image.", rich_help_panel="Scores")] = None,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="Keep only labels scoring at least this.", rich_help_panel="Scores")] = None,
+    softmax: Annotated[bool, typer.Option("--softmax", metavar="", help="Single-label mode: a softmax over the given labels (sums to 1) instead of SigLIP's independent sigmoid scores.", rich_help_panel="Scores")] = False,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", metavar="K", min=1, help="Keep only the best K labels per image.", rich_help_panel="Scores")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="SCORE", min=0.0, max=1.0, help="Keep only labels scoring at least this.", rich_help_panel="Scores")] = None,
     recursive: RecursiveOpt = False,
     fmt: FormatOpt = Format.auto,
     json_flag: JsonOpt = False,
@@ -228,7 +228,7 @@ def classify(
 
       siglip classify cat.jpg --labels "2 cats,2 dogs"
 
-      find . -name '*.jpg' | siglip classify - --labels-file labels.txt --top-k 1 | jq -r .path
+      find . -name '*.jpg' | siglip classify - --labels-file labels.txt --top-k 1
     """
     with handled():
         from ..prompts import collect_labels, resolve_templates
@@ -273,18 +273,18 @@ def classify(
 # ----------------------------------------------------------------------------- embed
 @app.command()
 def embed(
-    inputs: Annotated[Optional[List[str]], typer.Argument(help="Image files, folders (walked recursively, sorted), glob patterns, URLs, or - for paths on stdin.", show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file: .npy (+ .paths.txt, .stamps.npy, .meta.json sidecars), .npz, .jsonl or .parquet.", rich_help_panel="Output")] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="jsonl: print {kind, path|text, embedding} lines to stdout instead of writing --out.", rich_help_panel="Output")] = None,
+    inputs: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", help="Image files, folders (walked recursively, sorted), glob patterns, URLs, or - for paths on stdin.", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FILE", help="Output file: .npy (+ .paths.txt, .stamps.npy, .meta.json sidecars), .npz, .jsonl or .parquet.", rich_help_panel="Output")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", "-f", metavar="jsonl", help="jsonl: print {kind, path|text, embedding} lines to stdout instead of writing --out.", rich_help_panel="Output")] = None,
     out_dtype: Annotated[Optional[OutDType], typer.Option("--out-dtype", help="float32 (default) or float16, which halves the file.", rich_help_panel="Output", show_default=False)] = None,
-    no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Write the raw tower outputs instead of L2-normalised rows.", rich_help_panel="Output")] = False,
-    text: Annotated[Optional[List[str]], typer.Option("--text", help="Also embed this text (repeatable); its row has kind text.", rich_help_panel="Texts")] = None,
+    no_normalize: Annotated[bool, typer.Option("--no-normalize", metavar="", help="Write the raw tower outputs instead of L2-normalised rows.", rich_help_panel="Output")] = False,
+    text: Annotated[Optional[List[str]], typer.Option("--text", metavar="TEXT", help="Also embed this text (repeatable); its row has kind text.", rich_help_panel="Texts")] = None,
     texts_file: TextsFileOpt = None,
-    template: Annotated[Optional[List[str]], typer.Option("--template", "-t", help="Put each text into this template ({} = the text); several make an ensemble.", rich_help_panel="Texts")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from <out>.partial, skipping finished inputs.", rich_help_panel="Output")] = False,
-    update: Annotated[Optional[str], typer.Option("--update", help="Bring an existing --out up to date with the inputs: embed new or changed files, drop rows of files that are gone, keep the rest. Changed means another size or modification time; --update=hash compares content hashes.", rich_help_panel="Output", show_default=False)] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first input that cannot be read, instead of skipping it.", rich_help_panel="Input")] = False,
-    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Walk sub-folders.", rich_help_panel="Input")] = True,
+    template: Annotated[Optional[List[str]], typer.Option("--template", "-t", metavar="TEMPLATE", help="Put each text into this template ({} = the text); several make an ensemble.", rich_help_panel="Texts")] = None,
+    resume: Annotated[bool, typer.Option("--resume", metavar="", help="Continue an interrupted run from <out>.partial, skipping finished inputs.", rich_help_panel="Output")] = False,
+    update: Annotated[Optional[str], typer.Option("--update", metavar="[=hash]", help="Bring an existing --out up to date with the inputs: embed new or changed files, drop rows of files that are gone, keep the rest. Changed means another size or modification time; --update=hash compares content hashes.", rich_help_panel="Output", show_default=False)] = None,
+    strict: Annotated[bool, typer.Option("--strict", metavar="", help="Stop at the first input that cannot be read, instead of skipping it.", rich_help_panel="Input")] = False,
+    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", metavar="", help="Walk sub-folders.", rich_help_panel="Input")] = True,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.auto,
@@ -395,12 +395,12 @@ def _finish_embed(report, out: Path) -> None:
 # ----------------------------------------------------------------------------- similarity
 @app.command()
 def similarity(
-    image: Annotated[Optional[List[str]], typer.Option("--image", "-i", help="Image file, folder, glob or URL (repeatable).", rich_help_panel="Inputs")] = None,
-    text: Annotated[Optional[List[str]], typer.Option("--text", help="A text (repeatable).", rich_help_panel="Inputs")] = None,
+    image: Annotated[Optional[List[str]], typer.Option("--image", "-i", metavar="IMAGE", help="Image file, folder, glob or URL (repeatable).", rich_help_panel="Inputs")] = None,
+    text: Annotated[Optional[List[str]], typer.Option("--text", metavar="TEXT", help="A text (repeatable).", rich_help_panel="Inputs")] = None,
     texts_file: TextsFileOpt = None,
-    template: Annotated[Optional[List[str]], typer.Option("--template", "-t", help="Put each text into this template first ({} = the text); several make an ensemble.", rich_help_panel="Inputs")] = None,
-    rows: Annotated[str, typer.Option("--rows", help="Which inputs are rows: all, images or texts.", rich_help_panel="Output")] = "all",
-    cols: Annotated[str, typer.Option("--cols", help="Which inputs are columns: all, images or texts.", rich_help_panel="Output")] = "all",
+    template: Annotated[Optional[List[str]], typer.Option("--template", "-t", metavar="TEMPLATE", help="Put each text into this template first ({} = the text); several make an ensemble.", rich_help_panel="Inputs")] = None,
+    rows: Annotated[str, typer.Option("--rows", metavar="all|images|texts", help="Which inputs are rows: all, images or texts.", rich_help_panel="Output")] = "all",
+    cols: Annotated[str, typer.Option("--cols", metavar="all|images|texts", help="Which inputs are columns: all, images or texts.", rich_help_panel="Output")] = "all",
     recursive: RecursiveOpt = False,
     fmt: FormatOpt = Format.auto,
     json_flag: JsonOpt = False,
@@ -468,16 +468,16 @@ def similarity(
 @app.command()
 def bench(
     model: ModelOpt = None,
-    attn: Annotated[str, typer.Option("--attn", help="A backend, several comma-separated, or all.")] = "all",
-    dtype: Annotated[str, typer.Option("--dtype", help="One or several of fp32, fp16, bf16, comma-separated (default: fp32 on CPU, fp16,bf16 on CUDA).")] = "auto",
-    batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: 1,4 on CPU; 1,32,128 on CUDA).")] = None,
-    towers: Annotated[str, typer.Option("--towers", help="What to time: vision, text, classify, comma-separated.")] = "vision,text,classify",
-    seconds: Annotated[float, typer.Option("--seconds", min=0.05, help="Time budget for each row's timed runs (at least one run). Warm-up: the correctness run, plus two more for fast rows, fewer for slow ones.")] = 2.0,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help="At most this many timed runs per row.")] = 10,
+    attn: Annotated[str, typer.Option("--attn", metavar="BACKEND,...", help="A backend, several comma-separated, or all.")] = "all",
+    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE,...", help="One or several of fp32, fp16, bf16, comma-separated (default: fp32 on CPU, fp16,bf16 on CUDA).")] = "auto",
+    batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", metavar="N,N,...", help="Comma-separated batch sizes (default: 1,4 on CPU; 1,32,128 on CUDA).")] = None,
+    towers: Annotated[str, typer.Option("--towers", metavar="TOWER,...", help="What to time: vision, text, classify, comma-separated.")] = "vision,text,classify",
+    seconds: Annotated[float, typer.Option("--seconds", metavar="SECONDS", min=0.05, help="Time budget for each row's timed runs (at least one run). Warm-up: the correctness run, plus two more for fast rows, fewer for slow ones.")] = 2.0,
+    repeats: Annotated[int, typer.Option("--repeats", metavar="N", min=1, help="At most this many timed runs per row.")] = 10,
     device: DeviceOpt = "auto",
-    peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", min=0.0, help="The device's peak TFLOP/s for this dtype, to print % of peak.")] = None,
-    compare: Annotated[Optional[str], typer.Option("--compare", help="transformers: also time the reference SiglipModel on the same weights and inputs.")] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table, json or csv (one record per row).")] = "table",
+    peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", metavar="TFLOPS", min=0.0, help="The device's peak TFLOP/s for this dtype, to print % of peak.")] = None,
+    compare: Annotated[Optional[str], typer.Option("--compare", metavar="transformers", help="transformers: also time the reference SiglipModel on the same weights and inputs.")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", metavar="table|json|csv", help="table, json or csv (one record per row).")] = "table",
     max_patches: MaxPatchesOpt = None,
 ) -> None:
     """Time the attention backends, dtypes and batch sizes.

@@ -52,30 +52,30 @@ FORMAT_HELP = "auto: a table on a terminal, JSON lines when piped."
 
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", envvar="SIGLIP_MODEL", help=MODEL_HELP, show_default=DEFAULT_MODEL, rich_help_panel="Model"),
+    typer.Option("--model", "-m", metavar="NAME|FOLDER", envvar="SIGLIP_MODEL", help=MODEL_HELP, show_default=DEFAULT_MODEL, rich_help_panel="Model"),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help=DEVICE_HELP, rich_help_panel="Model")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help=DEVICE_HELP, rich_help_panel="Model")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help=DTYPE_HELP, rich_help_panel="Model")]
 AttnOpt = Annotated[Attn, typer.Option("--attn", help=ATTN_HELP, rich_help_panel="Model")]
 BatchOpt = Annotated[
     Optional[int],
-    typer.Option("--batch-size", "-b", min=1, help="Images per model call (default: 16 on CPU, 128 on CUDA).", rich_help_panel="Model"),
+    typer.Option("--batch-size", "-b", metavar="N", min=1, help="Images per model call (default: 16 on CPU, 128 on CUDA).", rich_help_panel="Model"),
 ]
 WorkersOpt = Annotated[
     Optional[int],
-    typer.Option("--workers", min=0, help="Threads decoding images ahead of the model (default: 1 on CPU, cores up to 16 on a GPU; 0 = none).", rich_help_panel="Model"),
+    typer.Option("--workers", metavar="N", min=0, help="Threads decoding images ahead of the model (default: 1 on CPU, cores up to 16 on a GPU; 0 = none).", rich_help_panel="Model"),
 ]
 OfflineOpt = Annotated[
     bool,
-    typer.Option("--offline", help="Never use the network: hub ids must already be in the local cache (as HF_HUB_OFFLINE=1).", rich_help_panel="Model"),
+    typer.Option("--offline", metavar="", help="Never use the network: hub ids must already be in the local cache (as HF_HUB_OFFLINE=1).", rich_help_panel="Model"),
 ]
 NoCacheOpt = Annotated[
-    bool, typer.Option("--no-cache", help="Do not read or write the on-disk cache of label embeddings.", rich_help_panel="Model")
+    bool, typer.Option("--no-cache", metavar="", help="Do not read or write the on-disk cache of label embeddings.", rich_help_panel="Model")
 ]
 MaxPatchesOpt = Annotated[
     Optional[int],
     typer.Option(
-        "--max-patches", min=1, max=MAX_PATCH_BUDGET, show_default=False, rich_help_panel="Model",
+        "--max-patches", metavar="N", min=1, max=MAX_PATCH_BUDGET, show_default=False, rich_help_panel="Model",
         help="SigLIP 2 NaFlex models: the most patches per image (default: the checkpoint's max_num_patches, "
              "256 for the released ones). Images keep their aspect ratio; more patches keep more detail and cost "
              "more time.",
@@ -83,17 +83,17 @@ MaxPatchesOpt = Annotated[
 ]
 MaxPixelsOpt = Annotated[
     int,
-    typer.Option("--max-pixels", min=1, help="Refuse images with more pixels than this (decompression bombs).", rich_help_panel="Input"),
+    typer.Option("--max-pixels", metavar="PIXELS", min=1, help="Refuse images with more pixels than this (decompression bombs).", rich_help_panel="Input"),
 ]
-RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Also take images from sub-folders.", rich_help_panel="Input")]
+RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", metavar="", help="Also take images from sub-folders.", rich_help_panel="Input")]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help=FORMAT_HELP, rich_help_panel="Output")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Short for --format json.", rich_help_panel="Output")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Short for --format json.", rich_help_panel="Output")]
 TemplateOpt = Annotated[
     Optional[List[str]],
-    typer.Option("--template", "-t", help="Prompt template with {} for the label; give several for a prompt ensemble.", rich_help_panel="Labels"),
+    typer.Option("--template", "-t", metavar="TEMPLATE", help="Prompt template with {} for the label; give several for a prompt ensemble.", rich_help_panel="Labels"),
 ]
-NoTemplateOpt = Annotated[bool, typer.Option("--no-template", help="Use the texts as the prompts, as typed.", rich_help_panel="Labels")]
-TextsFileOpt = Annotated[Optional[List[Path]], typer.Option("--texts-file", help="A file with one text per line.", rich_help_panel="Texts")]
+NoTemplateOpt = Annotated[bool, typer.Option("--no-template", metavar="", help="Use the texts as the prompts, as typed.", rich_help_panel="Labels")]
+TextsFileOpt = Annotated[Optional[List[Path]], typer.Option("--texts-file", metavar="FILE", help="A file with one text per line.", rich_help_panel="Texts")]
 
 
 class ModelOptions:
