@@ -84,6 +84,15 @@ class Engine:
         """Whether attention needs key masks: NaFlex batches pad images to the longest."""
         return self.config.vision.naflex
 
+    @property
+    def network(self) -> Siglip | None:
+        """The model with whichever towers are loaded so far (None before the first)."""
+        return self._network
+
+    def tower(self, name: str) -> torch.nn.Module:
+        """The `text` or `vision` tower, loaded on first use."""
+        return self._tower(name)
+
     def _tower(self, name: str) -> torch.nn.Module:
         network = self._network
         if network is None or getattr(network, f"{name}_model") is None:

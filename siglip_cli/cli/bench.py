@@ -231,7 +231,7 @@ def open_engine(model: str, device: torch.device, dtype: torch.dtype, note: Call
         config = _with_budget(config_from_folder(resolved.folder), model, max_patches)
         engine = Engine(resolved, config, device, dtype, "eager", use_cache=False)
         for tower in towers:
-            engine._tower(tower)  # noqa: SLF001  (loaded before any timing)
+            engine.tower(tower)  # loaded before any timing
         return engine, "checkpoint"
     try:
         config = architecture(model)
@@ -277,9 +277,9 @@ def to_transformers(engine: Engine, weights: str):
     hf_config = config_class(text_config=text_config, vision_config=vision_config)
     hf_config._attn_implementation = "sdpa"
     reference = model_class(hf_config).to(engine.dtype)
-    state = {k: t.cpu() for k, t in to_checkpoint_state(engine._network).items()}  # noqa: SLF001
+    state = {k: t.cpu() for k, t in to_checkpoint_state(engine.network).items()}
     missing, unexpected = reference.load_state_dict(state, strict=False)
-    built = tuple(f"{t}_model." for t in ("text", "vision") if getattr(engine._network, f"{t}_model") is not None)  # noqa: SLF001
+    built = tuple(f"{t}_model." for t in ("text", "vision") if getattr(engine.network, f"{t}_model") is not None)
     if unexpected or any(name.startswith(built) for name in missing):  # only towers not built may be missing
         raise RuntimeError(f"transformers' model does not take our weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return reference.eval().requires_grad_(False)
