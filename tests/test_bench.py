@@ -153,3 +153,19 @@ def test_batch_sizes_are_checked_and_unrunnable_backends_time_nothing(tiny_check
     if not torch.cuda.is_available():
         rows = json.loads(bench("--attn", "flash", "--batch-sizes", "1", "--format", "json").stdout)
         assert [(r["attn"], r["status"]) for r in rows] == [("flash", "unavailable")]  # no hidden eager timing
+
+
+def test_compare_keeps_transformers_quiet(tiny_checkpoint, tmp_path):
+    """transformers' warnings and loading bars must not reach our stderr (a real process, with
+    none of the test suite's quieting variables)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSFORMERS_", "HF_HUB_DISABLE"))}
+    proc = subprocess.run([sys.executable, "-m", "siglip_cli", "bench", "--model", str(tiny_checkpoint), "--compare", "transformers",
+                           "--format", "json", "--seconds", "0.05", "--batch-sizes", "2", "--towers", "vision,text", "--attn", "sdpa"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert all(line.startswith("siglip:") for line in proc.stderr.splitlines()), proc.stderr
+    assert {r["attn"] for r in json.loads(proc.stdout)} == {"sdpa", "transformers"}
