@@ -82,4 +82,4 @@ def records(stdout: str) -> list[dict]:
 
 def store_files(out: Path) -> dict[str, bytes]:
     """Every file of a store, by name: to compare two stores byte for byte."""
-    return {p.name.replace(out.stem, "X"): p.read_bytes() for p in out.parent.iterdir() if p.name.startswith(out.name)}
+    return {p.name: p.read_bytes() for p in out.parent.iterdir() if p.name.startswith(out.name) and p.is_file()}

@@ -315,7 +315,10 @@ def embed(
             refuse_overwriting_inputs(out, plan, texts_file or [])
             refuse_foreign_file(out, bool(update))
         base_meta = _update_base_meta(out) if update else {}
-        options = ModelOptions(model or base_meta.get("model"), device, dtype, attn, batch_size, workers, offline, max_pixels)
+        # An update takes the model and its dtype from the store unless told otherwise (a store
+        # made in fp16 on a GPU is refused, not silently mixed with fp32 rows, on a CPU).
+        model_dtype = base_meta.get("model_dtype", "auto") if dtype == DType.auto else dtype
+        options = ModelOptions(model or base_meta.get("model"), device, model_dtype, attn, batch_size, workers, offline, max_pixels)
         dtype_name = (out_dtype.value if out_dtype else base_meta.get("dtype", "float32"))
         engine = load_engine(options)
         if out is None:
