@@ -283,3 +283,20 @@ def test_damaged_single_file_formats(indexed, tmp_path, suffix, damage):
     result = cli("search", out, "a cat", "--json", env=indexed["env"])
     assert result.exit_code == 1 and result.stdout == ""
     one_error_line(result.stderr, str(out))
+
+
+def test_the_photo_search_example_runs(tmp_path, tiny_checkpoint):
+    """examples/embed_and_search.sh as a user runs it, on the model SIGLIP_MODEL names."""
+    import os
+    import subprocess
+    import sys
+
+    make_photos(tmp_path / "photos", 6)
+    env = {**os.environ, "SIGLIP_MODEL": str(tiny_checkpoint), "SIGLIP_CACHE_DIR": str(tmp_path / "cache"),
+           "INDEX": str(tmp_path / "photos.npy"), "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    script = Path(__file__).resolve().parent.parent / "examples" / "embed_and_search.sh"
+    result = subprocess.run(["bash", str(script), str(tmp_path / "photos")], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sum(1 for line in result.stdout.splitlines() if "p00" in line and "%" in line) == 5
+    assert "--update: 0 new or changed, 6 unchanged, 0 gone" in result.stderr

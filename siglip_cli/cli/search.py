@@ -9,17 +9,18 @@ trained to score two images (or two texts) that way, so such hits have only thei
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
 from ..core.errors import UsageError
 from ..core.scoring import sigmoid
 from ..results import SearchHit, SearchResult
-from ..sources import Listing
 from ..store import Store
 from ..topk import top_k
+
+if TYPE_CHECKING:  # sources imports Pillow: a text query needs neither
+    from ..sources import Listing
 
 
 @dataclass

@@ -1,0 +1,166 @@
+"""Exact search over a synthetic 1,000,000 x 768 index: `siglip search` as a whole process
+(model load included; the text query's embedding cached, as on every repeated query) against
+the obvious numpy script (`np.load` + `@` + `argsort`), and the search alone in this process.
+
+The index is written by our own `write_store` (float32 rows, L2-normalised random vectors,
+a million file names like `photos/0123/IMG_00123456.jpg`), with the meta of a full-size
+base-224 checkpoint (random weights, benchmarks/common.py) so that the query is embedded by a
+real model once and then comes from the cache. Runs are interleaved and repeated; medians,
+min and max are printed with the machine's CPU, flags and load. Usage:
+
+    python benchmarks/search_speed.py [--rows 1000000] [--rounds 5] [--work /tmp/siglip-bench]
+
+It needs ~3.1 GB of disk per million 768-d rows, and as much free memory to keep the file in
+the page cache (the figures are for a cached file: a cold read is the disk's speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, build_checkpoint, machine, timed_process  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+
+QUERY = "a red car parked in front of an old building"
+DIM = 768
+
+NUMPY_SCRIPT = """
+import sys
+import numpy as np
+rows = np.load(sys.argv[1]{mmap})
+query = np.load(sys.argv[2])
+scores = rows @ query
+best = np.argsort(-scores)[:10]
+names = open(sys.argv[1] + ".paths.txt", encoding="utf-8").read().splitlines()
+for i in best:
+    print(f"{{scores[i]:.4f}} {{names[i]}}")
+"""
+
+
+def cpu_flags() -> str:
+    wanted = ("avx2", "avx512f", "avx512_bf16", "fma", "f16c", "sha_ni")
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in wanted if f in have)
+    except OSError:
+        pass
+    return "unknown"
+
+
+def load() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def build_index(out: Path, rows: int, checkpoint: Path) -> None:
+    """A store as `siglip embed` writes it, made of random unit vectors (written a chunk at a
+    time through a memory map, so building it needs little memory)."""
+    if out.exists():
+        return
+    from numpy.lib.format import open_memmap
+
+    from siglip_cli.core.logit_scalars import read_logit_scalars
+    from siglip_cli.hub import resolve_model
+    from siglip_cli.store import Entry, write_store
+
+    raw = out.with_name("raw-rows.npy")
+    values = open_memmap(raw, mode="w+", dtype=np.float32, shape=(rows, DIM))
+    rng = np.random.default_rng(0)
+    for start in range(0, rows, 65536):
+        block = rng.standard_normal((min(65536, rows - start), DIM), dtype=np.float32)
+        values[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    values.flush()
+    resolved = resolve_model(str(checkpoint))
+    scale, bias = read_logit_scalars(checkpoint / "model.safetensors")
+    entries = [Entry("image", f"photos/{i // 1000:04d}/IMG_{i:08d}.jpg", (2_000_000 + i, 1_700_000_000_000_000_000 + i, b""), values, i)
+               for i in range(rows)]
+    meta = {"model": str(checkpoint), "revision": resolved.revision, "model_dtype": "fp32", "normalized": True,
+            "templates": [], "logit_scale": scale, "logit_bias": bias, "images": rows, "texts": 0, "skipped_count": 0, "skipped": []}
+    write_store(out, entries, DIM, "float32", meta)
+    raw.unlink()
+
+
+def search_in_process(index: Path, query: np.ndarray, rounds: int) -> list[float]:
+    """open_store + top_k + the hits' names, in this process, the file already cached."""
+    from siglip_cli.store import open_store
+    from siglip_cli.topk import top_k
+
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        store = open_store(index)
+        ranking = top_k(store, query[None, :], 10)[0]
+        store.names_at(ranking.rows)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/siglip-bench"))
+    args = parser.parse_args()
+
+    checkpoint = build_checkpoint(args.work / "base224")
+    index = args.work / f"search-{args.rows}.npy"
+    build_index(index, args.rows, checkpoint)
+    cache = args.work / "search-cache"
+    env = {**os.environ, "SIGLIP_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    ours = [sys.executable, "-m", "siglip_cli", "search", str(index), QUERY, "--top-k", "10", "--format", "jsonl"]
+
+    # Fill the text cache (the model runs once) and keep the query for the numpy scripts.
+    first, _, _ = timed_process(ours, env, cwd=ROOT)
+    from siglip_cli.queries import IndexModel
+
+    meta = json.loads(Path(f"{index}.meta.json").read_text())
+    query = IndexModel(index, meta).text_embeddings([QUERY], ["This is a photo of {}."])[0]
+    query_file = args.work / "search-query.npy"
+    np.save(query_file, query)
+    runs = {
+        "siglip search (cached query)": ours,
+        "numpy: np.load + @ + argsort": [sys.executable, "-c", NUMPY_SCRIPT.format(mmap=""), str(index), str(query_file)],
+        "numpy: np.load(mmap_mode='r') + @": [sys.executable, "-c", NUMPY_SCRIPT.format(mmap=", mmap_mode='r'"), str(index), str(query_file)],
+    }
+    for argv in runs.values():  # warm the page cache
+        timed_process(argv, env, cwd=ROOT)
+    load_before = load()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    peaks: dict[str, list[float]] = {name: [] for name in runs}
+    inside: list[float] = []
+    for _ in range(args.rounds):
+        for name, argv in runs.items():
+            wall, peak, _ = timed_process(argv, env, cwd=ROOT)
+            times[name].append(wall)
+            peaks[name].append(peak)
+        inside += search_in_process(index, query, 1)
+    load_after = load()
+
+    print(f"exact search, {args.rows:,} x {DIM} float32 rows ({index.stat().st_size / 1e9:.2f} GB, in the page cache), "
+          f"one text query, top 10, {args.rounds} rounds interleaved")
+    print(f"machine: {machine()}; flags: {cpu_flags()}; load average before {load_before}, after {load_after}")
+    print(f"(first siglip run, query embedded by the base-224 model: {first:.2f} s)")
+    base = statistics.median(times["numpy: np.load + @ + argsort"])
+    print(f"{'run':40} {'median s':>9} {'min s':>7} {'max s':>7} {'peak MB':>8} {'time vs numpy':>14}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:40} {median:9.2f} {min(values):7.2f} {max(values):7.2f} {statistics.median(peaks[name]):8.0f} {median / base:13.2f}x")
+    print(f"{'search alone, in process (open + top_k)':40} {statistics.median(inside):9.3f} {min(inside):7.3f} {max(inside):7.3f}")
+
+
+if __name__ == "__main__":
+    main()
