@@ -425,7 +425,8 @@ class Store:
 
     def image_rows(self) -> dict[str, int]:
         """name -> row of every image row."""
-        return {name: i for i, name in enumerate(self._names.at(range(self.image_count)))}
+        names = self.names
+        return {names[i]: i for i in range(self.image_count)}
 
 
 def _damaged(path: Path, why: str) -> OutputError:

@@ -300,3 +300,10 @@ def test_the_photo_search_example_runs(tmp_path, tiny_checkpoint):
     assert result.returncode == 0, result.stderr
     assert sum(1 for line in result.stdout.splitlines() if "p00" in line and "%" in line) == 5
     assert "--update: 0 new or changed, 6 unchanged, 0 gone" in result.stderr
+
+
+def test_search_help_imports_neither_torch_nor_numpy():
+    from .test_cli_classify import _imports_after
+
+    modules = _imports_after(["search", "--help"])
+    assert "typer" in modules and "torch" not in modules and "numpy" not in modules

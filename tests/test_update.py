@@ -35,6 +35,15 @@ def _embed(env, folder, out, *extra):
     return result
 
 
+def _indexed(env, tmp_path, count: int, suffix: str = ".npy", *extra) -> tuple[Path, Path]:
+    """A folder of `count` photos and its store, embedded once."""
+    folder = tmp_path / "photos"
+    make_photos(folder, count)
+    out = tmp_path / f"vecs{suffix}"
+    _embed(env, folder, out, *extra)
+    return folder, out
+
+
 def _assert_equal_stores(found: Path, expected: Path, exact_rows: set[str] = frozenset()) -> None:
     """Same names, kinds and rows in the same order (rows to float32 noise: a picture embedded
     in another batch differs in the last bits), stamps of the same files."""
@@ -54,10 +63,7 @@ def _change_picture(path: Path, seed: int) -> None:
 
 @pytest.mark.parametrize("suffix", FORMATS)
 def test_update_after_adding_changing_renaming_and_deleting_equals_a_clean_run(env, tmp_path, suffix):
-    folder = tmp_path / "photos"
-    make_photos(folder, 6)
-    out = tmp_path / f"vecs{suffix}"
-    _embed(env, folder, out)
+    folder, out = _indexed(env, tmp_path, 6, suffix)
     before = open_store(out)
     before_rows = {name: before.rows[i].copy() for i, name in enumerate(before.names)}
 
@@ -84,10 +90,7 @@ def test_update_after_adding_changing_renaming_and_deleting_equals_a_clean_run(e
 
 
 def test_an_update_with_nothing_new_keeps_every_row_and_embeds_nothing(env, tmp_path):
-    folder = tmp_path / "photos"
-    make_photos(folder, 3)
-    out = tmp_path / "vecs.npy"
-    _embed(env, folder, out)
+    folder, out = _indexed(env, tmp_path, 3)
     before = open_store(out)
     result = cli("embed", folder, "--out", out, "--update", env=env)
     assert result.exit_code == 0 and "0 new or changed, 3 unchanged, 0 gone" in result.stderr
@@ -96,10 +99,7 @@ def test_an_update_with_nothing_new_keeps_every_row_and_embeds_nothing(env, tmp_
 
 
 def test_touched_files_are_embedded_again_by_time_but_not_by_hash(env, tmp_path):
-    folder = tmp_path / "photos"
-    make_photos(folder, 3)
-    out = tmp_path / "vecs.npy"
-    _embed(env, folder, out)
+    folder, out = _indexed(env, tmp_path, 3)
     first = cli("embed", folder, "--out", out, "--update=hash", env=env)  # records content hashes
     assert first.exit_code == 0 and "0 new or changed, 3 unchanged" in first.stderr
     later = time.time() + 5
@@ -119,10 +119,7 @@ def test_touched_files_are_embedded_again_by_time_but_not_by_hash(env, tmp_path)
 def test_only_a_hash_sees_new_content_with_the_same_size_and_time(env, tmp_path):
     """A tool that rewrites a file and restores its time (rsync -t, some editors): size and
     time agree, so --update keeps the old row (as documented), and --update=hash does not."""
-    folder = tmp_path / "photos"
-    make_photos(folder, 3)
-    out = tmp_path / "vecs.npy"
-    _embed(env, folder, out)
+    folder, out = _indexed(env, tmp_path, 3)
     assert cli("embed", folder, "--out", out, "--update=hash", env=env).exit_code == 0  # records the hashes
     target = folder / "p001.png"
     stat = target.stat()
@@ -137,10 +134,7 @@ def test_only_a_hash_sees_new_content_with_the_same_size_and_time(env, tmp_path)
 
 
 def test_text_rows_follow_the_texts_given(env, tmp_path):
-    folder = tmp_path / "photos"
-    make_photos(folder, 2)
-    out = tmp_path / "vecs.npy"
-    _embed(env, folder, out, "--text", "a cat", "--text", "a dog")
+    folder, out = _indexed(env, tmp_path, 2, ".npy", "--text", "a cat", "--text", "a dog")
     make_photos(folder, 1, start=2)
     result = cli("embed", folder, "--out", out, "--update", "--text", "a dog", "--text", "a bird", env=env)
     assert result.exit_code == 0, result.stderr
@@ -151,10 +145,7 @@ def test_text_rows_follow_the_texts_given(env, tmp_path):
 
 
 def test_a_file_that_went_bad_loses_its_row(env, tmp_path):
-    folder = tmp_path / "photos"
-    make_photos(folder, 3)
-    out = tmp_path / "vecs.npy"
-    _embed(env, folder, out)
+    folder, out = _indexed(env, tmp_path, 3)
     (folder / "p001.png").write_bytes(b"no longer a picture")
     result = cli("embed", folder, "--out", out, "--update", env=env)
     assert result.exit_code == 1 and "p001.png" in result.stderr and "Traceback" not in result.stderr
@@ -186,10 +177,7 @@ def test_update_refuses_other_settings_and_missing_outputs(env, tmp_path, checkp
 def test_a_failed_update_keeps_the_previous_store_whole(env, tmp_path, monkeypatch):
     from siglip_cli import store
 
-    folder = tmp_path / "photos"
-    make_photos(folder, 2)
-    out = tmp_path / "vecs.npy"
-    _embed(env, folder, out)
+    folder, out = _indexed(env, tmp_path, 2)
     before = store_files(out)
     make_photos(folder, 1, start=2)
 
@@ -212,10 +200,7 @@ def _update_process(folder: Path, out: Path, env: dict, *extra: str) -> subproce
 
 
 def test_an_interrupted_update_resumes_to_a_clean_result(env, tmp_path):
-    folder = tmp_path / "photos"
-    make_photos(folder, 3)
-    out = tmp_path / "vecs.npy"
-    _embed(env, folder, out)
+    folder, out = _indexed(env, tmp_path, 3)
     before = store_files(out)
     for i in range(40):  # large enough that the update takes a few seconds
         random_image(500 + i, (900, 700)).save(folder / f"q{i:03d}.jpg", quality=90)
