@@ -303,15 +303,6 @@ class ArrowNames(Names):
         return self.column.to_pylist()
 
 
-@dataclass(frozen=True)
-class RowFile:
-    """Where a store's rows lie raw on disk (C order, little-endian, the meta's dtype), so a
-    search can read them with plain `pread`s into a small reused buffer."""
-
-    path: Path
-    offset: int
-
-
 class ParquetRows:
     """`rows[indices]` for a Parquet store, reading only the row groups that hold them (the
     last two are kept): an update copies old rows into the new file without loading all."""
@@ -350,16 +341,14 @@ class ParquetRows:
 class Store:
     """A store read back, its parts checked against each other.
 
-    Rows are memory-mapped for .npy and .npz (nothing is read until used) and `row_file` says
-    where they lie on disk; `chunks()` reads any format in pieces, so memory stays flat. Names
-    and file stamps are read only when asked for."""
+    Rows are memory-mapped for .npy and .npz (nothing is read until used); `chunks()` reads any
+    format in pieces, so memory stays flat. Names and file stamps are read only when asked for."""
 
     def __init__(self, path: Path, meta: dict, kinds: np.ndarray, names: Names, stamps, rows=None, chunks=None,
-                 row_file: RowFile | None = None, row_source=None):
+                 row_source=None):
         self.path = path
         self.meta = meta
         self.kinds = kinds  # (N,) bool: True for text rows
-        self.row_file = row_file
         self._names = names
         self._stamps = stamps  # (N,) STAMP_DTYPE, or a function that reads them
         self._rows = rows
@@ -398,6 +387,12 @@ class Store:
             parts = list(self.chunks())
             self._rows = np.concatenate(parts) if parts else np.zeros((0, self.dim), self.meta["dtype"])
         return self._rows
+
+    @property
+    def mapped(self) -> bool:
+        """Whether any part of the rows can be read without reading the rest (a memory map, or
+        rows already in memory), from several threads at once."""
+        return self._rows is not None
 
     @property
     def row_source(self):
@@ -510,7 +505,7 @@ def _array_header(fh) -> tuple[tuple, bool, np.dtype]:
     return read_header(fh)
 
 
-def _read_npy_rows(path: Path, meta: dict) -> tuple[np.ndarray, RowFile]:
+def _read_npy_rows(path: Path, meta: dict) -> np.ndarray:
     """The rows memory-mapped, after checking the header and that the file holds exactly them."""
     try:
         with open(path, "rb") as fh:
@@ -524,13 +519,12 @@ def _read_npy_rows(path: Path, meta: dict) -> tuple[np.ndarray, RowFile]:
     expected = offset + int(np.prod(shape)) * dtype.itemsize
     if size != expected:
         raise _damaged(path, f"it is {size} bytes, its header says {expected} (truncated or cut short?)")
-    rows = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape) if shape[0] and shape[1] else np.zeros(shape, dtype)
-    return rows, RowFile(path, offset)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape) if shape[0] and shape[1] else np.zeros(shape, dtype)
 
 
 def _read_npy(path: Path) -> Store:
     meta = _check_meta(path, _read_meta_file(path))
-    rows, row_file = _read_npy_rows(path, meta)
+    rows = _read_npy_rows(path, meta)
     paths_file, stamps_file = sidecar(path, ".paths.txt"), sidecar(path, ".stamps.npy")
     try:
         data = paths_file.read_bytes()
@@ -552,7 +546,7 @@ def _read_npy(path: Path) -> Store:
         _check_digest(stamps_file, meta, "stamps", raw, f"its file stamps are not those of the rows {other_run}")
         return _check_stamps(stamps_file, meta, array)
 
-    return Store(path, meta, _kinds_from_meta(meta), names, stamps, rows=rows, row_file=row_file)
+    return Store(path, meta, _kinds_from_meta(meta), names, stamps, rows=rows)
 
 
 def _npz_member_offset(archive: zipfile.ZipFile, fh, name: str) -> int:
@@ -595,7 +589,7 @@ def _read_npz(path: Path) -> Store:
     _agree(path, meta, shape, names)
     kinds = kinds == "text"
     _check_kinds(path, meta, kinds)
-    return Store(path, meta, kinds, names, _check_stamps(path, meta, stamps), rows=rows, row_file=RowFile(path, offset))
+    return Store(path, meta, kinds, names, _check_stamps(path, meta, stamps), rows=rows)
 
 
 def _read_jsonl(path: Path) -> Store:

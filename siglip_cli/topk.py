@@ -4,12 +4,13 @@ One pass over the rows, a block at a time, keeping a running top-K per query, so
 flat however large the store is. Measured on a 2-core VM over 1,000,000 x 768 float32 rows
 (benchmarks/search_speed.py, docs/benchmarks.md):
 
-- Rows are read with `pread` into a small buffer that stays in the CPU cache, and the dot
-  products run there: ~0.2 s a pass, against ~0.4 s for a first pass over a fresh memory map
-  (each page is faulted in) and ~0.3 s for the obvious `np.load` + `@` once the file is cached.
-- The cores split the rows between them (threads: numpy releases the GIL). The dot products are
-  numpy's `vecdot`, not a BLAS matrix product: OpenBLAS starts its own threads for every call,
-  and those fight ours (and anything else on the machine) -- up to 10x slower under load.
+- The memory-mapped rows are read in place, by every core (threads: numpy releases the GIL),
+  each over its own part of the file. Reading them with `pread` into a small cache-resident
+  buffer instead was as fast on a quiet machine but costs twice the CPU time (the kernel copies
+  3 GB), which is what a busy machine is short of.
+- The dot products are numpy's `vecdot`, not a BLAS matrix product: OpenBLAS starts its own
+  threads for every call, and those fight ours (and anything else on the machine) -- up to 10x
+  slower under load.
 
 Ties are broken by row number, so a ranking never depends on how the rows were split.
 """
@@ -23,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .core.errors import OutputError
-from .store import RowFile, Store
+from .store import Store
 
-READ_BYTES = 3 << 20  # one read: stays in a core's cache while its dot products run
+READ_BYTES = 8 << 20  # rows per dot-product call: large enough that Python's share is nil
 BLOCK_ROWS = 1 << 16  # rows scored before they are merged into the running top-K
 MIN_ROWS_PER_THREAD = 1 << 16  # below this a thread costs more than it saves
 
@@ -55,7 +56,7 @@ def top_k(store: Store, queries: np.ndarray, k: int, start: int = 0, stop: int |
         return [Ranking(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in queries]
     threads = threads or threads_available()
     threads = max(1, min(threads, (stop - start) // MIN_ROWS_PER_THREAD))
-    if store.row_file is None:
+    if not store.mapped:
         threads = 1  # rows come from a reader that is not safe to share
     bounds = np.linspace(start, stop, threads + 1).astype(np.int64)
     parts = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
@@ -135,32 +136,7 @@ def rows_per_read(store: Store) -> int:
 
 def _reads(store: Store, start: int, stop: int):
     """(first row, rows) pieces of about READ_BYTES covering start:stop."""
-    if store.row_file is not None:
-        yield from _read_file(store, store.row_file, start, stop)
-        return
     position = start
     for chunk in store.chunks(rows_per_read(store), start, stop):
         yield position, chunk
         position += len(chunk)
-
-
-def _read_file(store: Store, row_file: RowFile, start: int, stop: int):
-    dtype = np.dtype(store.meta["dtype"]).newbyteorder("<")
-    row_bytes = store.dim * dtype.itemsize
-    per_read = rows_per_read(store)
-    buffer = np.empty((per_read, store.dim), dtype)
-    view = memoryview(buffer).cast("B")
-    try:
-        fd = os.open(row_file.path, os.O_RDONLY)
-    except OSError as exc:
-        raise OutputError(f"{row_file.path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        for first in range(start, stop, per_read):
-            count = min(per_read, stop - first)
-            wanted = count * row_bytes
-            got = os.preadv(fd, [view[:wanted]], row_file.offset + first * row_bytes)
-            if got != wanted:
-                raise OutputError(f"{row_file.path}: ends before row {first + got // row_bytes}; it was cut short since it was opened")
-            yield first, buffer[:count]
-    finally:
-        os.close(fd)
