@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, build_checkpoint, machine, timed_process  # noqa: E402
+from common import ROOT, build_checkpoint, machine  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
@@ -45,6 +45,29 @@ names = open(sys.argv[1] + ".paths.txt", encoding="utf-8").read().splitlines()
 for i in best:
     print(f"{{scores[i]:.4f}} {{names[i]}}")
 """
+
+
+WRAPPER = (
+    "import resource, subprocess, sys, json, time\n"
+    "t = time.perf_counter()\n"
+    "p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)\n"
+    "wall = time.perf_counter() - t\n"
+    "usage = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print(json.dumps({'wall': wall, 'cpu': usage.ru_utime + usage.ru_stime, 'peak': usage.ru_maxrss / 1024,\n"
+    "                  'rc': p.returncode, 'stderr': p.stderr[-2000:]}))\n"
+)
+
+
+def timed_process(argv: list[str], env: dict) -> dict:
+    """One whole process: wall seconds, CPU seconds (user + system: on a shared machine the
+    steadier figure, since the wall time depends on who else runs) and peak RSS in MB."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", WRAPPER, *argv], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+    result = json.loads(out.stdout)
+    if result["rc"] != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({result['rc']}): {result['stderr']}")
+    return result
 
 
 def cpu_flags() -> str:
@@ -95,7 +118,7 @@ def build_index(out: Path, rows: int, checkpoint: Path) -> None:
 
 
 def search_in_process(index: Path, query: np.ndarray) -> tuple[float, float]:
-    """(open_store, top_k + the hits' names) in seconds, in this process, the file cached."""
+    """(open_store, top_k + the hits' names) wall seconds, in this process, the file cached."""
     from siglip_cli.store import open_store
     from siglip_cli.topk import top_k
 
@@ -122,7 +145,7 @@ def main() -> None:
     ours = [sys.executable, "-m", "siglip_cli", "search", str(index), QUERY, "--top-k", "10", "--format", "jsonl"]
 
     # Fill the text cache (the model runs once) and keep the query for the numpy scripts.
-    first, _, _ = timed_process(ours, env, cwd=ROOT)
+    first = timed_process(ours, env)
     from siglip_cli.queries import IndexModel
 
     meta = json.loads(Path(f"{index}.meta.json").read_text())
@@ -135,17 +158,14 @@ def main() -> None:
         "numpy: np.load(mmap_mode='r') + @": [sys.executable, "-c", NUMPY_SCRIPT.format(mmap=", mmap_mode='r'"), str(index), str(query_file)],
     }
     for argv in runs.values():  # warm the page cache
-        timed_process(argv, env, cwd=ROOT)
+        timed_process(argv, env)
     load_before = load()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    peaks: dict[str, list[float]] = {name: [] for name in runs}
+    found: dict[str, list[dict]] = {name: [] for name in runs}
     opening: list[float] = []
     searching: list[float] = []
     for _ in range(args.rounds):
         for name, argv in runs.items():
-            wall, peak, _ = timed_process(argv, env, cwd=ROOT)
-            times[name].append(wall)
-            peaks[name].append(peak)
+            found[name].append(timed_process(argv, env))
         opened, searched = search_in_process(index, query)
         opening.append(opened)
         searching.append(searched)
@@ -154,13 +174,16 @@ def main() -> None:
     print(f"exact search, {args.rows:,} x {DIM} float32 rows ({index.stat().st_size / 1e9:.2f} GB, in the page cache), "
           f"one text query, top 10, {args.rounds} rounds interleaved")
     print(f"machine: {machine()}; flags: {cpu_flags()}; load average before {load_before}, after {load_after}")
-    print(f"(first siglip run, query embedded by the base-224 model: {first:.2f} s)")
-    base = statistics.median(times["numpy: np.load + @ + argsort"])
-    print(f"{'run':40} {'median s':>9} {'min s':>7} {'max s':>7} {'peak MB':>8} {'time vs numpy':>14}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:40} {median:9.2f} {min(values):7.2f} {max(values):7.2f} {statistics.median(peaks[name]):8.0f} {median / base:13.2f}x")
-    print("in this process, the same query:")
+    print(f"(first siglip run, query embedded by the base-224 model: {first['wall']:.2f} s)")
+    base = statistics.median(r["wall"] for r in found["numpy: np.load + @ + argsort"])
+    print(f"{'run':40} {'median s':>9} {'min s':>7} {'max s':>7} {'CPU s':>6} {'peak MB':>8} {'time vs numpy':>14}")
+    for name, results in found.items():
+        walls = [r["wall"] for r in results]
+        median = statistics.median(walls)
+        cpu = statistics.median(r["cpu"] for r in results)
+        peak = statistics.median(r["peak"] for r in results)
+        print(f"{name:40} {median:9.2f} {min(walls):7.2f} {max(walls):7.2f} {cpu:6.2f} {peak:8.0f} {median / base:13.2f}x")
+    print("in this process, the same query (wall s):")
     for name, values in (("  open_store (meta, names, checks)", opening), ("  top_k + the hits' names", searching)):
         print(f"{name:40} {statistics.median(values):9.3f} {min(values):7.3f} {max(values):7.3f}")
 

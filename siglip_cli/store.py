@@ -303,6 +303,15 @@ class ArrowNames(Names):
         return self.column.to_pylist()
 
 
+@dataclass(frozen=True)
+class RowFile:
+    """Where a store's rows lie raw on disk (C order, little-endian, the meta's dtype), so that a
+    search can map them a window at a time."""
+
+    path: Path
+    offset: int
+
+
 class ParquetRows:
     """`rows[indices]` for a Parquet store, reading only the row groups that hold them (the
     last two are kept): an update copies old rows into the new file without loading all."""
@@ -345,10 +354,11 @@ class Store:
     format in pieces, so memory stays flat. Names and file stamps are read only when asked for."""
 
     def __init__(self, path: Path, meta: dict, kinds: np.ndarray, names: Names, stamps, rows=None, chunks=None,
-                 row_source=None):
+                 row_source=None, row_file: RowFile | None = None):
         self.path = path
         self.meta = meta
         self.kinds = kinds  # (N,) bool: True for text rows
+        self.row_file = row_file
         self._names = names
         self._stamps = stamps  # (N,) STAMP_DTYPE, or a function that reads them
         self._rows = rows
@@ -505,7 +515,7 @@ def _array_header(fh) -> tuple[tuple, bool, np.dtype]:
     return read_header(fh)
 
 
-def _read_npy_rows(path: Path, meta: dict) -> np.ndarray:
+def _read_npy_rows(path: Path, meta: dict) -> tuple[np.ndarray, RowFile]:
     """The rows memory-mapped, after checking the header and that the file holds exactly them."""
     try:
         with open(path, "rb") as fh:
@@ -519,12 +529,13 @@ def _read_npy_rows(path: Path, meta: dict) -> np.ndarray:
     expected = offset + int(np.prod(shape)) * dtype.itemsize
     if size != expected:
         raise _damaged(path, f"it is {size} bytes, its header says {expected} (truncated or cut short?)")
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape) if shape[0] and shape[1] else np.zeros(shape, dtype)
+    rows = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape) if shape[0] and shape[1] else np.zeros(shape, dtype)
+    return rows, RowFile(path, offset)
 
 
 def _read_npy(path: Path) -> Store:
     meta = _check_meta(path, _read_meta_file(path))
-    rows = _read_npy_rows(path, meta)
+    rows, row_file = _read_npy_rows(path, meta)
     paths_file, stamps_file = sidecar(path, ".paths.txt"), sidecar(path, ".stamps.npy")
     try:
         data = paths_file.read_bytes()
@@ -546,7 +557,7 @@ def _read_npy(path: Path) -> Store:
         _check_digest(stamps_file, meta, "stamps", raw, f"its file stamps are not those of the rows {other_run}")
         return _check_stamps(stamps_file, meta, array)
 
-    return Store(path, meta, _kinds_from_meta(meta), names, stamps, rows=rows)
+    return Store(path, meta, _kinds_from_meta(meta), names, stamps, rows=rows, row_file=row_file)
 
 
 def _npz_member_offset(archive: zipfile.ZipFile, fh, name: str) -> int:
@@ -589,7 +600,7 @@ def _read_npz(path: Path) -> Store:
     _agree(path, meta, shape, names)
     kinds = kinds == "text"
     _check_kinds(path, meta, kinds)
-    return Store(path, meta, kinds, names, _check_stamps(path, meta, stamps), rows=rows)
+    return Store(path, meta, kinds, names, _check_stamps(path, meta, stamps), rows=rows, row_file=RowFile(path, offset))
 
 
 def _read_jsonl(path: Path) -> Store:

@@ -2,12 +2,12 @@
 
 One pass over the rows, a block at a time, keeping a running top-K per query, so memory stays
 flat however large the store is. Measured on a 2-core VM over 1,000,000 x 768 float32 rows
-(benchmarks/search_speed.py, docs/benchmarks.md):
+(A/B runs in fresh processes, noted in docs/benchmarks.md):
 
-- The memory-mapped rows are read in place, by every core (threads: numpy releases the GIL),
-  each over its own part of the file. Reading them with `pread` into a small cache-resident
-  buffer instead was as fast on a quiet machine but costs twice the CPU time (the kernel copies
-  3 GB), which is what a busy machine is short of.
+- Every core reads its own part of the file (threads: numpy releases the GIL), through memory
+  maps of 8 MB windows, each unmapped once scored. One map of the whole file is ~10% faster
+  but leaves its 3 GB in the process's resident set; `pread` into a cache-sized buffer costs
+  twice the kernel time (it copies the 3 GB), which a busy machine is short of.
 - The dot products are numpy's `vecdot`, not a BLAS matrix product: OpenBLAS starts its own
   threads for every call, and those fight ours (and anything else on the machine) -- up to 10x
   slower under load.
@@ -17,6 +17,7 @@ Ties are broken by row number, so a ranking never depends on how the rows were s
 
 from __future__ import annotations
 
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .core.errors import OutputError
-from .store import Store
+from .store import RowFile, Store
 
-READ_BYTES = 8 << 20  # rows per dot-product call: large enough that Python's share is nil
+READ_BYTES = 8 << 20  # one window: large enough that Python's and the syscalls' share is nil
 BLOCK_ROWS = 1 << 16  # rows scored before they are merged into the running top-K
 MIN_ROWS_PER_THREAD = 1 << 16  # below this a thread costs more than it saves
 
@@ -136,7 +137,26 @@ def rows_per_read(store: Store) -> int:
 
 def _reads(store: Store, start: int, stop: int):
     """(first row, rows) pieces of about READ_BYTES covering start:stop."""
+    if store.row_file is not None:
+        yield from _mapped_windows(store, store.row_file, start, stop)
+        return
     position = start
     for chunk in store.chunks(rows_per_read(store), start, stop):
         yield position, chunk
         position += len(chunk)
+
+
+def _mapped_windows(store: Store, row_file: RowFile, start: int, stop: int):
+    """The rows of a file mapped one window at a time: each window is unmapped once its rows
+    are scored (the last reference to it goes), so the process never holds more than a few
+    windows however large the file is; the pages stay in the OS's cache for the next search."""
+    dtype = np.dtype(store.meta["dtype"]).newbyteorder("<")
+    row_bytes = store.dim * dtype.itemsize
+    per_window = rows_per_read(store)
+    with open(row_file.path, "rb") as fh:
+        for first in range(start, stop, per_window):
+            count = min(per_window, stop - first)
+            begin = row_file.offset + first * row_bytes
+            aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+            window = mmap.mmap(fh.fileno(), begin - aligned + count * row_bytes, prot=mmap.PROT_READ, offset=aligned)
+            yield first, np.frombuffer(window, dtype, count * store.dim, begin - aligned).reshape(count, store.dim)
