@@ -328,7 +328,7 @@ class ParquetRows:
     def group(self, number: int) -> np.ndarray:
         if number not in self._groups:
             try:
-                table = self.handle.read_row_group(number, columns=["embedding"])
+                table = self.handle.read_row_group(number, columns=["embedding"], use_threads=False)
                 values = table.column(0).combine_chunks().flatten().to_numpy(zero_copy_only=False)
             except (OSError, ValueError) as exc:
                 raise _damaged(self.path, f"unreadable rows ({exc})") from None
@@ -633,7 +633,8 @@ def _read_parquet(path: Path) -> Store:
     import pyarrow.compute as pc
 
     try:
-        handle = pq.ParquetFile(path)
+        # pre_buffer (pyarrow's default) reads every row group ahead: the whole file in memory.
+        handle = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
         meta = json.loads((handle.schema_arrow.metadata or {}).get(b"siglip", b"null"))
         meta = _check_meta(path, meta)
         embedding = handle.schema_arrow.field("embedding").type
@@ -654,7 +655,7 @@ def _read_parquet(path: Path) -> Store:
 
     def chunks(size: int) -> Iterator[np.ndarray]:
         try:
-            for batch in handle.iter_batches(batch_size=size, columns=["embedding"]):
+            for batch in handle.iter_batches(batch_size=size, columns=["embedding"], use_threads=False):
                 values = batch.column(0).flatten().to_numpy(zero_copy_only=False)
                 yield np.asarray(values, dtype=dtype).reshape(-1, dim)
         except (OSError, ValueError, pa.ArrowException) as exc:
