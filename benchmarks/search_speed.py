@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, build_checkpoint, machine  # noqa: E402
+from common import ROOT, build_checkpoint, machine, write_unit_rows  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
@@ -62,8 +63,6 @@ WRAPPER = (
 def timed_process(argv: list[str], env: dict) -> dict:
     """One whole process: wall seconds, CPU seconds (user + system: on a shared machine the
     steadier figure, since the wall time depends on who else runs) and peak RSS in MB."""
-    import subprocess
-
     out = subprocess.run([sys.executable, "-c", WRAPPER, *argv], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
     result = json.loads(out.stdout)
     if result["rc"] != 0:
@@ -90,24 +89,17 @@ def load() -> str:
         return "unknown"
 
 
-def build_index(out: Path, rows: int, checkpoint: Path) -> None:
+def build_index(out: str, rows: str, checkpoint: str) -> None:
     """A store as `siglip embed` writes it, made of random unit vectors (written a chunk at a
     time through a memory map, so building it needs little memory)."""
-    if out.exists():
-        return
-    from numpy.lib.format import open_memmap
-
+    out, rows, checkpoint = Path(out), int(rows), Path(checkpoint)
     from siglip_cli.core.logit_scalars import read_logit_scalars
     from siglip_cli.hub import resolve_model
     from siglip_cli.store import Entry, write_store
 
     raw = out.with_name("raw-rows.npy")
-    values = open_memmap(raw, mode="w+", dtype=np.float32, shape=(rows, DIM))
-    rng = np.random.default_rng(0)
-    for start in range(0, rows, 65536):
-        block = rng.standard_normal((min(65536, rows - start), DIM), dtype=np.float32)
-        values[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    values.flush()
+    write_unit_rows(raw, rows, DIM)
+    values = np.load(raw, mmap_mode="r")
     resolved = resolve_model(str(checkpoint))
     scale, bias = read_logit_scalars(checkpoint / "model.safetensors")
     entries = [Entry("image", f"photos/{i // 1000:04d}/IMG_{i:08d}.jpg", (2_000_000 + i, 1_700_000_000_000_000_000 + i, b""), values, i)
@@ -140,7 +132,9 @@ def main() -> None:
 
     checkpoint = build_checkpoint(args.work / "base224")
     index = args.work / f"search-{args.rows}.npy"
-    build_index(index, args.rows, checkpoint)
+    if not index.exists():  # in a child process: this one must stay small (see write_unit_rows)
+        code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import search_speed; search_speed.build_index(*sys.argv[1:])"
+        subprocess.run([sys.executable, "-c", code, str(index), str(args.rows), str(checkpoint)], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     cache = args.work / "search-cache"
     env = {**os.environ, "SIGLIP_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     ours = [sys.executable, "-m", "siglip_cli", "search", str(index), QUERY, "--top-k", "10", "--format", "jsonl"]

@@ -44,26 +44,11 @@ print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_m
 """
 
 
-ROWS = r"""
-import sys
-import numpy as np
-from numpy.lib.format import open_memmap
-
-path, rows, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-values = open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, dim))
-rng = np.random.default_rng(0)
-for start in range(0, rows, 65536):
-    block = rng.standard_normal((min(65536, rows - start), dim), dtype=np.float32)
-    values[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
-values.flush()
-"""
-
-
 def random_rows(path: Path, rows: int, dim: int) -> None:
-    """Made by a child process: Linux carries a process's peak RSS over into the programs it
-    starts, so this process must stay small for the steps' peaks to be their own."""
+    """Made by a child process, so that this one stays small (see write_unit_rows)."""
     if not path.exists():
-        subprocess.run([sys.executable, "-c", ROWS, str(path), str(rows), str(dim)], check=True)
+        code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from common import write_unit_rows; write_unit_rows(*sys.argv[1:2], *map(int, sys.argv[2:]))"
+        subprocess.run([sys.executable, "-c", code, str(path), str(rows), str(dim)], check=True)
 
 
 def step(name: str, source: Path, out: Path, rows: int, dim: int) -> tuple[float, float, float]:
