@@ -89,6 +89,20 @@ def make_jpegs(folder: Path, count: int, size=(640, 480), seed: int = 0) -> list
     return paths
 
 
+def write_unit_rows(path: Path, rows: int, dim: int, seed: int = 0) -> None:
+    """`rows` random L2-normalised float32 vectors in a .npy file, written through a memory map a
+    block at a time (any number of rows in little memory). Call it in a child process when the
+    caller measures peaks: Linux carries a process's peak RSS into the programs it starts."""
+    from numpy.lib.format import open_memmap
+
+    values = open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, dim))
+    rng = np.random.default_rng(seed)
+    for start in range(0, rows, 65536):
+        block = rng.standard_normal((min(65536, rows - start), dim), dtype=np.float32)
+        values[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    values.flush()
+
+
 def timed_process(argv: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, float, str]:
     """Run one whole process; (wall seconds, its peak RSS in MB, its stderr). The peak is read
     by a fresh wrapper process whose only child is the command."""

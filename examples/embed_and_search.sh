@@ -1,17 +1,12 @@
 #!/usr/bin/env bash
-# Embed a folder, then find the images closest to a text with numpy. Run from the repository root.
+# The three-line photo search: embed a folder once, search it any time, bring it up to date
+# after adding, changing or deleting photos. Run from the repository root.
+# The model is SIGLIP_MODEL: a hub id (downloaded once) or a local checkpoint folder (offline).
 set -euo pipefail
-MODEL=${MODEL:-google/siglip-base-patch16-224}
+export SIGLIP_MODEL=${SIGLIP_MODEL:-google/siglip-base-patch16-224}
 FOLDER=${1:-examples}
+INDEX=${INDEX:-/tmp/photos.npy}
 
-siglip embed "$FOLDER" --out /tmp/vecs.npy --model "$MODEL"
-siglip embed --text "two cats on a sofa" --format jsonl --model "$MODEL" > /tmp/query.jsonl
-
-python3 - <<'PY'
-import json, numpy as np
-vectors = np.load("/tmp/vecs.npy")
-paths = open("/tmp/vecs.paths.txt").read().splitlines()
-query = np.array(json.loads(open("/tmp/query.jsonl").readline())["embedding"], dtype=np.float32)
-for i in np.argsort(-(vectors @ query))[:5]:
-    print(f"{float(vectors[i] @ query):.3f}  {paths[i]}")
-PY
+siglip embed "$FOLDER" --out "$INDEX"                       # every picture -> a row of $INDEX
+siglip search "$INDEX" "two cats on a sofa" --top-k 5 -f table  # the index knows its model
+siglip embed "$FOLDER" --out "$INDEX" --update              # later: only new or changed photos

@@ -1,4 +1,4 @@
-"""The Python API the CLI is built on. Run: python examples/python_api.py [MODEL]"""
+"""The Python API the CLI is built on. Run: python examples/python_api.py [MODEL] (default: SIGLIP_MODEL)"""
 
 import sys
 
@@ -6,7 +6,7 @@ import numpy as np
 
 import siglip_cli
 
-model = siglip_cli.load(sys.argv[1] if len(sys.argv) > 1 else "google/siglip-base-patch16-224")
+model = siglip_cli.load(sys.argv[1] if len(sys.argv) > 1 else None)  # None: SIGLIP_MODEL, else base-224
 
 labels = ["2 cats", "2 dogs", "a remote control"]
 probs = model.classify(["examples/cats.png"], labels)  # (1, 3) sigmoid probabilities

@@ -73,6 +73,16 @@ def same_file(old: tuple, new: tuple) -> bool:
     return tuple(old[:2]) == tuple(new[:2])
 
 
+def kept_stamp(old, new: tuple) -> tuple:
+    """The stamp of a row kept from the previous store: the file as it is now (an update by
+    hash keeps a row whose file was only touched, and must not see it as changed next time),
+    with the old content hash when no new one was computed (same size and time, same file)."""
+    old = tuple(old.tolist()) if hasattr(old, "tolist") else tuple(old)
+    if new[0] < 0:
+        return old
+    return (new[0], new[1], new[2] or old[2])
+
+
 @dataclass
 class EmbedSummary:
     meta: dict
@@ -222,9 +232,7 @@ class EmbedRun:
                 entries.append(Entry("image", source.name, record_stamp(self.partial.records[row]), partial_rows, row))
             elif source.name in base_rows and source.name not in skipped:
                 index = base_rows[source.name]
-                old = tuple(self.base.stamps[index].tolist())
-                kept = stamp if stamp[2] and not old[2] else old  # a hash computed now is kept
-                entries.append(Entry("image", source.name, kept, self.base.rows, index))
+                entries.append(Entry("image", source.name, kept_stamp(self.base.stamps[index], stamp), self.base.row_source, index))
         for text in dict.fromkeys(self.plan.texts):
             row = latest.get(("text", text))
             if row is not None:
@@ -238,6 +246,10 @@ class EmbedRun:
         skipped = [s for s in self.partial.skipped if s["path"] in listed or s["path"] in {f.name for f in self.plan.failures}]
         meta = {
             **self.settings(),
+            # What `siglip search` needs to turn a cosine into SigLIP's probability without
+            # opening the model when the query's embedding is cached.
+            "logit_scale": self.engine.logit_scale,
+            "logit_bias": self.engine.logit_bias,
             "images": sum(1 for e in entries if e.kind == "image"),
             "texts": sum(1 for e in entries if e.kind == "text"),
             "skipped_count": len(skipped),

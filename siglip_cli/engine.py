@@ -24,6 +24,7 @@ from .core import attention as attention_backends
 from .core.config import SiglipConfig, config_from_folder
 from .core.errors import InputError, ModelUnavailable, UsageError
 from .core.images import DEFAULT_MAX_PIXELS, DecodeOptions
+from .core.logit_scalars import read_logit_scalars
 from .core.model import Siglip, normalize
 from .core.scoring import ensemble, l2_normalize, logits, sigmoid, softmax
 from .core.tokenizer import TextTokenizer, load_tokenizer
@@ -127,9 +128,13 @@ class Engine:
 
     def _scale_and_bias(self) -> tuple[float, float]:
         # Read once: on CUDA every read waits for the device, which would stall the pipeline.
-        if self._scale_bias is None:
-            if self._network is None:
+        if self._scale_bias is None and self._network is None:
+            # Two numbers need no tower: read them from the file (a bf16 file falls through).
+            try:
+                self._scale_bias = read_logit_scalars(self.resolved.folder / "model.safetensors")
+            except ModelUnavailable:
                 self._tower("vision")
+        if self._scale_bias is None:
             network = self._network
             self._scale_bias = (
                 float(network.logit_scale.detach().float().exp().cpu()),

@@ -174,22 +174,26 @@ class BenchRow:
 
 @dataclass
 class SearchHit:
-    path: str
-    score: float  # SigLIP's sigmoid probability
+    path: str  # the image's path, or the text of a text row
+    score: float | None  # SigLIP's sigmoid probability; None for image-image and text-text pairs
     cosine: float
-    rank: int
-    kind: str = "image"
+    rank: int  # place in the query's ranking, from 1
+    kind: str = "image"  # the row's kind
+
+    def to_record(self) -> dict:
+        return {"path": self.path, "score": self.score, "cosine": self.cosine, "rank": self.rank, "kind": self.kind}
 
 
 @dataclass
 class SearchResult:
-    """`search`: one query's ranking, best first."""
+    """`search`: one query's ranking, best first; or the error that kept the query out."""
 
     query: str
     hits: list[SearchHit] = field(default_factory=list)
     error: str | None = None
+    kind: str = "text"  # the query's kind
 
     def to_record(self) -> dict:
         if self.error is not None:
             return {"query": self.query, "error": self.error}
-        return {"query": self.query, "results": [{"path": h.path, "score": h.score, "cosine": h.cosine, "rank": h.rank} for h in self.hits]}
+        return {"query": self.query, "results": [h.to_record() for h in self.hits]}

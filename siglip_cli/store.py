@@ -33,6 +33,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -42,7 +44,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, Sized
 
 import numpy as np
 
@@ -233,26 +235,160 @@ def _read_owner(fd: int) -> str:
 
 
 # ============================================================================ reading
-@dataclass
-class Store:
-    """A store read back. `rows` is memory-mapped for .npy and .npz (nothing is read until used);
-    `chunks()` reads any format in pieces, so memory stays flat."""
+class Names:
+    """The names of a store's rows, decoded only when asked for: a search over a million rows
+    needs ten of them, and decoding all of them costs more than the search."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def at(self, indices: Sequence[int]) -> list[str]:
+        raise NotImplementedError
+
+    def all(self) -> list[str]:
+        return self.at(range(len(self)))
+
+
+class ListNames(Names):
+    def __init__(self, names: list[str]):
+        self.names = names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def at(self, indices: Sequence[int]) -> list[str]:
+        return [self.names[i] for i in indices]
+
+    def all(self) -> list[str]:
+        return self.names
+
+
+class LineNames(Names):
+    """The lines of `<out>.paths.txt`, kept as bytes. numpy finds the line ends of a million
+    names in ~40 ms; decoding and splitting them all takes three times that."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
+        if data and not data.endswith(b"\n"):  # a last line without its newline still counts
+            ends = np.append(ends, len(data))
+        self.ends = ends
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def at(self, indices: Sequence[int]) -> list[str]:
+        out = []
+        for i in indices:
+            start = int(self.ends[i - 1]) + 1 if i > 0 else 0
+            out.append(self.data[start : int(self.ends[i])].decode("utf-8", "surrogateescape"))
+        return out
+
+    def all(self) -> list[str]:
+        names = self.data.decode("utf-8", "surrogateescape").split("\n")
+        return names[: len(self)]
+
+
+class ArrowNames(Names):
+    def __init__(self, column):
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def at(self, indices: Sequence[int]) -> list[str]:
+        return self.column.take(list(indices)).to_pylist()
+
+    def all(self) -> list[str]:
+        return self.column.to_pylist()
+
+
+@dataclass(frozen=True)
+class RowFile:
+    """Where a store's rows lie raw on disk (C order, little-endian, the meta's dtype), so that a
+    search can map them a window at a time."""
 
     path: Path
-    meta: dict
-    names: list[str]
-    kinds: np.ndarray  # (N,) bool: True for text rows
-    stamps: np.ndarray  # (N,) STAMP_DTYPE
-    _rows: np.ndarray | None = None
-    _chunks: Any = None  # callable(size) -> iterator of (N_i, D) arrays, for formats without a map
+    offset: int
+
+
+class ParquetRows:
+    """`rows[indices]` for a Parquet store, reading only the row groups that hold them (the
+    last two are kept): an update copies old rows into the new file without loading all."""
+
+    def __init__(self, handle, dim: int, dtype: np.dtype, path: Path):
+        self.handle = handle
+        self.dim = dim
+        self.dtype = dtype
+        self.path = path
+        sizes = [handle.metadata.row_group(g).num_rows for g in range(handle.metadata.num_row_groups)]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._groups: dict[int, np.ndarray] = {}
+
+    def group(self, number: int) -> np.ndarray:
+        if number not in self._groups:
+            try:
+                table = self.handle.read_row_group(number, columns=["embedding"], use_threads=False)
+                values = table.column(0).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            except (OSError, ValueError) as exc:
+                raise _damaged(self.path, f"unreadable rows ({exc})") from None
+            if len(self._groups) >= 2:
+                self._groups.pop(next(iter(self._groups)))
+            self._groups[number] = np.asarray(values, dtype=self.dtype).reshape(-1, self.dim)
+        return self._groups[number]
+
+    def __getitem__(self, indices) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = np.empty((len(indices), self.dim), self.dtype)
+        groups = np.searchsorted(self.starts, indices, side="right") - 1
+        for number in dict.fromkeys(groups.tolist()):
+            mask = groups == number
+            out[mask] = self.group(number)[indices[mask] - self.starts[number]]
+        return out
+
+
+class Store:
+    """A store read back, its parts checked against each other.
+
+    Rows are memory-mapped for .npy and .npz (nothing is read until used); `chunks()` reads any
+    format in pieces, so memory stays flat. Names and file stamps are read only when asked for."""
+
+    def __init__(self, path: Path, meta: dict, kinds: np.ndarray, names: Names, stamps, rows=None, chunks=None,
+                 row_source=None, row_file: RowFile | None = None):
+        self.path = path
+        self.meta = meta
+        self.kinds = kinds  # (N,) bool: True for text rows
+        self.row_file = row_file
+        self._names = names
+        self._stamps = stamps  # (N,) STAMP_DTYPE, or a function that reads them
+        self._rows = rows
+        self._chunks = chunks  # callable(size) -> iterator of (N_i, D) arrays, for formats without a map
+        self._row_source = row_source
 
     @property
     def count(self) -> int:
-        return len(self.names)
+        return int(self.meta["count"])
 
     @property
     def dim(self) -> int:
         return int(self.meta["dim"])
+
+    @property
+    def image_count(self) -> int:
+        return int(self.meta["image_rows"])
+
+    @property
+    def names(self) -> list[str]:
+        return self._names.all()
+
+    def names_at(self, indices: Sequence[int]) -> list[str]:
+        return self._names.at(indices)
+
+    @property
+    def stamps(self) -> np.ndarray:
+        if callable(self._stamps):
+            self._stamps = self._stamps()
+        return self._stamps
 
     @property
     def rows(self) -> np.ndarray:
@@ -262,23 +398,48 @@ class Store:
             self._rows = np.concatenate(parts) if parts else np.zeros((0, self.dim), self.meta["dtype"])
         return self._rows
 
-    def chunks(self, size: int = _CHUNK_ROWS) -> Iterator[np.ndarray]:
+    @property
+    def mapped(self) -> bool:
+        """Whether any part of the rows can be read without reading the rest (a memory map, or
+        rows already in memory), from several threads at once."""
+        return self._rows is not None
+
+    @property
+    def row_source(self):
+        """Something that answers `rows[indices]` without reading the whole store."""
+        return self._row_source if self._row_source is not None else self.rows
+
+    def chunks(self, size: int = _CHUNK_ROWS, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        """Rows `start:stop` in pieces of at most `size` rows."""
+        stop = self.count if stop is None else stop
         if self._rows is not None:
-            for start in range(0, self.count, size):
-                yield self._rows[start : start + size]
-        else:
-            yield from self._chunks(size)
+            for first in range(start, stop, size):
+                yield self._rows[first : min(first + size, stop)]
+            return
+        position = 0
+        for chunk in self._chunks(size):
+            low, high = max(start - position, 0), min(stop - position, len(chunk))
+            if low < high:
+                yield chunk[low:high]
+            position += len(chunk)
+            if position >= stop:
+                return
 
     def kind(self, index: int) -> str:
         return "text" if self.kinds[index] else "image"
 
     def image_rows(self) -> dict[str, int]:
         """name -> row of every image row."""
-        return {name: i for i, (name, is_text) in enumerate(zip(self.names, self.kinds)) if not is_text}
+        names = self.names
+        return {names[i]: i for i in range(self.image_count)}
 
 
 def _damaged(path: Path, why: str) -> OutputError:
     return OutputError(f"{path}: {why}; it is damaged or not a siglip embedding file (re-create it with siglip embed)")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_meta(path: Path, meta: Any) -> dict:
@@ -287,6 +448,8 @@ def _check_meta(path: Path, meta: Any) -> dict:
     for key in ("dim", "dtype", "count", "image_rows", "text_rows"):
         if key not in meta:
             raise _damaged(path, f"its meta lacks {key!r}")
+    if not all(_is_count(meta[key]) for key in ("dim", "count", "image_rows", "text_rows")) or meta["dtype"] not in ("float32", "float16"):
+        raise _damaged(path, "its meta holds values of the wrong type")
     if meta["count"] != meta["image_rows"] + meta["text_rows"]:
         raise _damaged(path, "its meta's row counts disagree")
     return meta
@@ -308,39 +471,93 @@ def _kinds_from_meta(meta: dict) -> np.ndarray:
     return kinds
 
 
-def _agree(path: Path, meta: dict, rows_shape: tuple, names: Sequence, stamps: np.ndarray) -> None:
+def _check_kinds(path: Path, meta: dict, kinds: np.ndarray) -> None:
+    """Rows are images first, then texts: searches and updates rely on it."""
+    if len(kinds) != meta["count"] or kinds[: meta["image_rows"]].any() or not kinds[meta["image_rows"] :].all():
+        raise _damaged(path, "its row kinds disagree with its meta")
+
+
+def _agree(path: Path, meta: dict, rows_shape: tuple, names: Sized) -> None:
     count, dim = meta["count"], meta["dim"]
     if tuple(rows_shape) != (count, dim):
         raise _damaged(path, f"its rows are {tuple(rows_shape)}, its meta says ({count}, {dim})")
     if len(names) != count:
         raise _damaged(path, f"it names {len(names)} rows, holds {count}")
-    if len(stamps) != count:
-        raise _damaged(path, f"it has {len(stamps)} file stamps for {count} rows")
+
+
+def _check_stamps(path: Path, meta: dict, stamps: np.ndarray) -> np.ndarray:
+    if stamps.dtype != STAMP_DTYPE or stamps.shape != (meta["count"],):
+        raise _damaged(path, f"it has {stamps.shape[0] if stamps.ndim else 0} file stamps of layout {stamps.dtype} for {meta['count']} rows")
+    return stamps
+
+
+def digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def sample_positions(count: int) -> list[int]:
+    """The rows whose bytes the meta of a .npy store fingerprints (first, last and evenly
+    between): reading them costs nothing, and rows from another run disagree."""
+    return sorted({int(i) for i in np.linspace(0, count - 1, 16)}) if count else []
+
+
+def _check_digest(path: Path, meta: dict, key: str, data: bytes, why: str) -> None:
+    """Refuse a part that is not the one the meta was written with (stores from before digests
+    were recorded are taken as they are)."""
+    expected = (meta.get("digests") or {}).get(key)
+    if expected is not None and expected != digest(data):
+        raise _damaged(path, why)
+
+
+def _array_header(fh) -> tuple[tuple, bool, np.dtype]:
+    version = np.lib.format.read_magic(fh)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read_header(fh)
+
+
+def _read_npy_rows(path: Path, meta: dict) -> tuple[np.ndarray, RowFile]:
+    """The rows memory-mapped, after checking the header and that the file holds exactly them."""
+    try:
+        with open(path, "rb") as fh:
+            shape, fortran, dtype = _array_header(fh)
+            offset = fh.tell()
+            size = os.fstat(fh.fileno()).st_size
+    except (OSError, ValueError, EOFError) as exc:
+        raise _damaged(path, f"unreadable rows ({exc})") from None
+    if len(shape) != 2 or fortran or dtype != np.dtype(meta["dtype"]).newbyteorder("<"):
+        raise _damaged(path, f"rows are {dtype} {shape}, the meta says {meta['dtype']} ({meta['count']}, {meta['dim']})")
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    if size != expected:
+        raise _damaged(path, f"it is {size} bytes, its header says {expected} (truncated or cut short?)")
+    rows = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape) if shape[0] and shape[1] else np.zeros(shape, dtype)
+    return rows, RowFile(path, offset)
 
 
 def _read_npy(path: Path) -> Store:
     meta = _check_meta(path, _read_meta_file(path))
+    rows, row_file = _read_npy_rows(path, meta)
+    paths_file, stamps_file = sidecar(path, ".paths.txt"), sidecar(path, ".stamps.npy")
     try:
-        rows = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise _damaged(path, f"unreadable rows ({exc})") from None
-    if rows.ndim != 2 or rows.dtype != np.dtype(meta["dtype"]):
-        raise _damaged(path, f"rows are {rows.dtype} {rows.shape}, the meta says {meta['dtype']}")
-    try:
-        text = sidecar(path, ".paths.txt").read_bytes().decode("utf-8", "surrogateescape")
+        data = paths_file.read_bytes()
     except OSError as exc:
-        raise _damaged(sidecar(path, ".paths.txt"), f"unreadable ({exc.strerror or exc})") from None
-    names = text.split("\n")
-    if names and names[-1] == "":
-        names.pop()
-    try:
-        stamps = np.load(sidecar(path, ".stamps.npy"), allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise _damaged(sidecar(path, ".stamps.npy"), f"unreadable ({exc})") from None
-    if stamps.dtype != STAMP_DTYPE:
-        raise _damaged(sidecar(path, ".stamps.npy"), "unexpected stamp layout")
-    _agree(path, meta, rows.shape, names, stamps)
-    return Store(path, meta, names, _kinds_from_meta(meta), stamps, _rows=rows)
+        raise _damaged(paths_file, f"unreadable ({exc.strerror or exc})") from None
+    names = LineNames(data)
+    _agree(path, meta, rows.shape, names)
+    other_run = f"(from another run than {path.name}, or changed since)"
+    _check_digest(paths_file, meta, "paths", data, f"its names are not those of the rows {other_run}")
+    sample = np.ascontiguousarray(rows[sample_positions(meta["count"])])
+    _check_digest(path, meta, "rows_sample", sample.tobytes(), f"its rows are not those its {sidecar(path, '.meta.json').name} describes {other_run}")
+
+    def stamps() -> np.ndarray:
+        try:
+            raw = stamps_file.read_bytes()
+            array = np.load(io.BytesIO(raw), allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise _damaged(stamps_file, f"unreadable ({exc})") from None
+        _check_digest(stamps_file, meta, "stamps", raw, f"its file stamps are not those of the rows {other_run}")
+        return _check_stamps(stamps_file, meta, array)
+
+    return Store(path, meta, _kinds_from_meta(meta), names, stamps, rows=rows, row_file=row_file)
 
 
 def _npz_member_offset(archive: zipfile.ZipFile, fh, name: str) -> int:
@@ -367,26 +584,23 @@ def _read_npz(path: Path) -> Store:
             names = small("paths.npy").tolist()
             kinds = small("kinds.npy")
             stamps = small("stamps.npy")
-            start = _npz_member_offset(archive, fh, "embeddings.npy")
-            fh.seek(start)
-            version = np.lib.format.read_magic(fh)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(fh)
+            fh.seek(_npz_member_offset(archive, fh, "embeddings.npy"))
+            shape, fortran, dtype = _array_header(fh)
             offset = fh.tell()
-        if fortran:
-            raise ValueError("Fortran order")
-        if shape[0] == 0:
-            rows = np.zeros(shape, dtype)
-        else:
-            rows = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+            if offset + int(np.prod(shape)) * dtype.itemsize > os.fstat(fh.fileno()).st_size:
+                raise ValueError("its rows are cut short")
+        if fortran or len(shape) != 2 or dtype != np.dtype(meta["dtype"]).newbyteorder("<"):
+            raise ValueError(f"rows are {dtype} {shape}, the meta says {meta['dtype']}")
+        rows = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape) if shape[0] and shape[1] else np.zeros(shape, dtype)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
         if isinstance(exc, OutputError):
             raise
         raise _damaged(path, f"unreadable ({type(exc).__name__}: {exc})") from None
-    _agree(path, meta, shape, names, stamps)
-    if len(kinds) != meta["count"]:
-        raise _damaged(path, "its kinds disagree with its rows")
-    return Store(path, meta, [str(n) for n in names], kinds == "text", stamps, _rows=rows)
+    names = ListNames([str(n) for n in names])
+    _agree(path, meta, shape, names)
+    kinds = kinds == "text"
+    _check_kinds(path, meta, kinds)
+    return Store(path, meta, kinds, names, _check_stamps(path, meta, stamps), rows=rows, row_file=RowFile(path, offset))
 
 
 def _read_jsonl(path: Path) -> Store:
@@ -403,46 +617,62 @@ def _read_jsonl(path: Path) -> Store:
                 kinds.append(kind == "text")
                 stamps.append((record.get("size", -1), record.get("mtime_ns", -1), bytes.fromhex(record.get("sha256", ""))))
                 rows.append(record["embedding"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        array = np.asarray(rows, dtype=meta["dtype"]).reshape(len(rows), -1) if rows else np.zeros((0, meta["dim"]), meta["dtype"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise _damaged(path, f"unreadable ({exc})") from None
-    array = np.asarray(rows, dtype=meta["dtype"]).reshape(len(rows), -1) if rows else np.zeros((0, meta["dim"]), meta["dtype"])
-    stamp_array = np.array(stamps, dtype=STAMP_DTYPE)
-    _agree(path, meta, array.shape, names, stamp_array)
-    return Store(path, meta, names, np.array(kinds, dtype=bool), stamp_array, _rows=array)
+    _agree(path, meta, array.shape, names)
+    kinds = np.array(kinds, dtype=bool)
+    _check_kinds(path, meta, kinds)
+    stamp_array = np.array(stamps, dtype=STAMP_DTYPE) if stamps else np.zeros(0, STAMP_DTYPE)
+    return Store(path, meta, kinds, ListNames(names), stamp_array, rows=array)
 
 
 def _read_parquet(path: Path) -> Store:
     pq = _pyarrow_parquet()
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     try:
-        handle = pq.ParquetFile(path)
+        # pre_buffer (pyarrow's default) reads every row group ahead: the whole file in memory.
+        handle = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
         meta = json.loads((handle.schema_arrow.metadata or {}).get(b"siglip", b"null"))
         meta = _check_meta(path, meta)
-        columns = handle.read(columns=["kind", "path", "size", "mtime_ns", "sha256"])
-    except (OSError, ValueError, KeyError) as exc:
+        embedding = handle.schema_arrow.field("embedding").type
+        columns = handle.read(columns=["kind", "path"])
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
         if isinstance(exc, OutputError):
             raise
         raise _damaged(path, f"unreadable ({type(exc).__name__}: {exc})") from None
-    names = columns.column("path").to_pylist()
-    kinds = np.array([k == "text" for k in columns.column("kind").to_pylist()], dtype=bool)
-    stamps = np.array(
-        list(zip(columns.column("size").to_pylist(), columns.column("mtime_ns").to_pylist(),
-                 [h or b"" for h in columns.column("sha256").to_pylist()])),
-        dtype=STAMP_DTYPE,
-    ) if names else np.zeros(0, STAMP_DTYPE)
     dim, dtype = meta["dim"], np.dtype(meta["dtype"])
+    if not pa.types.is_fixed_size_list(embedding) or embedding.list_size != dim or embedding.value_type.to_pandas_dtype() != dtype:
+        raise _damaged(path, f"its embedding column is {embedding}, the meta says {dim} x {dtype}")
+    if handle.metadata.num_rows != meta["count"]:
+        raise _damaged(path, f"it holds {handle.metadata.num_rows} rows, its meta says {meta['count']}")
+    names = ArrowNames(columns.column("path").combine_chunks())
+    kinds = pc.equal(columns.column("kind"), "text").to_numpy(zero_copy_only=False).astype(bool)
+    _agree(path, meta, (len(names), dim), names)
+    _check_kinds(path, meta, kinds)
 
     def chunks(size: int) -> Iterator[np.ndarray]:
         try:
-            for batch in handle.iter_batches(batch_size=size, columns=["embedding"]):
+            for batch in handle.iter_batches(batch_size=size, columns=["embedding"], use_threads=False):
                 values = batch.column(0).flatten().to_numpy(zero_copy_only=False)
                 yield np.asarray(values, dtype=dtype).reshape(-1, dim)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, pa.ArrowException) as exc:
             raise _damaged(path, f"unreadable rows ({exc})") from None
 
-    if handle.metadata.num_rows != meta["count"]:
-        raise _damaged(path, f"it holds {handle.metadata.num_rows} rows, its meta says {meta['count']}")
-    _agree(path, meta, (len(names), dim), names, stamps)
-    return Store(path, meta, names, kinds, stamps, _chunks=chunks)
+    def stamps() -> np.ndarray:
+        try:
+            table = handle.read(columns=["size", "mtime_ns", "sha256"])
+        except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
+            raise _damaged(path, f"unreadable stamps ({exc})") from None
+        out = np.zeros(meta["count"], STAMP_DTYPE)
+        out["size"] = table.column("size").to_numpy(zero_copy_only=False)
+        out["mtime_ns"] = table.column("mtime_ns").to_numpy(zero_copy_only=False)
+        out["sha256"] = [h or b"" for h in table.column("sha256").to_pylist()]
+        return out
+
+    return Store(path, meta, kinds, names, stamps, chunks=chunks, row_source=ParquetRows(handle, dim, dtype, path))
 
 
 _READERS = {".npy": _read_npy, ".npz": _read_npz, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
@@ -642,8 +872,6 @@ def _write_npy_rows(tmp: str, entries: Sequence[Entry], dim: int, dtype: np.dtyp
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     np.lib.format.write_array(buffer, array, allow_pickle=False)
     return buffer.getvalue()
@@ -759,13 +987,23 @@ def write_store(out: Path, entries: Sequence[Entry], dim: int, dtype: str, meta:
     ready: list[tuple[str, Path]] = []
     try:
         if out.suffix == ".npy":
+            # Three files beside the rows: the meta records a digest of each part, so a set
+            # mixed from two runs is refused when read instead of giving wrong names.
+            names = "".join(e.name + "\n" for e in entries)
+            stamps_data = _npy_bytes(_stamps(entries))
+            sample = [entries[i] for i in sample_positions(len(entries))]
+            meta["digests"] = {
+                "paths": digest(names.encode("utf-8", "surrogateescape")),
+                "stamps": digest(stamps_data),
+                "rows_sample": digest(b"".join(chunk.tobytes() for chunk in _chunked(sample, dim, dtype_))),
+            }
             paths = sidecar(out, ".paths.txt")
-            ready.append((text_temporary(paths, "".join(e.name + "\n" for e in entries)), paths))
+            ready.append((text_temporary(paths, names), paths))
             stamps = sidecar(out, ".stamps.npy")
             tmp = temporary_beside(stamps)
             ready.append((tmp, stamps))
             with open(tmp, "wb") as fh:
-                np.save(fh, _stamps(entries), allow_pickle=False)
+                fh.write(stamps_data)
                 fh.flush()
                 os.fsync(fh.fileno())
         meta_path = sidecar(out, ".meta.json")

@@ -345,7 +345,10 @@ def embed(
             refuse_overwriting_inputs(out, plan, texts_file or [])
             refuse_foreign_file(out, bool(update))
         base_meta = _update_base_meta(out) if update else {}
-        options = ModelOptions(model or base_meta.get("model"), device, dtype, attn, batch_size, workers, offline, max_pixels,
+        # An update takes the model, its dtype and its patch budget from the store unless told
+        # otherwise (a store made in fp16 on a GPU is refused, not silently mixed with fp32 rows).
+        model_dtype = base_meta.get("model_dtype", "auto") if dtype == DType.auto else dtype
+        options = ModelOptions(model or base_meta.get("model"), device, model_dtype, attn, batch_size, workers, offline, max_pixels,
                                max_patches=max_patches or base_meta.get("max_patches"))
         dtype_name = (out_dtype.value if out_dtype else base_meta.get("dtype", "float32"))
         engine = load_engine(options)
@@ -460,6 +463,72 @@ def similarity(
         with progress_bar(len(sources), "images", enabled=not (fmt_name == "jsonl" and sys.stdout.isatty())) as advance:
             results = list(reported(run_similarity(engine, listing or Listing(), texts, templates, rows, cols, advance)))
         render.emit(results, fmt_name, render.SIMILARITY_VIEW)
+    if failed:
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- search
+@app.command()
+def search(
+    index: Annotated[Path, typer.Argument(help="An index written by siglip embed: .npy (with its sidecars), .npz, .parquet or .jsonl.", show_default=False)],
+    queries: Annotated[Optional[List[str]], typer.Argument(help="Texts to search for; each gets its own ranking.", show_default=False)] = None,
+    image: Annotated[Optional[List[str]], typer.Option("--image", "-i", help="Search for images like this one (a file, folder, pattern or URL; repeatable).", rich_help_panel="Queries")] = None,
+    template: Annotated[Optional[List[str]], typer.Option("--template", "-t", help='Put each text query into this template ({} = the query; default "This is a photo of {}."); several make an ensemble.', rich_help_panel="Queries")] = None,
+    no_template: Annotated[bool, typer.Option("--no-template", help="Use the text queries as typed.", rich_help_panel="Queries")] = False,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Hits per query.", rich_help_panel="Results")] = 10,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", min=-1.0, max=1.0, help="Keep hits scoring at least this: SigLIP's probability for a text-image pair, the cosine for an image-image or text-text pair (which SigLIP gives no probability).", rich_help_panel="Results")] = None,
+    texts: Annotated[bool, typer.Option("--texts", help="Also search the index's text rows (from embed --text); by default only its images.", rich_help_panel="Results")] = False,
+    preview: Annotated[bool, typer.Option("--preview", help="Show thumbnails of the hits, in terminals that draw images (kitty graphics or sixel: kitty, iTerm2, WezTerm, foot, xterm -ti vt340...). Needs textual-image: pip install 'siglip-cli[preview]'.", rich_help_panel="Results")] = False,
+    fmt: FormatOpt = Format.auto,
+    json_flag: JsonOpt = False,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="The checkpoint that made the index, if it is not where the index's meta says (it must be the same revision).", rich_help_panel="Model", show_default=False)] = None,
+    device: Annotated[str, typer.Option("--device", help="Where queries are embedded: cpu (default: one query is one forward pass, faster than starting a GPU), auto, cuda or mps.", rich_help_panel="Model")] = "cpu",
+    dtype: Annotated[DType, typer.Option("--dtype", help="auto: the dtype that made the index.", rich_help_panel="Model")] = DType.auto,
+    attn: AttnOpt = Attn.auto,
+    offline: OfflineOpt = False,
+    max_pixels: MaxPixelsOpt = 100_000_000,
+    no_cache: NoCacheOpt = False,
+) -> None:
+    """Find the images of an index closest to texts or images.
+
+    Every row is compared with every query (exact search; fine to about 10 million rows). Queries are embedded by the model that made the index (its meta says which): text queries go through the template, like classify's labels, and come from the on-disk cache when they were asked before, so the model is not even loaded. A text query's hits are scored by SigLIP's probability that the image matches the text.
+
+    [bold]Examples[/bold]
+
+      siglip embed ./photos --out photos.npy
+
+      siglip search photos.npy "a red car" "a dog on a beach" --top-k 5
+
+      siglip search photos.npy --image ./photos/beach.jpg --json
+    """
+    with handled():
+        from ..prompts import resolve_templates
+        from ..queries import IndexModel
+        from ..store import open_store
+        from . import render
+        from .search import search as run_search
+
+        texts_given = list(queries or [])
+        if not texts_given and not image:
+            raise UsageError("nothing to search for: give text queries after the index, or --image FILE")
+        if any(not text.strip() for text in texts_given):
+            raise UsageError("an empty text query was given (an unset shell variable?)")
+        templates = resolve_templates(template, use_template=not no_template)
+        fmt_name = output_format(fmt, json_flag)
+        store = open_store(index)
+        listing = list_inputs(image, recursive=False) if image else None
+        index_model = IndexModel(index, store.meta, model, device, dtype.value, attn.value, offline, not no_cache, max_pixels)
+        results = list(run_search(store, index_model, texts_given, templates, listing, top_k, threshold, texts))
+        failed = [r for r in results if r.error is not None]
+        for result in failed:
+            error_line(result.error)
+        if preview:
+            from .preview import emit_with_thumbnails
+
+            emit_with_thumbnails(results, fmt_name, note)
+        else:
+            render.emit(results, fmt_name, render.SEARCH_VIEW)
+        _summarize_failures(len(failed), len(results))
     if failed:
         raise typer.Exit(1)
 

@@ -20,7 +20,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ..results import BenchRow, ImageScores, InputFailure, SearchResult, SimilarityMatrix
+from ..results import BenchRow, ImageScores, InputFailure, SearchHit, SearchResult, SimilarityMatrix
 
 FORMATS = ("table", "json", "jsonl", "csv")
 MATRIX_MAX_LABELS = 6  # more labels than this: the many-image table shows the best 3 instead
@@ -342,36 +342,60 @@ SIMILARITY_VIEW = View(
 
 
 # ============================================================================ search
+def hit_name(hit: SearchHit) -> str:
+    return display_path(hit.path) if hit.kind == "image" else f'"{hit.path}"'
+
+
+def search_title(result: SearchResult, width: int) -> Text:
+    label = f'"{result.query}"' if result.kind == "text" else display_path(result.query)
+    return Text(ellipsize(label, width - 2), style="bold")
+
+
+def search_ranking(result: SearchResult, console: Console) -> Table:
+    """One query's hits: rank, score and path. SigLIP gives a probability only to image-text
+    pairs; hits of the query's own kind (an image query's images) show their cosine instead,
+    in a column of its own so that no column mixes the two."""
+    scored = any(h.score is not None for h in result.hits)
+    unscored = any(h.score is None for h in result.hits)
+    table = Table(title=search_title(result, console.width), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("rank", justify="right", no_wrap=True)
+    if scored or not result.hits:
+        table.add_column("score", justify="right", no_wrap=True)
+    if unscored:
+        table.add_column("cosine", justify="right", no_wrap=True)
+    table.add_column("path", no_wrap=True)
+    budget = max(16, console.width - 8 - 9 * (scored + unscored))
+    for hit in result.hits:
+        cells = [str(hit.rank)]
+        if scored:
+            cells.append(format_score(hit.score) if hit.score is not None else "–")
+        if unscored:
+            cells.append(f"{hit.cosine:.3f}")
+        table.add_row(*cells, Text(ellipsize(hit_name(hit), budget)))
+    if not result.hits:
+        table.add_row("", "", Text("nothing reached the --threshold", style="dim"))
+    return table
+
+
 def search_table(results: list[SearchResult], console: Console) -> Group:
     parts: list[Any] = []
     for result in results:
-        title = Text(f"{result.query}", style="bold")
         if result.error is not None:
-            parts.append(Text(f"{result.query}: {result.error}", style="red"))
-            continue
-        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-        table.add_column("rank", justify="right", no_wrap=True)
-        table.add_column("score", justify="right", no_wrap=True)
-        table.add_column("cosine", justify="right", no_wrap=True, style="dim")
-        table.add_column("path", no_wrap=True)
-        budget = max(16, console.width - 26)
-        for hit in result.hits:
-            name = display_path(hit.path) if hit.kind == "image" else f'"{hit.path}"'
-            table.add_row(str(hit.rank), format_score(hit.score), f"{hit.cosine:.3f}", ellipsize(name, budget))
-        if not result.hits:
-            table.add_row("", "", "", Text("no match above the --threshold", style="dim"))
-        parts.append(table)
-    parts.append(Text("score: SigLIP's sigmoid probability that the image matches the query, on its own", style="dim"))
+            parts.append(Text(f"{display_path(result.query)}: {_cause(result.query, result.error)}", style="red"))
+        else:
+            parts.append(search_ranking(result, console))
+    if any(h.score is not None for r in results for h in r.hits):
+        parts.append(Text("score: SigLIP's sigmoid probability that the image matches the text, each judged on its own", style="dim"))
     return Group(*parts)
 
 
 def _search_csv(result: SearchResult) -> Iterable[Sequence]:
     if result.error is not None:
-        return [[result.query, "", "", "", "", result.error]]
-    return [[result.query, h.rank, h.path, h.score, h.cosine, ""] for h in result.hits]
+        return [[result.query, "", "", "", "", "", result.error]]
+    return [[result.query, h.rank, h.path, h.kind, h.score, h.cosine, ""] for h in result.hits]
 
 
-SEARCH_VIEW = View(table=search_table, csv_header=["query", "rank", "path", "score", "cosine", "error"], csv_rows=_search_csv)
+SEARCH_VIEW = View(table=search_table, csv_header=["query", "rank", "path", "kind", "score", "cosine", "error"], csv_rows=_search_csv)
 
 
 # ============================================================================ embed (stdout rows)
