@@ -23,10 +23,13 @@ from .options import (
     DEFAULT_MODEL,
     AttnOpt,
     BatchOpt,
+    DecodeOpt,
+    Decode,
     DeviceOpt,
     DType,
     DTypeOpt,
     Attn,
+    ExactOpt,
     Format,
     FormatOpt,
     JsonOpt,
@@ -40,6 +43,7 @@ from .options import (
     RecursiveOpt,
     TemplateOpt,
     TextsFileOpt,
+    VerboseOpt,
     WorkersOpt,
 )
 from .terminal import error_line, note, progress_bar, status
@@ -117,7 +121,7 @@ def load_engine(options: ModelOptions, model: str | None = None):
 
     keep_freed_memory()
     with status("loading the model"):
-        return load(
+        engine = load(
             model or options.model,
             device=options.device,
             dtype=options.dtype,
@@ -127,7 +131,24 @@ def load_engine(options: ModelOptions, model: str | None = None):
             workers=options.workers,
             max_pixels=options.max_pixels,
             use_cache=options.use_cache,
+            decode=options.decode,
+            exact=options.exact,
         )
+    if options.verbose:
+        note(describe_run(engine, options))
+    return engine
+
+
+def describe_run(engine, options: ModelOptions) -> str:
+    """One line for --verbose: how the model runs, and why where `auto` chose."""
+    from ..runtime import resolve_precision
+
+    why = resolve_precision(options.dtype, engine.device).reason if options.dtype == "auto" and not options.exact else ""
+    dtype = f"{engine.precision} ({why})" if why else engine.precision
+    decode = f"{engine.decode} ({'auto: ' + ('exact with fp32' if engine.decode == 'exact' else 'fast unless fp32')})" if options.decode == "auto" and not options.exact else engine.decode
+    threads = f"{engine.workers} decode thread{'s' if engine.workers != 1 else ''}"
+    return (f"model {engine.resolved.name} (revision {engine.resolved.revision}) on {engine.device}; dtype {dtype}; "
+            f"decode {decode}; attn {engine.attn}; batch {engine.batch_size}; {threads}")
 
 
 def output_format(fmt: Format, json_flag: bool) -> str:
@@ -185,11 +206,14 @@ def classify(
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.auto,
     attn: AttnOpt = Attn.auto,
+    decode: DecodeOpt = Decode.auto,
+    exact: ExactOpt = False,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     offline: OfflineOpt = False,
     max_pixels: MaxPixelsOpt = 100_000_000,
     no_cache: NoCacheOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Score images against labels (zero-shot).
 
@@ -216,7 +240,7 @@ def classify(
         listing = list_inputs(images, recursive)
         if not listing.sources and not listing.failures:
             raise UsageError("no images given (stdin was empty)")
-        options = ModelOptions(model, device, dtype, attn, batch_size, workers, offline, max_pixels, no_cache)
+        options = ModelOptions(model, device, dtype, attn, batch_size, workers, offline, max_pixels, no_cache, decode, exact, verbose)
         engine = load_engine(options) if listing.sources else None
         total = len(listing.sources) + len(listing.failures)
         failed = 0
@@ -260,10 +284,13 @@ def embed(
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.auto,
     attn: AttnOpt = Attn.auto,
+    decode: DecodeOpt = Decode.auto,
+    exact: ExactOpt = False,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     offline: OfflineOpt = False,
     max_pixels: MaxPixelsOpt = 100_000_000,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Embed images (and texts) into vectors on disk.
 
@@ -315,7 +342,9 @@ def embed(
             refuse_overwriting_inputs(out, plan, texts_file or [])
             refuse_foreign_file(out, bool(update))
         base_meta = _update_base_meta(out) if update else {}
-        options = ModelOptions(model or base_meta.get("model"), device, dtype, attn, batch_size, workers, offline, max_pixels)
+        dtype, decode = _update_precision(base_meta, dtype, decode, exact)
+        options = ModelOptions(model or base_meta.get("model"), device, dtype, attn, batch_size, workers, offline, max_pixels,
+                               decode=decode, exact=exact, verbose=verbose)
         dtype_name = (out_dtype.value if out_dtype else base_meta.get("dtype", "float32"))
         engine = load_engine(options)
         if out is None:
@@ -339,6 +368,17 @@ def _update_base_meta(out: Path) -> dict:
     from ..store import open_store
 
     return open_store(out).meta
+
+
+def _update_precision(base_meta: dict, dtype, decode, exact: bool):
+    """--update keeps the store's model dtype and decoding unless they are given: rows computed
+    another way would not match the rows kept (a different choice is refused by name)."""
+    if base_meta and not exact:
+        if dtype == DType.auto and base_meta.get("model_dtype"):
+            dtype = base_meta["model_dtype"]
+        if decode == Decode.auto:
+            decode = base_meta.get("decode", "exact")  # stores from before --decode decoded exactly
+    return dtype, decode
 
 
 def _finish_embed(report, out: Path) -> None:
@@ -377,11 +417,14 @@ def similarity(
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.auto,
     attn: AttnOpt = Attn.auto,
+    decode: DecodeOpt = Decode.auto,
+    exact: ExactOpt = False,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     offline: OfflineOpt = False,
     max_pixels: MaxPixelsOpt = 100_000_000,
     no_cache: NoCacheOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Cosine similarity of images and texts, and SigLIP image-text probabilities.
 
@@ -414,7 +457,7 @@ def similarity(
         fmt_name = output_format(fmt, json_flag)
         from ..sources import Listing
 
-        engine = load_engine(ModelOptions(model, device, dtype, attn, batch_size, workers, offline, max_pixels, no_cache))
+        engine = load_engine(ModelOptions(model, device, dtype, attn, batch_size, workers, offline, max_pixels, no_cache, decode, exact, verbose))
         failed = 0
 
         def reported(results):
@@ -437,7 +480,7 @@ def similarity(
 def bench(
     model: ModelOpt = None,
     attn: Annotated[str, typer.Option("--attn", help="A backend, several comma-separated, or all.")] = "all",
-    dtype: Annotated[str, typer.Option("--dtype", help="One or several of fp32, fp16, bf16, comma-separated (default: fp32 on CPU, fp16,bf16 on CUDA).")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="One or several of fp32, fp16, bf16, int8, auto, comma-separated. auto: fp16,bf16 on CUDA; on a CPU fp32 plus what --dtype auto picks there (bf16 with native bf16 units).")] = "auto",
     batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: 1,4 on CPU; 1,32,128 on CUDA).")] = None,
     towers: Annotated[str, typer.Option("--towers", help="What to time: vision, text, classify, comma-separated.")] = "vision,text,classify",
     seconds: Annotated[float, typer.Option("--seconds", min=0.05, help="Time budget for each row's timed runs (at least one run). Warm-up: the correctness run, plus two more for fast rows, fewer for slow ones.")] = 2.0,

@@ -23,12 +23,13 @@ from ..core import attention as attention_backends
 from ..core.config import SiglipConfig, architecture, config_from_folder
 from ..core.errors import ModelUnavailable, UsageError
 from ..core.model import Siglip, random_init_, skip_init
+from ..core.quantize import quantize_int8
 from ..core.scoring import sigmoid
 from ..core.images import normalization_table, pixels_to_model_input
 from ..engine import Engine
 from ..hub import ResolvedModel, resolve_model
 from ..results import BenchRow
-from ..runtime import DTYPES, resolve_device
+from ..runtime import PRECISIONS, Precision, cpu_features, native_bf16, cpu_flags, resolve_device, resolve_precision
 
 TOWERS = ("vision", "text", "classify")
 CLASSIFY_LABELS = 10  # label embeddings an end-to-end classify call scores against
@@ -47,6 +48,7 @@ class BenchOptions:
     device: str = "auto"
     peak_tflops: float | None = None
     compare: str | None = None
+    auto_dtype: Precision | None = None  # what --dtype auto picks on this device
 
 
 # ----------------------------------------------------------------------------- options
@@ -76,7 +78,8 @@ def make_options(model, attn, dtype, batch_sizes, towers, seconds, repeats, devi
     show_eager = "eager" in backends
     if not show_eager:
         backends.insert(0, "eager")  # the reference every other backend is checked and timed against
-    dtypes = (["fp16", "bf16"] if torch_device.type == "cuda" else ["fp32"]) if dtype == "auto" else parse_list(dtype, tuple(DTYPES), "dtype")
+    auto = resolve_precision("auto", torch_device)
+    dtypes = bench_dtypes(dtype, torch_device, auto)
     if compare not in (None, "transformers"):
         raise UsageError(f"--compare {compare}: only 'transformers' is supported")
     if compare:
@@ -85,7 +88,18 @@ def make_options(model, attn, dtype, batch_sizes, towers, seconds, repeats, devi
         except ImportError:
             raise UsageError("--compare transformers: transformers is not installed (pip install 'siglip-cli[test]')") from None
     return BenchOptions(model, backends, show_eager, dtypes, parse_batch_sizes(batch_sizes, torch_device),
-                        parse_list(towers, TOWERS, "towers"), seconds, repeats, str(torch_device), peak_tflops, compare)
+                        parse_list(towers, TOWERS, "towers"), seconds, repeats, str(torch_device), peak_tflops, compare, auto)
+
+
+def bench_dtypes(text: str, device: torch.device, auto: Precision) -> list[str]:
+    """The dtypes to time. `auto` (alone or in a list): on CUDA fp16 and bf16; elsewhere fp32 and,
+    where it differs, what `--dtype auto` picks here, so its gain shows beside fp32."""
+    if device.type == "cuda":
+        default = ["fp16", "bf16"]
+    else:
+        default = list(dict.fromkeys(["fp32", auto.name]))
+    names = parse_list(text, ("auto", *PRECISIONS), "dtype")
+    return list(dict.fromkeys(d for name in names for d in (default if name == "auto" else [name])))
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -203,7 +217,8 @@ def measure(row: BenchRow, call: Callable[[], torch.Tensor], device: torch.devic
 
 
 # ----------------------------------------------------------------------------- the engine under test
-def open_engine(model: str, device: torch.device, dtype: torch.dtype, note: Callable[[str], None] | None) -> tuple[Engine, str]:
+def open_engine(model: str, device: torch.device, dtype: torch.dtype, note: Callable[[str], None] | None,
+                quantize: str | None = None) -> tuple[Engine, str]:
     """Our engine on real weights when a local folder or a cached hub copy is at hand; else on
     the architecture from the built-in table with random weights. Never downloads: weights do
     not change speed."""
@@ -216,7 +231,7 @@ def open_engine(model: str, device: torch.device, dtype: torch.dtype, note: Call
         resolved = None
     if resolved is not None:
         config = config_from_folder(resolved.folder)
-        engine = Engine(resolved, config, device, dtype, "eager", use_cache=False)
+        engine = Engine(resolved, config, device, dtype, "eager", use_cache=False, quantize=quantize)
         engine._tower("text"), engine._tower("vision")  # noqa: SLF001  (both towers, timed separately)
         return engine, "checkpoint"
     try:
@@ -228,18 +243,30 @@ def open_engine(model: str, device: torch.device, dtype: torch.dtype, note: Call
         ) from None
     if note:
         note(f"{model}: weights not available here (not cached); timing the architecture with random weights")
+    resolved = ResolvedModel(model, Path("."), "random")
+    network = random_network(config, device, dtype)
+    return Engine(resolved, config, device, dtype, "eager", use_cache=False, network=network, quantize=quantize), "random"
+
+
+def random_network(config: SiglipConfig, device: torch.device, dtype: torch.dtype) -> Siglip:
+    """The architecture with the same random weights every time (seed 0)."""
     with skip_init():
         network = Siglip(config, device="meta")
     network = network.to_empty(device="cpu")
     random_init_(network)
     network = network.to(device=device, dtype=dtype).eval().requires_grad_(False)
     network.logit_scale.data, network.logit_bias.data = network.logit_scale.float(), network.logit_bias.float()
-    resolved = ResolvedModel(model, Path("."), "random")
-    return Engine(resolved, config, device, dtype, "eager", use_cache=False, network=network), "random"
+    return network
 
 
 def to_transformers(engine: Engine, weights: str):
-    """transformers' SiglipModel with the same weights, kept on the CPU between its rows."""
+    """transformers' SiglipModel with the same weights, kept on the CPU between its rows; for
+    int8, quantized the same way as ours."""
+    reference = _transformers_model(engine, weights)
+    return quantize_int8(reference) if engine.quantize == "int8" else reference
+
+
+def _transformers_model(engine: Engine, weights: str):
     import transformers
     from transformers import SiglipConfig as HFConfig
     from transformers import SiglipModel
@@ -257,7 +284,8 @@ def to_transformers(engine: Engine, weights: str):
     )
     hf_config._attn_implementation = "sdpa"
     reference = SiglipModel(hf_config).to(engine.dtype)
-    state = {k: t.cpu() for k, t in to_checkpoint_state(engine._network).items()}  # noqa: SLF001
+    # our towers may be quantized already: the same random weights, rebuilt in full precision
+    state = to_checkpoint_state(random_network(engine.config, torch.device("cpu"), engine.dtype))
     reference.load_state_dict(state, strict=True)
     return reference.eval().requires_grad_(False)
 
@@ -271,9 +299,11 @@ def make_inputs(config: SiglipConfig, batch: int, seed: int = 0) -> dict:
     return {"pixels_u8": pixels_u8, "ids": ids}
 
 
-def dtype_unavailable(dtype: torch.dtype, device: torch.device) -> str | None:
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+def dtype_unavailable(name: str, device: torch.device) -> str | None:
+    if device.type == "cuda" and name == "bf16" and not torch.cuda.is_bf16_supported():
         return "this GPU has no bf16 support"
+    if device.type != "cpu" and name == "int8":
+        return "int8 (torch's dynamic quantization) runs on the CPU only"
     return None
 
 
@@ -312,17 +342,19 @@ class _Calls:
 def run_bench(options: BenchOptions, note: Callable[[str], None]) -> list[BenchRow]:
     device = torch.device(options.device)
     rows: list[BenchRow] = []
-    if device.type == "cpu" and any(d != "fp32" for d in options.dtypes):
-        note("fp16/bf16 on the CPU run, but CPUs without native units compute them slower than fp32")
+    _note_dtypes(options, device, note)
     noted = False
+    features = [flag for flag, present in cpu_features().items() if present]
     for dtype_name in options.dtypes:
-        dtype = DTYPES[dtype_name]
-        reason = dtype_unavailable(dtype, device)
+        picked = options.auto_dtype.reason if options.auto_dtype and options.auto_dtype.name == dtype_name else None
+        reason = dtype_unavailable(dtype_name, device)
         if reason:
-            rows += [BenchRow(options.model, "-", str(device), dtype_name, a, t, b, "unavailable", reason)
+            rows += [BenchRow(options.model, "-", str(device), dtype_name, a, t, b, "unavailable", reason,
+                              cpu_features=features, dtype_auto=picked)
                      for t in options.towers for b in options.batch_sizes for a in options.backends]
             continue
-        engine, weights = open_engine(options.model, device, dtype, None if noted else note)
+        precision = resolve_precision(dtype_name, device)
+        engine, weights = open_engine(options.model, device, precision.dtype, None if noted else note, precision.quantize)
         noted = True
         reference = to_transformers(engine, weights) if options.compare else None
         labels = np.random.default_rng(1).standard_normal((CLASSIFY_LABELS, engine.embed_dim)).astype(np.float32)
@@ -331,7 +363,8 @@ def run_bench(options: BenchOptions, note: Callable[[str], None]) -> list[BenchR
         for tower in options.towers:
             for batch in options.batch_sizes:
                 calls = _Calls(engine, make_inputs(engine.config, batch), labels)
-                base = dict(model=options.model, weights=weights, device=str(device), dtype=dtype_name, tower=tower, batch_size=batch)
+                base = dict(model=options.model, weights=weights, device=str(device), dtype=dtype_name, tower=tower, batch_size=batch,
+                            cpu_features=features, dtype_auto=picked)
                 measured, eager_output, eager_median = _backend_rows(engine, calls, tower, base, options, flops[tower])
                 rows += measured
                 if reference is not None and tower != "classify":
@@ -341,6 +374,17 @@ def run_bench(options: BenchOptions, note: Callable[[str], None]) -> list[BenchR
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _note_dtypes(options: BenchOptions, device: torch.device, note: Callable[[str], None]) -> None:
+    """Say what --dtype auto is here, and warn before dtypes this CPU computes slowly."""
+    if options.auto_dtype is not None:
+        note(f"--dtype auto is {options.auto_dtype.name} here ({options.auto_dtype.reason})")
+    if device.type != "cpu":
+        return
+    slow = [d for d in options.dtypes if d == "fp16" or d == "bf16" and not native_bf16(cpu_flags())]
+    if slow:
+        note(f"{'/'.join(slow)} on this CPU run, but without native units it computes them slower than fp32")
 
 
 def _backend_rows(engine: Engine, calls: _Calls, tower: str, base: dict, options: BenchOptions, flops: float):
