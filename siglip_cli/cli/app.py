@@ -143,9 +143,11 @@ def describe_run(engine, options: ModelOptions) -> str:
     """One line for --verbose: how the model runs, and why where `auto` chose."""
     from ..runtime import resolve_precision
 
-    why = resolve_precision(options.dtype, engine.device).reason if options.dtype == "auto" and not options.exact else ""
-    dtype = f"{engine.precision} ({why})" if why else engine.precision
-    decode = f"{engine.decode} ({'auto: ' + ('exact with fp32' if engine.decode == 'exact' else 'fast unless fp32')})" if options.decode == "auto" and not options.exact else engine.decode
+    dtype, decode = engine.precision, engine.decode
+    if options.dtype == "auto" and not options.exact:
+        dtype += f" ({resolve_precision('auto', engine.device).reason})"
+    if options.decode == "auto" and not options.exact:
+        decode += " (auto: exact with fp32, else fast)"
     threads = f"{engine.workers} decode thread{'s' if engine.workers != 1 else ''}"
     return (f"model {engine.resolved.name} (revision {engine.resolved.revision}) on {engine.device}; dtype {dtype}; "
             f"decode {decode}; attn {engine.attn}; batch {engine.batch_size}; {threads}")
