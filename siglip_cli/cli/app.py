@@ -145,7 +145,7 @@ def describe_run(engine, options: ModelOptions) -> str:
 
     dtype, decode = engine.precision, engine.decode
     if options.dtype == "auto" and not options.exact:
-        dtype += f" ({resolve_precision('auto', engine.device).reason})"
+        dtype += f" (auto: {resolve_precision('auto', engine.device).reason})"
     if options.decode == "auto" and not options.exact:
         decode += " (auto: exact with fp32, else fast)"
     threads = f"{engine.workers} decode thread{'s' if engine.workers != 1 else ''}"

@@ -384,7 +384,7 @@ def _note_dtypes(options: BenchOptions, device: torch.device, note: Callable[[st
         return
     slow = [d for d in options.dtypes if d == "fp16" or d == "bf16" and not native_bf16(cpu_flags())]
     if slow:
-        note(f"{'/'.join(slow)} on this CPU run, but without native units it computes them slower than fp32")
+        note(f"{' and '.join(slow)} run on this CPU without native units, slower than fp32")
 
 
 def _backend_rows(engine: Engine, calls: _Calls, tower: str, base: dict, options: BenchOptions, flops: float):

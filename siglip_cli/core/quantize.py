@@ -5,8 +5,14 @@ per output channel, activations quantized per batch on the fly, the product comp
 fbgemm/oneDNN int8 kernels (VNNI where the CPU has it) and returned as fp32. Everything else
 (patch convolution, layer norms, attention, the pooling head's fused in-projection) stays fp32.
 
-Per-channel weight scales, not torch's per-tensor default: measured on base-224 with random
-weights, same speed, and a better worst-case cosine against fp32 (docs/benchmarks.md).
+Per-channel weight scales, not torch's per-tensor default: on base-224 (random weights, batch
+16) the vision tower's min cosine against fp32 is 0.99953 against 0.99946 per tensor, the text
+tower's the same (0.99877), and the speed indistinguishable on a busy 2-core machine (per
+channel 2.1x fp32 for vision, 2.9x for text; per tensor 2.5x and 2.4x; runs varied 2x).
+
+Activations get one scale per call, over the whole batch: an int8 row therefore depends slightly
+on the other rows of its batch. Running one image at a time would avoid that, but measured 3.6x
+slower than a batch of 16 (int8 matrix multiplies of 196 rows are inefficient), slower than fp32.
 """
 
 from __future__ import annotations
