@@ -103,22 +103,47 @@ def write_unit_rows(path: Path, rows: int, dim: int, seed: int = 0) -> None:
     values.flush()
 
 
-def timed_process(argv: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, float, str]:
-    """Run one whole process; (wall seconds, its peak RSS in MB, its stderr). The peak is read
-    by a fresh wrapper process whose only child is the command."""
+def run_process(argv: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
+    """Run one whole process: {wall (s), peak (its peak RSS, MB), cpu (user + system s), stderr}.
+    The figures are read by a fresh wrapper process whose only child is the command."""
     wrapper = (
         "import resource, subprocess, sys, json, time\n"
         "t = time.perf_counter()\n"
         "p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)\n"
         "wall = time.perf_counter() - t\n"
-        "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
-        "print(json.dumps({'wall': wall, 'peak': peak, 'rc': p.returncode, 'stderr': p.stderr[-2000:]}))\n"
+        "usage = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "print(json.dumps({'wall': wall, 'peak': usage.ru_maxrss / 1024, 'cpu': usage.ru_utime + usage.ru_stime,\n"
+        "                  'rc': p.returncode, 'stderr': p.stderr[-2000:]}))\n"
     )
     out = subprocess.run([sys.executable, "-c", wrapper, *argv], capture_output=True, text=True, env=env, cwd=cwd, check=True)
     result = json.loads(out.stdout)
     if result["rc"] != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({result['rc']}): {result['stderr']}")
+    return result
+
+
+def timed_process(argv: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, float, str]:
+    """Run one whole process; (wall seconds, its peak RSS in MB, its stderr)."""
+    result = run_process(argv, env, cwd)
     return result["wall"], result["peak"], result["stderr"]
+
+
+def cpu_flags() -> str:
+    """The CPU flags that decide speed per dtype (avx2, avx512*, amx*), present or not."""
+    from siglip_cli.runtime import cpu_features
+
+    features = cpu_features()
+    present = [flag for flag, on in features.items() if on]
+    absent = [flag for flag, on in features.items() if not on]
+    return f"flags {' '.join(present) or '-'}; no {' '.join(absent) or '-'}"
+
+
+def load_average() -> str:
+    """The machine's 1/5/15-minute load: other work on a shared machine skews every figure."""
+    try:
+        return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        return "load unknown"
 
 
 def machine() -> str:
@@ -140,24 +165,4 @@ def machine() -> str:
             gpu = f", {torch.cuda.get_device_name(0)}"
     except ImportError:
         pass
-    return f"{cpu} ({', '.join(cpu_flags())}), {os.cpu_count()} cores{gpu}; load {load()}; {time.strftime('%Y-%m-%d')}"
-
-
-def cpu_flags(wanted=("avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma", "f16c")) -> list[str]:
-    """The vector-unit flags from /proc/cpuinfo that matter for matrix multiplies."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return [f for f in wanted if f in flags] or ["none of " + "/".join(wanted)]
-    except OSError:
-        pass
-    return ["flags unknown"]
-
-
-def load() -> str:
-    """The 1-minute load average against the cores: other processes share the CPU."""
-    try:
-        return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
-    except OSError:
-        return "unknown"
+    return f"{cpu} ({cpu_flags()}), {os.cpu_count()} cores{gpu}; {load_average()}; {time.strftime('%Y-%m-%d %H:%M')}"

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, build_checkpoint, machine, write_unit_rows  # noqa: E402
+from common import ROOT, build_checkpoint, load_average, machine, write_unit_rows  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
@@ -68,25 +68,6 @@ def timed_process(argv: list[str], env: dict) -> dict:
     if result["rc"] != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({result['rc']}): {result['stderr']}")
     return result
-
-
-def cpu_flags() -> str:
-    wanted = ("avx2", "avx512f", "avx512_bf16", "fma", "f16c", "sha_ni")
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in wanted if f in have)
-    except OSError:
-        pass
-    return "unknown"
-
-
-def load() -> str:
-    try:
-        return " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        return "unknown"
 
 
 def build_index(out: str, rows: str, checkpoint: str) -> None:
@@ -155,7 +136,7 @@ def main() -> None:
     }
     for argv in runs.values():  # warm the page cache
         timed_process(argv, env)
-    load_before = load()
+    load_before = load_average()
     found: dict[str, list[dict]] = {name: [] for name in runs}
     opening: list[float] = []
     searching: list[float] = []
@@ -165,11 +146,11 @@ def main() -> None:
         opened, searched = search_in_process(index, query)
         opening.append(opened)
         searching.append(searched)
-    load_after = load()
+    load_after = load_average()
 
     print(f"exact search, {args.rows:,} x {DIM} float32 rows ({index.stat().st_size / 1e9:.2f} GB, in the page cache), "
           f"one text query, top 10, {args.rounds} rounds interleaved")
-    print(f"machine: {machine()}; flags: {cpu_flags()}; load average before {load_before}, after {load_after}")
+    print(f"machine: {machine()}; before: {load_before}; after: {load_after}")
     print(f"(first siglip run, empty cache, the query embedded by the base-224 model: {first['wall']:.2f} s)")
     base = statistics.median(r["wall"] for r in found["numpy: np.load + @ + argsort"])
     print(f"{'run':40} {'median s':>9} {'min s':>7} {'max s':>7} {'CPU s':>6} {'peak MB':>8} {'time vs numpy':>14}")

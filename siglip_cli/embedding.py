@@ -137,6 +137,7 @@ class EmbedRun:
             "model": described["model"],
             "revision": described["revision"],
             "model_dtype": described["dtype"],
+            "decode": described["decode"],
             "normalized": self.normalized,
             "templates": self.templates,
             # NaFlex only (absent otherwise, so stores of other models keep their settings)
@@ -275,9 +276,11 @@ def check_base(base: Store, engine, normalized: bool, templates: Sequence[str] |
             f"this run uses {described['model']} (revision {described['revision']}); "
             "pass the same --model, or write a new file without --update"
         )
-    wanted = {"model_dtype": described["dtype"], "normalized": normalized, "templates": list(templates or []),
-              "dtype": np.dtype(out_dtype).name, "max_patches": described.get("max_patches")}
-    changed = [f"{k} {meta.get(k)!r} -> {v!r}" for k, v in wanted.items() if meta.get(k) != v]
+    wanted = {"model_dtype": described["dtype"], "decode": described["decode"], "normalized": normalized,
+              "templates": list(templates or []), "dtype": np.dtype(out_dtype).name,
+              "max_patches": described.get("max_patches")}
+    recorded = {"decode": "exact", **meta}  # stores written before --decode existed decoded exactly
+    changed = [f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in wanted.items() if recorded.get(k) != v]
     if changed:
         raise UsageError(f"--update: {base.path} was made with other settings ({'; '.join(changed)}); use the same options, or write a new file")
     if meta.get("dim") != engine.embed_dim:

@@ -26,13 +26,14 @@ from .core.errors import InputError, ModelUnavailable, UsageError
 from .core.images import DEFAULT_MAX_PIXELS, DecodeOptions
 from .core.logit_scalars import read_logit_scalars
 from .core.model import Siglip, normalize
+from .core.quantize import quantize_int8
 from .core.scoring import ensemble, l2_normalize, logits, sigmoid, softmax
 from .core.tokenizer import TextTokenizer, load_tokenizer
 from .core.weights import load_model
 from .hub import DEFAULT_MODEL, ResolvedModel, resolve_model
 from .pipeline import DEFAULT_BATCH, ImagePipeline, ImageResult, as_sources, default_workers
 from .prompts import DEFAULT_TEMPLATE, fill, resolve_templates
-from .runtime import dtype_name, resolve_attention, resolve_device, resolve_dtype
+from .runtime import Precision, dtype_name, ieee_fp32, resolve_attention, resolve_decode, resolve_device, resolve_precision
 from .sources import Source
 
 TEXT_BATCH = {"cuda": 512, "mps": 128, "cpu": 64}
@@ -52,19 +53,22 @@ class Engine:
         batch_size: int | None = None,
         workers: int | None = None,
         network: Siglip | None = None,
+        quantize: str | None = None,
     ):
         """`network`: an already built model (e.g. random weights for `bench`); otherwise each
-        tower loads from `resolved.folder` on first use."""
+        tower loads from `resolved.folder` on first use. `quantize="int8"`: every tower's Linear
+        layers run in int8 (`dtype` must then be fp32)."""
         self.resolved = resolved
         self.config = config
         self.device = device
         self.dtype = dtype
         self.attn = attn
+        self.quantize = quantize
         self.decode_options = decode_options
         self.batch_size = batch_size or DEFAULT_BATCH.get(device.type, 16)
         self.workers = default_workers(device) if workers is None else workers
         self.text_cache = (
-            TextCache(cache_dir or default_cache_dir(), resolved.revision, f"{device.type}-{dtype_name(dtype)}", config.text.embed_dim)
+            TextCache(cache_dir or default_cache_dir(), resolved.revision, f"{device.type}-{self.precision}", config.text.embed_dim)
             if use_cache
             else None
         )
@@ -75,8 +79,23 @@ class Engine:
         self.on_truncated: Callable[[dict[str, int], int], None] | None = None
         if network is not None:
             network.set_attention(self._attend())
+            for tower in (network.text_model, network.vision_model):
+                if tower is not None:
+                    self._quantized(tower)
 
     # ------------------------------------------------------------------ the model
+    @property
+    def precision(self) -> str:
+        """fp32, fp16, bf16 or int8: what the results depend on (int8 keeps fp32 storage)."""
+        return self.quantize or dtype_name(self.dtype)
+
+    @property
+    def decode(self) -> str:
+        return "fast" if self.decode_options.draft_jpeg else "exact"
+
+    def _quantized(self, tower: torch.nn.Module) -> torch.nn.Module:
+        return quantize_int8(tower) if self.quantize == "int8" else tower
+
     def _attend(self):
         return attention_backends.resolve(self.attn, self.device, self.dtype, self.config.head_dims, self.masked)
 
@@ -99,6 +118,7 @@ class Engine:
         if network is None or getattr(network, f"{name}_model") is None:
             weights = self.resolved.folder / "model.safetensors"
             loaded = load_model(weights, self.config, (name,), self._attend(), self.device, self.dtype)
+            self._quantized(getattr(loaded, f"{name}_model"))
             if network is None:
                 self._network = network = loaded
             else:
@@ -167,7 +187,8 @@ class Engine:
             tokens = self.tokenizer.tokenize(part)
             truncated.update(tokens.truncated(part, self.tokenizer.max_length))
             ids = torch.tensor(tokens.ids, dtype=torch.long, device=self.device)
-            out.append(self.text_model(ids).float().cpu().numpy())
+            with ieee_fp32(self.device, self.dtype):
+                out.append(self.text_model(ids).float().cpu().numpy())
         if truncated:
             self.truncated.update(truncated)
             if self.on_truncated is not None:
@@ -232,7 +253,8 @@ class Engine:
     def encode_images(self, batch, normalized: bool = True) -> torch.Tensor:
         """A batch on the device (`PixelBatch`, or NaFlex's `PatchBatch`) -> image features
         (N, D) on the device."""
-        features = self.vision_model(*batch.model_inputs())
+        with ieee_fp32(self.device, self.dtype):
+            features = self.vision_model(*batch.model_inputs())
         return normalize(features) if normalized else features.float()
 
     def iter_image_features(
@@ -290,7 +312,8 @@ class Engine:
             "model": self.resolved.name,
             "revision": self.resolved.revision,
             "device": str(self.device),
-            "dtype": dtype_name(self.dtype),
+            "dtype": self.precision,
+            "decode": self.decode,
             "attn": self.attn,
         }
         if self.config.vision.naflex:
@@ -322,9 +345,14 @@ def load(
     batch_size: int | None = None,
     workers: int | None = None,
     max_patches: int | None = None,
+    decode: str = "auto",
+    exact: bool = False,
 ) -> Engine:
     """Open a SigLIP checkpoint (local folder or hub id; default google/siglip-base-patch16-224).
 
+    `dtype`: auto, fp32, fp16, bf16 or int8 (auto: bf16 on CPUs with native bf16, fp16 on CUDA,
+    else fp32). `decode`: auto (exact with fp32, else fast), exact or fast (large JPEGs decode
+    at reduced scale). `exact=True`: fp32 and exact decoding, i.e. transformers' numbers.
     `max_patches`: SigLIP 2 NaFlex only, the most patches per image (default: the checkpoint's
     `max_num_patches`); more keeps more detail and costs time.
 
@@ -332,7 +360,7 @@ def load(
     tower at a time."""
     name = str(name_or_path or os.environ.get("SIGLIP_MODEL") or DEFAULT_MODEL)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    precision, decode = resolve_exactness(dtype, decode, exact, torch_device)
     resolved = resolve_model(name, offline=offline, revision=revision)
     config = config_from_folder(resolved.folder)
     if max_patches is not None and not config.vision.naflex:
@@ -342,19 +370,33 @@ def load(
             f"{config.vision.num_patches} patches); only SigLIP 2 NaFlex checkpoints take a patch budget"
         )
     config = config.with_max_patches(max_patches)
-    attn_name = resolve_attention(attn, torch_device, torch_dtype, config.head_dims, masked=config.vision.naflex)
+    attn_name = resolve_attention(attn, torch_device, precision.dtype, config.head_dims, masked=config.vision.naflex)
     return Engine(
         resolved,
         config,
         torch_device,
-        torch_dtype,
+        precision.dtype,
         attn_name,
         cache_dir=Path(cache_dir) if cache_dir else None,
         use_cache=use_cache,
-        decode_options=DecodeOptions(max_pixels=max_pixels),
+        decode_options=DecodeOptions(max_pixels=max_pixels, draft_jpeg=decode == "fast"),
         batch_size=batch_size,
         workers=workers,
+        quantize=precision.quantize,
     )
+
+
+def resolve_exactness(dtype: str, decode: str, exact: bool, device: torch.device) -> tuple[Precision, str]:
+    """(precision, decode mode) for the options; `exact` is fp32 with exact decoding, and any
+    other dtype or decode mode beside it is a contradiction, refused."""
+    if exact:
+        if (dtype or "auto").lower() not in ("auto", "fp32"):
+            raise UsageError(f"--exact computes in fp32 (transformers' numbers); drop --dtype {dtype} or --exact")
+        if (decode or "auto").lower() not in ("auto", "exact"):
+            raise UsageError(f"--exact decodes images exactly; drop --decode {decode} or --exact")
+        dtype, decode = "fp32", "exact"
+    precision = resolve_precision(dtype, device)
+    return precision, resolve_decode(decode, precision)
 
 
 __all__ = ["Engine", "load"]

@@ -167,6 +167,8 @@ class BenchRow:
     pct_of_peak: float | None = None
     ours_sdpa_speedup: float | None = None  # transformers rows: our sdpa's speed / theirs
     max_patches: int | None = None  # SigLIP 2 NaFlex: the patch budget each image fills
+    cpu_features: list[str] | None = None  # the speed-relevant CPU flags present (avx2, avx512*, amx*)
+    dtype_auto: str | None = None  # set on rows of the dtype `--dtype auto` picks here: why
 
     def to_record(self) -> dict:
         return dict(vars(self))

@@ -24,7 +24,7 @@ def bench(*args):
 
 def test_json_rows_on_a_checkpoint(tiny_checkpoint):
     result = bench("--model", tiny_checkpoint, "--format", "json", "--seconds", "0.05", "--batch-sizes", "1,3",
-                   "--device", "cpu", "--peak-tflops", "1.5")
+                   "--device", "cpu", "--peak-tflops", "1.5", "--dtype", "fp32")
     assert result.exit_code == 0, result.stderr
     rows = json.loads(result.stdout)
     assert {(r["tower"], r["batch_size"], r["attn"]) for r in rows} == {
@@ -52,10 +52,10 @@ def test_difference_column_comes_from_real_outputs(tiny_checkpoint):
     from siglip_cli.core.attention import eager_attention, sdpa_attention
 
     result = bench("--model", tiny_checkpoint, "--format", "json", "--seconds", "0.05", "--batch-sizes", "2",
-                   "--towers", "text", "--attn", "sdpa", "--device", "cpu")
+                   "--towers", "text", "--attn", "sdpa", "--device", "cpu", "--dtype", "fp32")
     rows = json.loads(result.stdout)
     assert [r["attn"] for r in rows] == ["sdpa"]  # eager ran as the reference but was not asked for
-    model = siglip_cli.load(tiny_checkpoint, device="cpu", attn="eager")
+    model = siglip_cli.load(tiny_checkpoint, device="cpu", dtype="fp32", attn="eager")
     ids = make_inputs(model.config, 2)["ids"]
     with torch.inference_mode():
         eager = model.text_model(ids)
@@ -68,7 +68,7 @@ def test_difference_column_comes_from_real_outputs(tiny_checkpoint):
 def test_named_architecture_offline_with_random_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     result = bench("--model", "google/siglip-base-patch16-224", "--format", "json", "--towers", "text",
-                   "--batch-sizes", "1", "--seconds", "0.05", "--repeats", "2", "--attn", "sdpa", "--device", "cpu")
+                   "--batch-sizes", "1", "--seconds", "0.05", "--repeats", "2", "--attn", "sdpa", "--device", "cpu", "--dtype", "fp32")
     assert result.exit_code == 0, result.stderr
     assert "random weights" in result.stderr
     (row,) = json.loads(result.stdout)
@@ -94,7 +94,7 @@ def test_table_output_and_bad_options(tiny_checkpoint):
 
 def test_compare_transformers_times_the_reference(tiny_checkpoint):
     result = bench("--model", tiny_checkpoint, "--compare", "transformers", "--format", "json", "--seconds", "0.05",
-                   "--batch-sizes", "2", "--towers", "vision", "--attn", "sdpa", "--device", "cpu")
+                   "--batch-sizes", "2", "--towers", "vision", "--attn", "sdpa", "--device", "cpu", "--dtype", "fp32")
     assert result.exit_code == 0, result.stderr
     rows = {r["attn"]: r for r in json.loads(result.stdout)}
     assert rows["transformers"]["status"] == "ok" and rows["transformers"]["max_abs_diff_vs_eager"] < 1e-5
@@ -145,7 +145,7 @@ def test_a_failed_eager_row_does_not_take_the_others_down(tiny_checkpoint, monke
 
 def test_batch_sizes_are_checked_and_unrunnable_backends_time_nothing(tiny_checkpoint):
     def bench(*args):
-        return CliRunner().invoke(app, ["bench", "--model", str(tiny_checkpoint), "--towers", "vision", "--seconds", "0.05", *args])
+        return CliRunner().invoke(app, ["bench", "--model", str(tiny_checkpoint), "--towers", "vision", "--seconds", "0.05", "--dtype", "fp32", *args])
 
     assert bench("--batch-sizes", "").exit_code == 2
     rows = json.loads(bench("--attn", "sdpa", "--batch-sizes", "1,1", "--format", "json").stdout)

@@ -49,7 +49,7 @@ def mixed_folder(tmp_path, image_dir, bad_files) -> Path:
 
 def test_rows_equal_the_api_and_the_reference(run, image_dir, tmp_path, tiny_checkpoint, reference_factory):
     out = tmp_path / "vecs.npy"
-    result = run("embed", image_dir, "--out", out)
+    result = run("embed", image_dir, "--out", out, "--exact")
     assert result.exit_code == 0, result.stderr
     rows = np.load(out)
     paths = (tmp_path / "vecs.npy.paths.txt").read_text().splitlines()
@@ -57,7 +57,7 @@ def test_rows_equal_the_api_and_the_reference(run, image_dir, tmp_path, tiny_che
     assert rows.dtype == np.float32 and rows.shape == (5, 32)
     np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-6)
 
-    api = siglip_cli.load(tiny_checkpoint).embed_images(paths)
+    api = siglip_cli.load(tiny_checkpoint, exact=True).embed_images(paths)
     np.testing.assert_allclose(rows, api, atol=1e-6)
 
     from PIL import Image
@@ -73,6 +73,7 @@ def test_rows_equal_the_api_and_the_reference(run, image_dir, tmp_path, tiny_che
     meta = json.loads((tmp_path / "vecs.npy.meta.json").read_text())
     assert meta["count"] == 5 and meta["dim"] == 32 and meta["dtype"] == "float32" and meta["normalized"] is True
     assert meta["model"] == str(tiny_checkpoint) and meta["revision"].startswith("local-") and meta["skipped"] == []
+    assert meta["model_dtype"] == "fp32" and meta["decode"] == "exact"  # --exact: transformers' numbers
 
 
 def test_bad_files_in_the_middle_keep_sidecars_aligned(run, mixed_folder, tmp_path, tiny_checkpoint):

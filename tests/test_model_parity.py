@@ -52,7 +52,7 @@ def test_fp32_embeddings_and_logits_match_reference(shape, attn):
 def test_raw_features_match_reference_unnormalised(shape):
     folder, ref = shape
     images = [random_image(7, (33, 35))]
-    model = siglip_cli.load(folder, device="cpu", use_cache=False)
+    model = siglip_cli.load(folder, device="cpu", use_cache=False, exact=True)
     pixels = ref.processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         expected = ref.model.get_image_features(pixel_values=pixels).pooler_output.numpy()
@@ -72,7 +72,7 @@ def test_half_precision_stays_within_stated_bound(shape, dtype, bound, attn):
 
 
 def test_backends_agree_and_switch_in_place(tiny_checkpoint):
-    model = siglip_cli.load(tiny_checkpoint, device="cpu", attn="eager", use_cache=False)
+    model = siglip_cli.load(tiny_checkpoint, device="cpu", attn="eager", use_cache=False, exact=True)
     images = [random_image(3, (40, 40))]
     eager_img, eager_txt = model.embed_images(images), model.embed_texts(TEXTS)
     model.set_attention("sdpa")
@@ -85,7 +85,7 @@ def test_text_tower_pools_the_last_padded_position(tiny_checkpoint, reference_fa
     """Padding is not optional: the same text padded to 64 and unpadded embed differently, and
     ours equals the padded reference."""
     ref = reference_factory(tiny_checkpoint)
-    model = siglip_cli.load(tiny_checkpoint, device="cpu", use_cache=False)
+    model = siglip_cli.load(tiny_checkpoint, device="cpu", use_cache=False, exact=True)
     text = ["a photo of a cat"]
     unpadded = ref.tokenizer(text, return_tensors="pt")["input_ids"]
     with torch.no_grad():

@@ -23,10 +23,13 @@ from .options import (
     DEFAULT_MODEL,
     AttnOpt,
     BatchOpt,
+    DecodeOpt,
+    Decode,
     DeviceOpt,
     DType,
     DTypeOpt,
     Attn,
+    ExactOpt,
     Format,
     FormatOpt,
     JsonOpt,
@@ -41,6 +44,7 @@ from .options import (
     RecursiveOpt,
     TemplateOpt,
     TextsFileOpt,
+    VerboseOpt,
     WorkersOpt,
 )
 from .terminal import error_line, note, progress_bar, status, truncation_note
@@ -153,9 +157,27 @@ def load_engine(options: ModelOptions, model: str | None = None):
             max_pixels=options.max_pixels,
             use_cache=options.use_cache,
             max_patches=options.max_patches,
+            decode=options.decode,
+            exact=options.exact,
         )
     engine.on_truncated = lambda texts, length: note(truncation_note(texts, length))
+    if options.verbose:
+        note(describe_run(engine, options))
     return engine
+
+
+def describe_run(engine, options: ModelOptions) -> str:
+    """One line for --verbose: how the model runs, and why where `auto` chose."""
+    from ..runtime import resolve_precision
+
+    dtype, decode = engine.precision, engine.decode
+    if options.dtype == "auto" and not options.exact:
+        dtype += f" (auto: {resolve_precision('auto', engine.device).reason})"
+    if options.decode == "auto" and not options.exact:
+        decode += " (auto: exact with fp32, else fast)"
+    threads = f"{engine.workers} decode thread{'s' if engine.workers != 1 else ''}"
+    return (f"model {engine.resolved.name} (revision {engine.resolved.revision}) on {engine.device}; dtype {dtype}; "
+            f"decode {decode}; attn {engine.attn}; batch {engine.batch_size}; {threads}")
 
 
 def output_format(fmt: Format, json_flag: bool) -> str:
@@ -213,12 +235,15 @@ def classify(
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.auto,
     attn: AttnOpt = Attn.auto,
+    decode: DecodeOpt = Decode.auto,
+    exact: ExactOpt = False,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     offline: OfflineOpt = False,
     max_pixels: MaxPixelsOpt = 100_000_000,
     no_cache: NoCacheOpt = False,
     max_patches: MaxPatchesOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Score images against labels (zero-shot).
 
@@ -245,7 +270,8 @@ def classify(
         listing = list_inputs(images, recursive)
         if not listing.sources and not listing.failures:
             raise UsageError("no images given (stdin was empty)")
-        options = ModelOptions(model, device, dtype, attn, batch_size, workers, offline, max_pixels, no_cache, max_patches)
+        options = ModelOptions(model, device, dtype, attn, batch_size, workers, offline, max_pixels, no_cache, max_patches,
+                               decode, exact, verbose)
         engine = load_engine(options) if listing.sources else None
         total = len(listing.sources) + len(listing.failures)
         failed = 0
@@ -289,11 +315,14 @@ def embed(
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.auto,
     attn: AttnOpt = Attn.auto,
+    decode: DecodeOpt = Decode.auto,
+    exact: ExactOpt = False,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     offline: OfflineOpt = False,
     max_pixels: MaxPixelsOpt = 100_000_000,
     max_patches: MaxPatchesOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Embed images (and texts) into vectors on disk.
 
@@ -345,11 +374,11 @@ def embed(
             refuse_overwriting_inputs(out, plan, texts_file or [])
             refuse_foreign_file(out, bool(update))
         base_meta = _update_base_meta(out) if update else {}
-        # An update takes the model, its dtype and its patch budget from the store unless told
-        # otherwise (a store made in fp16 on a GPU is refused, not silently mixed with fp32 rows).
-        model_dtype = base_meta.get("model_dtype", "auto") if dtype == DType.auto else dtype
-        options = ModelOptions(model or base_meta.get("model"), device, model_dtype, attn, batch_size, workers, offline, max_pixels,
-                               max_patches=max_patches or base_meta.get("max_patches"))
+        # An update takes the model, its dtype, decode mode and patch budget from the store unless
+        # told otherwise (a store made in fp16 on a GPU is refused, not silently mixed with fp32 rows).
+        dtype, decode = _update_precision(base_meta, dtype, decode, exact)
+        options = ModelOptions(model or base_meta.get("model"), device, dtype, attn, batch_size, workers, offline, max_pixels,
+                               max_patches=max_patches or base_meta.get("max_patches"), decode=decode, exact=exact, verbose=verbose)
         dtype_name = (out_dtype.value if out_dtype else base_meta.get("dtype", "float32"))
         engine = load_engine(options)
         if out is None:
@@ -373,6 +402,17 @@ def _update_base_meta(out: Path) -> dict:
     from ..store import open_store
 
     return open_store(out).meta
+
+
+def _update_precision(base_meta: dict, dtype, decode, exact: bool):
+    """--update keeps the store's model dtype and decoding unless they are given: rows computed
+    another way would not match the rows kept (a different choice is refused by name)."""
+    if base_meta and not exact:
+        if dtype == DType.auto and base_meta.get("model_dtype"):
+            dtype = base_meta["model_dtype"]
+        if decode == Decode.auto:
+            decode = base_meta.get("decode", "exact")  # stores from before --decode decoded exactly
+    return dtype, decode
 
 
 def _finish_embed(report, out: Path) -> None:
@@ -411,12 +451,15 @@ def similarity(
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.auto,
     attn: AttnOpt = Attn.auto,
+    decode: DecodeOpt = Decode.auto,
+    exact: ExactOpt = False,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     offline: OfflineOpt = False,
     max_pixels: MaxPixelsOpt = 100_000_000,
     no_cache: NoCacheOpt = False,
     max_patches: MaxPatchesOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Cosine similarity of images and texts, and SigLIP image-text probabilities.
 
@@ -449,7 +492,8 @@ def similarity(
         fmt_name = output_format(fmt, json_flag)
         from ..sources import Listing
 
-        engine = load_engine(ModelOptions(model, device, dtype, attn, batch_size, workers, offline, max_pixels, no_cache, max_patches))
+        engine = load_engine(ModelOptions(model, device, dtype, attn, batch_size, workers, offline, max_pixels, no_cache, max_patches,
+                                          decode, exact, verbose))
         failed = 0
 
         def reported(results):
@@ -538,7 +582,7 @@ def search(
 def bench(
     model: ModelOpt = None,
     attn: Annotated[str, typer.Option("--attn", metavar="BACKEND,...", help="A backend, several comma-separated, or all.")] = "all",
-    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE,...", help="One or several of fp32, fp16, bf16, comma-separated (default: fp32 on CPU, fp16,bf16 on CUDA).")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE,...", help="One or several of fp32, fp16, bf16, int8, auto, comma-separated. auto: fp16,bf16 on CUDA; on a CPU fp32 plus what --dtype auto picks there (bf16 with native bf16 units).")] = "auto",
     batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", metavar="N,N,...", help="Comma-separated batch sizes (default: 1,4 on CPU; 1,32,128 on CUDA).")] = None,
     towers: Annotated[str, typer.Option("--towers", metavar="TOWER,...", help="What to time: vision, text, classify, comma-separated.")] = "vision,text,classify",
     seconds: Annotated[float, typer.Option("--seconds", metavar="SECONDS", min=0.05, help="Time budget for each row's timed runs (at least one run). Warm-up: the correctness run, plus two more for fast rows, fewer for slow ones.")] = 2.0,

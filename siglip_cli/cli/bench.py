@@ -24,13 +24,14 @@ from ..core import attention as attention_backends
 from ..core.config import SiglipConfig, architecture, config_from_folder
 from ..core.errors import ModelUnavailable, UsageError
 from ..core.model import Siglip, random_init_, skip_init
+from ..core.quantize import quantize_int8
 from ..core.scoring import sigmoid
 from ..core.images import Patches, normalization_table, patchify
 from ..engine import Engine
 from ..hub import ResolvedModel, resolve_model
 from ..pipeline import PatchBatch
 from ..results import BenchRow
-from ..runtime import DTYPES, resolve_device
+from ..runtime import PRECISIONS, Precision, cpu_features, native_bf16, cpu_flags, resolve_device, resolve_precision
 
 TOWERS = ("vision", "text", "classify")
 CLASSIFY_LABELS = 10  # label embeddings an end-to-end classify call scores against
@@ -50,6 +51,7 @@ class BenchOptions:
     peak_tflops: float | None = None
     compare: str | None = None
     max_patches: int | None = None  # NaFlex: the patch budget per image (None: the checkpoint's)
+    auto_dtype: Precision | None = None  # what --dtype auto picks on this device
 
 
 # ----------------------------------------------------------------------------- options
@@ -80,7 +82,8 @@ def make_options(model, attn, dtype, batch_sizes, towers, seconds, repeats, devi
     show_eager = "eager" in backends
     if not show_eager:
         backends.insert(0, "eager")  # the reference every other backend is checked and timed against
-    dtypes = (["fp16", "bf16"] if torch_device.type == "cuda" else ["fp32"]) if dtype == "auto" else parse_list(dtype, tuple(DTYPES), "dtype")
+    auto = resolve_precision("auto", torch_device)
+    dtypes = bench_dtypes(dtype, torch_device, auto)
     if compare not in (None, "transformers"):
         raise UsageError(f"--compare {compare}: only 'transformers' is supported")
     if compare:
@@ -90,7 +93,18 @@ def make_options(model, attn, dtype, batch_sizes, towers, seconds, repeats, devi
             raise UsageError("--compare transformers: transformers is not installed (pip install 'siglip-cli[test]')") from None
     return BenchOptions(model, backends, show_eager, dtypes, parse_batch_sizes(batch_sizes, torch_device),
                         parse_list(towers, TOWERS, "towers"), seconds, repeats, str(torch_device), peak_tflops, compare,
-                        max_patches)
+                        max_patches, auto)
+
+
+def bench_dtypes(text: str, device: torch.device, auto: Precision) -> list[str]:
+    """The dtypes to time. `auto` (alone or in a list): on CUDA fp16 and bf16; elsewhere fp32 and,
+    where it differs, what `--dtype auto` picks here, so its gain shows beside fp32."""
+    if device.type == "cuda":
+        default = ["fp16", "bf16"]
+    else:
+        default = list(dict.fromkeys(["fp32", auto.name]))
+    names = parse_list(text, ("auto", *PRECISIONS), "dtype")
+    return list(dict.fromkeys(d for name in names for d in (default if name == "auto" else [name])))
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -215,7 +229,8 @@ def measure(row: BenchRow, call: Callable[[], torch.Tensor], device: torch.devic
 
 # ----------------------------------------------------------------------------- the engine under test
 def open_engine(model: str, device: torch.device, dtype: torch.dtype, note: Callable[[str], None] | None,
-                max_patches: int | None = None, towers: tuple[str, ...] = ("text", "vision")) -> tuple[Engine, str]:
+                max_patches: int | None = None, towers: tuple[str, ...] = ("text", "vision"),
+                quantize: str | None = None) -> tuple[Engine, str]:
     """Our engine on real weights when a local folder or a cached hub copy is at hand; else on
     the architecture from the built-in table with random weights. Never downloads: weights do
     not change speed. Only `towers` are built (SigLIP 2's 256k-token text embedding alone is
@@ -229,7 +244,7 @@ def open_engine(model: str, device: torch.device, dtype: torch.dtype, note: Call
         resolved = None
     if resolved is not None:
         config = _with_budget(config_from_folder(resolved.folder), model, max_patches)
-        engine = Engine(resolved, config, device, dtype, "eager", use_cache=False)
+        engine = Engine(resolved, config, device, dtype, "eager", use_cache=False, quantize=quantize)
         for tower in towers:
             engine.tower(tower)  # loaded before any timing
         return engine, "checkpoint"
@@ -243,14 +258,21 @@ def open_engine(model: str, device: torch.device, dtype: torch.dtype, note: Call
     config = _with_budget(config, model, max_patches)
     if note:
         note(f"{model}: weights not available here (not cached); timing the architecture with random weights")
+    resolved = ResolvedModel(model, Path("."), "random")
+    network = random_network(config, device, dtype, towers)
+    return Engine(resolved, config, device, dtype, "eager", use_cache=False, network=network, quantize=quantize), "random"
+
+
+def random_network(config: SiglipConfig, device: torch.device, dtype: torch.dtype,
+                   towers: tuple[str, ...] = ("text", "vision")) -> Siglip:
+    """The architecture with the same random weights every time (seed 0)."""
     with skip_init():
         network = Siglip(config, towers=towers, device="meta")
     network = network.to_empty(device="cpu")
     random_init_(network)
     network = network.to(device=device, dtype=dtype).eval().requires_grad_(False)
     network.logit_scale.data, network.logit_bias.data = network.logit_scale.float(), network.logit_bias.float()
-    resolved = ResolvedModel(model, Path("."), "random")
-    return Engine(resolved, config, device, dtype, "eager", use_cache=False, network=network), "random"
+    return network
 
 
 def _with_budget(config: SiglipConfig, model: str, max_patches: int | None) -> SiglipConfig:
@@ -261,7 +283,12 @@ def _with_budget(config: SiglipConfig, model: str, max_patches: int | None) -> S
 
 def to_transformers(engine: Engine, weights: str):
     """transformers' SiglipModel (Siglip2Model for NaFlex) with the same weights, kept on the CPU
-    between its rows."""
+    between its rows; for int8, quantized the same way as ours."""
+    reference = _transformers_model(engine, weights)
+    return quantize_int8(reference) if engine.quantize == "int8" else reference
+
+
+def _transformers_model(engine: Engine, weights: str):
     import transformers
 
     from ..core.weights import to_checkpoint_state
@@ -277,10 +304,13 @@ def to_transformers(engine: Engine, weights: str):
     hf_config = config_class(text_config=text_config, vision_config=vision_config)
     hf_config._attn_implementation = "sdpa"
     reference = model_class(hf_config).to(engine.dtype)
-    state = {k: t.cpu() for k, t in to_checkpoint_state(engine.network).items()}
+    # our towers may be quantized already: the same random weights, rebuilt in full precision
+    network = engine.network
+    built = tuple(t for t in ("text", "vision") if getattr(network, f"{t}_model") is not None)
+    state = to_checkpoint_state(random_network(engine.config, torch.device("cpu"), engine.dtype, built))
     missing, unexpected = reference.load_state_dict(state, strict=False)
-    built = tuple(f"{t}_model." for t in ("text", "vision") if getattr(engine.network, f"{t}_model") is not None)
-    if unexpected or any(name.startswith(built) for name in missing):  # only towers not built may be missing
+    prefixes = tuple(f"{t}_model." for t in built)
+    if unexpected or any(name.startswith(prefixes) for name in missing):  # only towers not built may be missing
         raise RuntimeError(f"transformers' model does not take our weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return reference.eval().requires_grad_(False)
 
@@ -312,9 +342,11 @@ def make_inputs(config: SiglipConfig, batch: int, seed: int = 0) -> dict:
     return {"frames": frames, "ids": ids}
 
 
-def dtype_unavailable(dtype: torch.dtype, device: torch.device) -> str | None:
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+def dtype_unavailable(name: str, device: torch.device) -> str | None:
+    if device.type == "cuda" and name == "bf16" and not torch.cuda.is_bf16_supported():
         return "this GPU has no bf16 support"
+    if device.type != "cpu" and name == "int8":
+        return "int8 (torch's dynamic quantization) runs on the CPU only"
     return None
 
 
@@ -361,18 +393,21 @@ def _reference_image_inputs(images) -> dict:
 def run_bench(options: BenchOptions, note: Callable[[str], None]) -> list[BenchRow]:
     device = torch.device(options.device)
     rows: list[BenchRow] = []
-    if device.type == "cpu" and any(d != "fp32" for d in options.dtypes):
-        note("fp16/bf16 on the CPU run, but CPUs without native units compute them slower than fp32")
+    _note_dtypes(options, device, note)
     noted = False
+    features = [flag for flag, present in cpu_features().items() if present]
     for dtype_name in options.dtypes:
-        dtype = DTYPES[dtype_name]
-        reason = dtype_unavailable(dtype, device)
+        picked = options.auto_dtype.reason if options.auto_dtype and options.auto_dtype.name == dtype_name else None
+        reason = dtype_unavailable(dtype_name, device)
         if reason:
-            rows += [BenchRow(options.model, "-", str(device), dtype_name, a, t, b, "unavailable", reason)
+            rows += [BenchRow(options.model, "-", str(device), dtype_name, a, t, b, "unavailable", reason,
+                              cpu_features=features, dtype_auto=picked)
                      for t in options.towers for b in options.batch_sizes for a in options.backends]
             continue
         towers = tuple(t for t in ("text", "vision") if t in options.towers or (t == "vision" and "classify" in options.towers))
-        engine, weights = open_engine(options.model, device, dtype, None if noted else note, options.max_patches, towers)
+        precision = resolve_precision(dtype_name, device)
+        engine, weights = open_engine(options.model, device, precision.dtype, None if noted else note, options.max_patches,
+                                      towers, precision.quantize)
         noted = True
         reference = to_transformers(engine, weights) if options.compare else None
         labels = np.random.default_rng(1).standard_normal((CLASSIFY_LABELS, engine.embed_dim)).astype(np.float32)
@@ -382,7 +417,8 @@ def run_bench(options: BenchOptions, note: Callable[[str], None]) -> list[BenchR
             for batch in options.batch_sizes:
                 calls = _Calls(engine, make_inputs(engine.config, batch), labels)
                 base = dict(model=options.model, weights=weights, device=str(device), dtype=dtype_name, tower=tower,
-                            batch_size=batch, max_patches=engine.describe().get("max_patches"))
+                            batch_size=batch, max_patches=engine.describe().get("max_patches"),
+                            cpu_features=features, dtype_auto=picked)
                 measured, eager_output, eager_median = _backend_rows(engine, calls, tower, base, options, flops[tower])
                 rows += measured
                 if reference is not None and tower != "classify":
@@ -392,6 +428,17 @@ def run_bench(options: BenchOptions, note: Callable[[str], None]) -> list[BenchR
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _note_dtypes(options: BenchOptions, device: torch.device, note: Callable[[str], None]) -> None:
+    """Say what --dtype auto is here, and warn before dtypes this CPU computes slowly."""
+    if options.auto_dtype is not None:
+        note(f"--dtype auto is {options.auto_dtype.name} here ({options.auto_dtype.reason})")
+    if device.type != "cpu":
+        return
+    slow = [d for d in options.dtypes if d == "fp16" or d == "bf16" and not native_bf16(cpu_flags())]
+    if slow:
+        note(f"{' and '.join(slow)} run on this CPU without native units, slower than fp32")
 
 
 def _backend_rows(engine: Engine, calls: _Calls, tower: str, base: dict, options: BenchOptions, flops: float):

@@ -466,6 +466,11 @@ def bench_table(rows: list[BenchRow], console: Console) -> Group:
     first = rows[0]
     budget = f" at {first.max_patches} patches per image" if first.max_patches else ""
     parts: list[Any] = [Text(f"{first.model}{budget} ({first.weights} weights) on {first.device}", style="bold")]
+    if first.cpu_features is not None:
+        parts.append(Text(f"CPU flags: {' '.join(first.cpu_features) or 'none of ' + 'avx2, avx512, amx'}", style="dim"))
+    auto = next((r for r in rows if r.dtype_auto), None)
+    if auto:
+        parts.append(Text(f"--dtype auto = {auto.dtype} here ({auto.dtype_auto})", style="dim"))
     marks: dict[str, int] = {}
     groups: dict[tuple[str, str], list[BenchRow]] = {}
     for row in rows:
@@ -501,5 +506,5 @@ def bench_table(rows: list[BenchRow], console: Console) -> Group:
 BENCH_VIEW = View(
     table=bench_table,
     csv_header=list(BenchRow.__dataclass_fields__),
-    csv_rows=lambda row: [list(row.to_record().values())],
+    csv_rows=lambda row: [[" ".join(v) if isinstance(v, list) else v for v in row.to_record().values()]],
 )

@@ -60,9 +60,17 @@ def _flash_attn_func() -> Callable:
         from flash_attn import flash_attn_func
 
         return flash_attn_func
-    except ImportError:
-        from flash_attn.cute import flash_attn_func
-
+    except Exception as first:  # a 2.x build for another torch: ImportError "undefined symbol"
+        try:
+            from flash_attn.cute import flash_attn_func
+        except Exception as second:
+            # The first failure is the one to report: "No module named 'flash_attn.cute'" would
+            # hide why the installed 2.x does not load. A flash-attn 4 that is there but broken
+            # is reported too.
+            missing = isinstance(second, ModuleNotFoundError) and second.name in ("flash_attn", "flash_attn.cute")
+            if missing or str(second) == str(first):  # no flash-attn 4, or its parent failed the same way
+                raise first from None
+            raise ImportError(f"{first}; flash_attn.cute: {second}") from None
         return flash_attn_func
 
 
@@ -84,6 +92,25 @@ _REGISTRY: dict[str, AttentionFn] = {
     "sdpa": sdpa_attention,
     "flash": flash_attention,
 }
+
+
+# flash-attn 2 runs on Ampere and newer (sm80+); flash-attn 4's CuTe kernels on Hopper and
+# Blackwell (sm90+). On older GPUs their kernels fail at the first call, not at import.
+FLASH_MIN_CAPABILITY = {"flash-attn 2": (8, 0), "flash-attn 4": (9, 0)}
+
+
+def flash_generation_problem(capability: tuple[int, int], flavour: str) -> str | None:
+    """None if `flavour` (a FLASH_MIN_CAPABILITY key) runs on a GPU of this compute capability."""
+    needed = FLASH_MIN_CAPABILITY[flavour]
+    if tuple(capability) >= needed:
+        return None
+    return (f"{flavour} needs a GPU of compute capability {needed[0]}.{needed[1]} or newer; "
+            f"this one is {capability[0]}.{capability[1]}; use --attn sdpa")
+
+
+def flash_flavour() -> str:
+    """Which flash-attn the `flash` backend uses (the package must import)."""
+    return "flash-attn 4" if _flash_attn_func().__module__.startswith("flash_attn.cute") else "flash-attn 2"
 
 
 def flash_available() -> str | None:
@@ -124,7 +151,7 @@ def why_unavailable(
     bad = [d for d in head_dims if d % 8 or d > 256]
     if bad:
         return f"flash attention needs a head size that is a multiple of 8 and at most 256 (model has {bad[0]})"
-    return flash_available()
+    return flash_available() or flash_generation_problem(torch.cuda.get_device_capability(device), flash_flavour())
 
 
 def resolve(

@@ -189,7 +189,10 @@ class PoolingAttention(nn.Module):
         batch, length, hidden = x.shape
         w_q, w_kv = self.in_proj_weight[:hidden], self.in_proj_weight[hidden:]
         b_q, b_kv = self.in_proj_bias[:hidden], self.in_proj_bias[hidden:]
-        q = F.linear(query, w_q, b_q).view(1, 1, self.num_heads, self.head_dim).expand(batch, -1, -1, -1)
+        q = F.linear(query, w_q, b_q).view(1, 1, self.num_heads, self.head_dim)
+        # A real (batch, 1, H, D) copy, not a stride-0 expand: fused kernels (cuDNN SDPA,
+        # flash-attn) expect dense strides, and the copy is only batch x hidden values.
+        q = q.expand(batch, -1, -1, -1).contiguous()
         k, v = F.linear(x, w_kv, b_kv).view(batch, length, 2, self.num_heads, self.head_dim).unbind(2)
         return self.out_proj(self.attend(q, k, v, self.head_dim**-0.5, key_mask))
 

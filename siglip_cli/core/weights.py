@@ -96,10 +96,11 @@ def load_model(
             if name.startswith(prefixes + ("logit_",)) and not name.endswith(_IGNORED_SUFFIXES)
         }
     # The temperature and bias stay fp32 whatever the model's dtype: two numbers, every score.
-    state = {
+    # Converted before q/k/v are fused, so a bf16/fp16 load never makes a fused fp32 copy.
+    state = _fuse_qkv({
         name: t.to(device=device, dtype=torch.float32 if name.startswith("logit_") else dtype)
-        for name, t in _fuse_qkv(state).items()
-    }
+        for name, t in state.items()
+    })
     # On the meta device: no memory and no random init for weights about to be replaced.
     with skip_init():
         model = Siglip(config, attend, towers=towers, device="meta")
