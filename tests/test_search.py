@@ -33,7 +33,7 @@ def indexed(tmp_path_factory, tiny_checkpoint):
     photos += make_photos(root / "photos" / "sub", 1, start=11)
     env = {"SIGLIP_CACHE_DIR": str(root / "cache"), "SIGLIP_MODEL": str(tiny_checkpoint)}
     out = root / "vecs.npy"
-    result = cli("embed", root / "photos", "--out", out, "--text", "a cat", "--text", "a red car", env=env)
+    result = cli("embed", root / "photos", "--out", out, "--text", "a cat", "--text", "a red car", "--exact", env=env)
     assert result.exit_code == 0, result.stderr
     return {"root": root, "photos": photos, "out": out, "env": env}
 
@@ -154,7 +154,8 @@ def test_a_bad_image_query_is_reported_and_the_others_answered(indexed, tmp_path
 @pytest.mark.parametrize("suffix", [".npz", ".parquet", ".jsonl"])
 def test_every_format_gives_the_same_ranking(indexed, tmp_path, suffix):
     out = tmp_path / f"vecs{suffix}"
-    result = cli("embed", indexed["root"] / "photos", "--out", out, "--text", "a cat", "--text", "a red car", env=indexed["env"])
+    result = cli("embed", indexed["root"] / "photos", "--out", out, "--text", "a cat", "--text", "a red car", "--exact",
+                 env=indexed["env"])
     assert result.exit_code == 0, result.stderr
     args = ("a cat", "--image", indexed["photos"][2], "--texts", "-k", 14, "--json")
     expected = records(_search(indexed, *args).stdout)

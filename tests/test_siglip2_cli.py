@@ -57,7 +57,13 @@ def run(tmp_path, monkeypatch):
     monkeypatch.setenv("SIGLIP_CACHE_DIR", str(tmp_path / "cache"))
 
     def invoke(*args):
-        return CliRunner().invoke(app, [str(a) for a in args])
+        """The reference's numbers: --exact (fp32, exact decoding), and fp32 rows for bench."""
+        args = [str(a) for a in args]
+        if args[0] in ("classify", "embed", "similarity") and "--attn" not in args:
+            args.append("--exact")
+        if args[0] == "bench" and "--dtype" not in args:
+            args += ["--dtype", "fp32"]
+        return CliRunner().invoke(app, args)
 
     return invoke
 

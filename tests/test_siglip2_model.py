@@ -65,7 +65,7 @@ def test_naflex_patch_budget_matches_the_processor_given_the_same(tmp_path_facto
     folder = siglip2_naflex(tmp_path_factory)
     ref = reference2(folder)
     images = naflex_images()
-    model = siglip_cli.load(folder, device="cpu", max_patches=budget, use_cache=False)
+    model = siglip_cli.load(folder, device="cpu", max_patches=budget, use_cache=False, exact=True)
     np.testing.assert_allclose(model.embed_images(images), ref.image_embeds(images, budget), atol=1e-5, rtol=0)
     assert model.describe()["max_patches"] == budget
 
@@ -92,7 +92,7 @@ def test_naflex_result_does_not_depend_on_the_batch(tmp_path_factory):
     embedding (up to float rounding)."""
     folder = siglip2_naflex(tmp_path_factory)
     images = naflex_images()
-    model = siglip_cli.load(folder, device="cpu", use_cache=False)
+    model = siglip_cli.load(folder, device="cpu", use_cache=False, exact=True)
     alone = np.stack([model.embed_images([image])[0] for image in images])
     for batch_size in (2, 3, len(images)):
         np.testing.assert_allclose(model.embed_images(images, batch_size=batch_size), alone, atol=1e-6, rtol=0)
@@ -104,7 +104,7 @@ def test_padding_is_masked_in_every_layer_and_the_pooling_head(tmp_path_factory,
     """Whatever the padded patches hold, the output is the same: a layer (or the pooling head)
     that attended to padding would change with it."""
     folder = siglip2_naflex(tmp_path_factory)
-    model = siglip_cli.load(folder, device="cpu", attn=attn, use_cache=False)
+    model = siglip_cli.load(folder, device="cpu", attn=attn, use_cache=False, exact=True)
     config = model.config
     layout = PatchSequences(config.preprocess, config.vision)
     # budgets of 24, 5 and 11 patches: a batch padded to the longest
@@ -151,7 +151,7 @@ def test_scores_differ_from_uncased_gemma_tokenizer(tmp_path_factory):
     ids = cased(text, padding="max_length", max_length=64, truncation=True, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         uncased = torch.nn.functional.normalize(ref.model.get_text_features(input_ids=ids).pooler_output, dim=-1).numpy()
-    ours = siglip_cli.load(folder, device="cpu", use_cache=False).embed_texts(text)
+    ours = siglip_cli.load(folder, device="cpu", use_cache=False, exact=True).embed_texts(text)
     np.testing.assert_allclose(ours, ref.text_embeds(text), atol=1e-5, rtol=0)
     assert np.abs(ours - uncased).max() > 1e-3
 

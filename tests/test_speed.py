@@ -370,9 +370,9 @@ def test_pooling_probe_reaches_the_backend_with_dense_strides(tiny_checkpoint):
         expected = model.vision_model(pixels)
     seen = []
 
-    def recording(q, k, v, scale):
+    def recording(q, k, v, scale, key_mask=None):
         seen.append((q.shape[1], q.is_contiguous(), 0 in q.stride()))
-        return eager_attention(q, k, v, scale)
+        return eager_attention(q, k, v, scale, key_mask)
 
     model._network.set_attention(recording)
     with torch.inference_mode():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Iterator, List, Optional
@@ -641,6 +642,8 @@ def _click_error(exc: Exception) -> int | None:
     if not isinstance(code, int) or not callable(format_message):
         return None
     message = " ".join(str(format_message()).split())
+    # Typer 0.26's vendored Click prints its suggestions as a tuple's repr: ('(Possible options: --x)',)
+    message = re.sub(r"\('\((Possible options: [^)]*)\)',\)", r"(\1)", message)
     context = getattr(exc, "ctx", None)
     hint = f" (see '{context.command_path} --help')" if getattr(context, "command_path", None) else ""
     error_line(message + hint)
