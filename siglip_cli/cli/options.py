@@ -33,6 +33,11 @@ class Format(str, Enum):
     csv = "csv"
 
 
+class EngineKind(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class OutDType(str, Enum):
     float32 = "float32"
     float16 = "float16"
@@ -82,6 +87,29 @@ TemplateOpt = Annotated[
 ]
 NoTemplateOpt = Annotated[bool, typer.Option("--no-template", help="Use the texts as the prompts, as typed.", rich_help_panel="Labels")]
 TextsFileOpt = Annotated[Optional[List[Path]], typer.Option("--texts-file", help="A file with one text per line.", rich_help_panel="Texts")]
+
+RAY_PANEL = "Scale out (--engine ray)"
+EngineOpt = Annotated[
+    EngineKind,
+    typer.Option("--engine", help="local: this process. ray: a Ray cluster (RAY_ADDRESS, else a local one started for the run); "
+                 "input paths must be readable on every node. Needs pip install 'siglip-cli[ray]'.", rich_help_panel=RAY_PANEL),
+]
+WorkersPerNodeOpt = Annotated[
+    Optional[int],
+    typer.Option("--workers-per-node", min=1, help="Actors per node, each loading the model once (default: one per GPU; one per CPU-only node, using all its cores).", rich_help_panel=RAY_PANEL),
+]
+GpusPerWorkerOpt = Annotated[
+    Optional[float],
+    typer.Option("--gpus-per-worker", min=0.0, help="GPUs per actor (default 1 where the cluster has GPUs; 0.5 puts two actors on a GPU; 0 runs on CPUs).", rich_help_panel=RAY_PANEL),
+]
+CpusPerWorkerOpt = Annotated[
+    Optional[float],
+    typer.Option("--cpus-per-worker", min=0.5, help="CPU cores per actor (default: a node's cores shared among its actors; on GPU actors they decode images).", rich_help_panel=RAY_PANEL),
+]
+ShardSizeOpt = Annotated[
+    Optional[int],
+    typer.Option("--shard-size", min=1, help="Inputs per shard, the unit of work, retry and --resume (default: about 1/256 of the inputs, 16 to 4096).", rich_help_panel=RAY_PANEL),
+]
 
 
 class ModelOptions:
