@@ -37,6 +37,7 @@ from .core.errors import BackendUnavailable, ModelUnavailable, SiglipError, Usag
 from .embedding import EmbedPlan, EmbedRun, image_results, stamp_of
 from .sources import Source
 from .store import NO_STAMP, Entry, open_store, write_store
+from .urls import is_url
 
 INSTALL_HINT = "pip install 'siglip-cli[ray]'"
 SHARD_SUFFIX = ".npz"  # one file per shard (plus its meta.json), rows memory-mappable
@@ -124,7 +125,10 @@ def cut_shards(plan: EmbedPlan, size: int, folder: Path) -> list[Shard]:
     orders its rows. Names depend on the plan only: kind, position and a digest of the names."""
     stamps = [stamp_of(s, False) for s in plan.images]
     texts = list(dict.fromkeys(plan.texts))
-    runs = [("image", [s.name for s in plan.images], [s.value for s in plan.images], stamps),
+    # Workers run in folders of their own (on other machines): they get absolute paths, and
+    # rows keep the names as given.
+    paths = [s.value if is_url(s.value) else os.path.abspath(s.value) for s in plan.images]
+    runs = [("image", [s.name for s in plan.images], paths, stamps),
             ("text", texts, texts, [NO_STAMP] * len(texts))]
     shards = []
     for kind, names, values, kind_stamps in runs:
@@ -189,6 +193,15 @@ class ShardEmbedder:
     """A Ray actor: our engine, loaded once, embeds and writes one shard per call."""
 
     def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+        self.error: SiglipError | None = None
+        try:
+            self.engine = self._load(settings)
+        except SiglipError as exc:  # reported with the first shard (see __call__)
+            self.error = exc
+
+    @staticmethod
+    def _load(settings: WorkerSettings):
         import torch
 
         from .engine import load
@@ -196,31 +209,39 @@ class ShardEmbedder:
 
         keep_freed_memory()
         torch.set_num_threads(settings.torch_threads)
-        self.settings = settings
-        self.engine = load(
+        engine = load(
             settings.model, device=settings.device, dtype=settings.dtype, attn=settings.attn,
             offline=True if settings.offline else None, max_pixels=settings.max_pixels,
             batch_size=settings.batch_size, workers=settings.decode_threads, use_cache=False,
         )
-        revision = self.engine.describe()["revision"]
+        revision = engine.describe()["revision"]
         if revision != settings.revision:
             raise ModelUnavailable(
                 f"{settings.model}: node {socket.gethostname()} reads revision {revision}, the driver {settings.revision}; "
                 "every node must read the same checkpoint"
             )
+        return engine
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
-        metas = [write_shard(self.engine, pickle.loads(shard), self.settings) for shard in batch["shard"]]
-        return {
-            "index": np.array([m["shard"] for m in metas]),
-            "images": np.array([m["image_rows"] for m in metas]),
-            "texts": np.array([m["text_rows"] for m in metas]),
-            "skipped": np.array([len(m["skipped"]) for m in metas]),
-        }
+        """Errors a user can fix come back as data, kind and message: Ray passes a remote
+        exception on as text with a traceback, and the driver owes the user one line."""
+        summaries = []
+        for spec in batch["shard"]:
+            shard = pickle.loads(spec)
+            try:
+                if self.error is not None:
+                    raise self.error
+                meta = write_shard(self.engine, shard, self.settings)
+                summaries.append((shard.index, meta["image_rows"], len(meta["skipped"]), ""))
+            except SiglipError as exc:
+                summaries.append((shard.index, 0, 0, f"{type(exc).__name__}:{exc}"))
+        index, images, skipped, error = zip(*summaries)
+        return {"index": np.array(index), "images": np.array(images), "skipped": np.array(skipped), "error": np.array(error)}
 
 
 # ============================================================================ the driver's side
 def import_ray():
+    quiet_ray_logs()  # before the import: Ray's C++ side reads its log level when it loads
     try:
         import ray
         import ray.data  # noqa: F401
@@ -233,7 +254,6 @@ def import_ray():
 def connected() -> Iterator[list[dict]]:
     """Ray for the length of a run: the cluster at RAY_ADDRESS, else a local one started here
     (and stopped at the end). Yields the alive nodes' resources."""
-    quiet_ray_logs()
     ray = import_ray()
     address = os.environ.get("RAY_ADDRESS", "").strip()
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
@@ -280,28 +300,19 @@ def run_shards(shards: Sequence[Shard], settings: WorkerSettings, layout: Layout
         num_gpus=layout.gpus,
         compute=ray.data.ActorPoolStrategy(size=min(layout.workers, len(shards)), max_tasks_in_flight_per_actor=1),
     )
-    try:
-        yield from dataset.iter_rows()
-    except Exception as exc:
-        cause = user_error(exc)
-        if cause is None:
-            raise
-        raise cause from None
+    for row in dataset.iter_rows():
+        if row["error"]:
+            raise worker_error(row["error"])
+        yield row
 
 
-def user_error(exc: BaseException) -> SiglipError | None:
-    """The user-fixable error that a worker raised (a checkpoint that one node cannot read, a
-    full disk), found inside Ray's wrappers, whose own messages carry remote tracebacks."""
-    stack, seen = [exc], set()
-    while stack:
-        error = stack.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, SiglipError) and type(error).__module__ == SiglipError.__module__:
-            return error
-        stack += [getattr(error, "cause", None), error.__cause__, error.__context__]
-    return None
+def worker_error(text: str) -> SiglipError:
+    """A worker's "Kind:message" as the error kind it was (exit codes go by kind)."""
+    from .core import errors
+
+    name, _, message = text.partition(":")
+    kind = getattr(errors, name, SiglipError)
+    return kind(message) if isinstance(kind, type) and issubclass(kind, SiglipError) else SiglipError(text)
 
 
 class StoredRows:
@@ -325,7 +336,7 @@ class ClusterRun(EmbedRun):
         if base is not None or hash_files:
             raise UsageError("--update does not run with --engine ray; update with the local engine")
         self.shard_size = shard_size or default_shard_size(len(plan.images) + len(set(plan.texts)))
-        self.shards = cut_shards(plan, self.shard_size, out.with_name(out.name + ".partial") / "shards")
+        self.shards = cut_shards(plan, self.shard_size, Path(os.path.abspath(out)).with_name(out.name + ".partial") / "shards")
         self.worker_settings = settings
         self.layout = layout
         self._shard_skipped: list[dict] = []

@@ -127,8 +127,10 @@ def embed_on_ray(options, plan: EmbedPlan, out: Path, out_dtype: str, normalized
         # The driver only describes the run (model, revision, dtype, width): no weights load here.
         handle = load(options.model, device="cpu", dtype=dtype, offline=True if options.offline else None, use_cache=False)
         described = handle.describe()
+        local_folder = Path(described["model"]).expanduser().is_dir()
         settings = WorkerSettings(
-            model=described["model"], revision=described["revision"], device=layout.device, dtype=dtype,
+            # a local checkpoint by its absolute path: workers run in folders of their own
+            model=str(handle.resolved.folder.resolve()) if local_folder else described["model"], revision=described["revision"], device=layout.device, dtype=dtype,
             attn=options.attn, offline=options.offline, max_pixels=options.max_pixels, batch_size=options.batch_size,
             # a GPU actor's cores decode for it; a CPU actor keeps the local default (one thread)
             decode_threads=options.workers if options.workers is not None or not layout.gpus else int(layout.cpus),
