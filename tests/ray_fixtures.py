@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import os
+import pty
+import select
 import signal
 import socket
 import subprocess
@@ -105,3 +107,28 @@ def worker_actors(root: int) -> list[int]:
             if title.startswith(ACTOR_TITLE):
                 found.append(child)
     return found
+
+
+def run_on_a_terminal(argv: list[str], env: dict, timeout: float = 300) -> tuple[int, str]:
+    """Run with stderr on a pseudo-terminal, so that progress bars show, collecting what is
+    written there as it comes (a full pty buffer would block the process)."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=follower, env=env)
+    os.close(follower)
+    output = bytearray()
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if select.select([leader], [], [], 0.2)[0]:
+                try:
+                    data = os.read(leader, 65536)
+                except OSError:  # EIO: every writer has closed its side
+                    break
+                if not data:
+                    break
+                output += data
+            elif proc.poll() is not None:
+                break
+        return proc.wait(timeout=10), output.decode(errors="replace")
+    finally:
+        os.close(leader)

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from typer.testing import CliRunner
 from siglip_cli.cli.app import app
 from siglip_cli.store import open_store
 
-from .ray_fixtures import RayHead, make_mixed_images, worker_actors
+from .ray_fixtures import RayHead, make_mixed_images, run_on_a_terminal, worker_actors
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -73,10 +71,10 @@ def head(tmp_path_factory):
     cluster.stop()
 
 
-def driver(inputs, out: Path, env: dict, *extra: str, stderr=subprocess.PIPE) -> subprocess.Popen:
+def driver(inputs, out: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "siglip_cli", "embed", *inputs, *TEXTS, "--out", str(out), *RAY_ARGS, *extra],
-        stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+        [sys.executable, "-m", "siglip_cli", "embed", *inputs, *TEXTS, "--out", str(out), *RAY_ARGS],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
 
 
@@ -157,18 +155,10 @@ def test_an_interrupted_driver_resumes_only_the_missing_shards(inputs, env, loca
     assert 3 <= len(done) < 26, "the interrupt came after every shard was done"
     rows_done = sum(4 if p.name.startswith("image") else 2 for p in done)  # 25 image shards of 4, 1 of 2 texts
 
-    # the resumed run draws its bar on a terminal: stderr is a pty, read as it is written
-    leader, follower = pty.openpty()
-    chunks: list[bytes] = []
-    reader = threading.Thread(target=_drain, args=(leader, chunks), daemon=True)
-    reader.start()
-    resumed = driver(inputs, out, ray_env, "--resume", stderr=follower)
-    os.close(follower)
-    resumed.wait(timeout=300)
-    reader.join(timeout=10)
-    os.close(leader)
-    terminal = b"".join(chunks).decode(errors="replace")
-    assert resumed.returncode == 1, terminal
+    # the resumed run draws its bar on a terminal
+    argv = [sys.executable, "-m", "siglip_cli", "embed", *inputs, *TEXTS, "--out", str(out), *RAY_ARGS, "--resume"]
+    code, terminal = run_on_a_terminal(argv, ray_env)
+    assert code == 1, terminal
     assert f"resuming: {rows_done} rows already done" in terminal, terminal
     assert f"({kept} kept from before)" in terminal, terminal  # only the missing shards ran again
     assert re.search(rf"\b\d+/{left}\b", terminal), terminal  # the bar counts the rows left
@@ -181,13 +171,3 @@ def test_an_interrupted_driver_resumes_only_the_missing_shards(inputs, env, loca
     ours.meta.pop("created"), theirs.meta.pop("created")
     assert ours.meta == theirs.meta
 
-
-def _drain(fd: int, chunks: list[bytes]) -> None:
-    while True:
-        try:
-            data = os.read(fd, 65536)
-        except OSError:
-            return
-        if not data:
-            return
-        chunks.append(data)
