@@ -281,7 +281,8 @@ def quiet_ray_logs() -> None:
 
 def run_shards(shards: Sequence[Shard], settings: WorkerSettings, layout: Layout) -> Iterator[dict]:
     """Every shard embedded and written by the actor pool; yields each one's summary (index,
-    images, texts, skipped) as it finishes, in no particular order."""
+    image rows, skipped inputs) as it finishes, in no particular order. A worker's user error
+    ends the run as that error."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
