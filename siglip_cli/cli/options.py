@@ -89,27 +89,27 @@ NoTemplateOpt = Annotated[bool, typer.Option("--no-template", help="Use the text
 TextsFileOpt = Annotated[Optional[List[Path]], typer.Option("--texts-file", help="A file with one text per line.", rich_help_panel="Texts")]
 
 RAY_PANEL = "Scale out (--engine ray)"
-EngineOpt = Annotated[
-    EngineKind,
-    typer.Option("--engine", help="local: this process. ray: a Ray cluster (RAY_ADDRESS, else a local one started for the run); "
-                 "input paths must be readable on every node. Needs pip install 'siglip-cli[ray]'.", rich_help_panel=RAY_PANEL),
-]
-WorkersPerNodeOpt = Annotated[
-    Optional[int],
-    typer.Option("--workers-per-node", min=1, help="Actors per node, each loading the model once (default: one per GPU; one per CPU-only node, using all its cores).", rich_help_panel=RAY_PANEL),
-]
-GpusPerWorkerOpt = Annotated[
-    Optional[float],
-    typer.Option("--gpus-per-worker", min=0.0, help="GPUs per actor (default 1 where the cluster has GPUs; 0.5 puts two actors on a GPU; 0 runs on CPUs).", rich_help_panel=RAY_PANEL),
-]
-CpusPerWorkerOpt = Annotated[
-    Optional[float],
-    typer.Option("--cpus-per-worker", min=0.5, help="CPU cores per actor (default: a node's cores shared among its actors; on GPU actors they decode images).", rich_help_panel=RAY_PANEL),
-]
-ShardSizeOpt = Annotated[
-    Optional[int],
-    typer.Option("--shard-size", min=1, help="Inputs per shard, the unit of work, retry and --resume (default: about 1/256 of the inputs, 16 to 4096).", rich_help_panel=RAY_PANEL),
-]
+
+
+def _ray_option(flag: str, help: str, **limits):
+    return typer.Option(flag, help=help, rich_help_panel=RAY_PANEL, **limits)
+
+
+EngineOpt = Annotated[EngineKind, _ray_option(
+    "--engine", "local: this process. ray: a Ray cluster (RAY_ADDRESS, else a local one started for the run); "
+    "input paths must be readable on every node. Needs pip install 'siglip-cli\\[ray]'.")]  # \\[ so Rich does not read [ray] as markup
+WorkersPerNodeOpt = Annotated[Optional[int], _ray_option(
+    "--workers-per-node", "Actors per node, each loading the model once (default: one per GPU; one per CPU-only node, "
+    "using all its cores).", min=1)]
+GpusPerWorkerOpt = Annotated[Optional[float], _ray_option(
+    "--gpus-per-worker", "GPUs per actor (default 1 where the cluster has GPUs; 0.5 puts two actors on a GPU; "
+    "0 runs on CPUs).", min=0.0)]
+CpusPerWorkerOpt = Annotated[Optional[float], _ray_option(
+    "--cpus-per-worker", "CPU cores per actor (default: a node's cores shared among its actors; on GPU actors they "
+    "decode images).", min=0.5)]
+ShardSizeOpt = Annotated[Optional[int], _ray_option(
+    "--shard-size", "Inputs per shard, the unit of work, retry and --resume (default: about 1/256 of the inputs, "
+    "16 to 4096).", min=1)]
 
 
 class ModelOptions:
