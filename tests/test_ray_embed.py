@@ -147,8 +147,10 @@ def test_an_interrupted_driver_resumes_only_the_missing_shards(inputs, env, loca
     _, stderr = first.communicate(timeout=120)
     assert first.returncode == 130, stderr
     assert "--resume" in stderr and "Traceback" not in stderr and not out.exists()
-    while worker_actors(head.process.pid):  # the job's actors go with their driver
+    deadline = time.time() + 60
+    while worker_actors(head.process.pid) and time.time() < deadline:  # the job's actors go with their driver
         time.sleep(0.1)
+    assert not worker_actors(head.process.pid), "the interrupted run's actors outlived their driver"
     done = finished_shards(out)
     kept = sum(json.loads(Path(f"{p}.meta.json").read_text())["image_rows"] for p in done)
     left = 100 - sum(1 for p in done if p.name.startswith("image")) * 4
