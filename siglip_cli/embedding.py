@@ -123,12 +123,20 @@ class EmbedRun:
             for text in plan.texts:
                 if has_line_break(text):
                     raise UsageError(f"--text {text!r}: a text with a line break cannot be a line of {out.name}.paths.txt; use .npz, .jsonl or .parquet")
-        settings = {**self.settings(), "inputs": plan.digest()}
-        if base is not None:
-            settings["base"] = {"count": base.count, "revision": base.meta.get("revision")}
-        self.partial = PartialRows(out.with_name(out.name + ".partial"), engine.embed_dim, out_dtype, settings, resume)
-        self.resumed = len(self.partial.records)
+        self.partial = PartialRows(out.with_name(out.name + ".partial"), engine.embed_dim, out_dtype, self.state(), resume)
+        self.resumed = self.done_rows()
         self.computed = 0
+
+    def state(self) -> dict:
+        """What `--resume` must find unchanged in `<out>.partial/state.json`."""
+        state = {**self.settings(), "inputs": self.plan.digest()}
+        if self.base is not None:
+            state["base"] = {"count": self.base.count, "revision": self.base.meta.get("revision")}
+        return state
+
+    def done_rows(self) -> int:
+        """Rows finished so far (kept in the partial state when the run is interrupted)."""
+        return len(self.partial.records)
 
     def settings(self) -> dict:
         """What the rows depend on; recorded in the meta, and checked by --resume and --update."""
@@ -176,6 +184,20 @@ class EmbedRun:
         return images, stamps, texts
 
     # ------------------------------------------------------------------ the compute
+    def record_listing_failures(self, on_skip: Callable[[str], None] | None, strict: bool = False) -> bool:
+        """Inputs that failed while listing, recorded as skipped once (a resumed run has them
+        already). Returns False when `strict` stops at the first one."""
+        recorded = {s["path"] for s in self.partial.skipped}
+        for failure in self.plan.failures:
+            if failure.name not in recorded:
+                if strict:
+                    self.partial.commit()
+                    on_skip and on_skip(failure.error)
+                    return False
+                self.partial.skip(failure.name, failure.error)
+                on_skip and on_skip(failure.error)
+        return True
+
     def embed(
         self,
         on_progress: Callable[[int], None] | None = None,
@@ -186,21 +208,13 @@ class EmbedRun:
         at a bad input (finished rows are kept). Durable after each batch; on any exception
         (Ctrl-C included) the finished rows are committed before it propagates."""
         images, stamps, texts = self.todo()
-        for failure in self.plan.failures:
-            if failure.name not in {s["path"] for s in self.partial.skipped}:
-                if strict:
-                    self.partial.commit()
-                    on_skip and on_skip(failure.error)
-                    return False
-                self.partial.skip(failure.name, failure.error)
-                on_skip and on_skip(failure.error)
+        if not self.record_listing_failures(on_skip, strict):
+            return False
         batch = self.engine.batch_size
         try:
-            results = self.engine.iter_image_features(images, self.normalized, on_progress=on_progress) if images else []
+            results = image_results(self.engine, images, self.normalized, self.out, on_progress) if images else []
             for count, item in enumerate(results, 1):  # (texts only: the vision tower never loads)
                 source = images[item.index]
-                if item.error is None and self.out.suffix == ".npy" and has_line_break(item.name):
-                    item.error = f"{item.name!r}: a path with a line break cannot be a line of {self.out.name}.paths.txt; use .npz, .jsonl or .parquet"
                 if item.error is not None:
                     on_skip and on_skip(item.error)
                     if strict:
@@ -240,11 +254,15 @@ class EmbedRun:
                 entries.append(Entry("text", text, NO_STAMP, partial_rows, row))
         return entries
 
+    def skipped_inputs(self) -> list[dict]:
+        """{path, error} of every input left out, in the order they were met."""
+        listed = {s.name for s in self.plan.images} | {f.name for f in self.plan.failures}
+        return [s for s in self.partial.skipped if s["path"] in listed]
+
     def finish(self) -> EmbedSummary:
         self.partial.close()
         entries = self.entries()
-        listed = {s.name for s in self.plan.images}
-        skipped = [s for s in self.partial.skipped if s["path"] in listed or s["path"] in {f.name for f in self.plan.failures}]
+        skipped = self.skipped_inputs()
         meta = {
             **self.settings(),
             # What `siglip search` needs to turn a cosine into SigLIP's probability without
@@ -264,6 +282,15 @@ class EmbedRun:
 
     def close(self) -> None:
         self.partial.close()
+
+
+def image_results(engine, images: Sequence[Source], normalized: bool, out: Path, on_progress=None):
+    """The engine's ImageResults in input order, with an error for a name that the output
+    format cannot hold (a line break in a `.npy` store's paths.txt)."""
+    for item in engine.iter_image_features(images, normalized, on_progress=on_progress):
+        if item.error is None and out.suffix == ".npy" and has_line_break(item.name):
+            item.error = f"{item.name!r}: a path with a line break cannot be a line of {out.name}.paths.txt; use .npz, .jsonl or .parquet"
+        yield item
 
 
 def check_base(base: Store, engine, normalized: bool, templates: Sequence[str] | None, out_dtype: str) -> None:

@@ -30,7 +30,13 @@ from .options import (
     DType,
     DTypeOpt,
     Attn,
+    CpusPerWorkerOpt,
+    EngineKind,
+    EngineOpt,
     ExactOpt,
+    GpusPerWorkerOpt,
+    ShardSizeOpt,
+    WorkersPerNodeOpt,
     Format,
     FormatOpt,
     JsonOpt,
@@ -324,6 +330,11 @@ def embed(
     max_pixels: MaxPixelsOpt = 100_000_000,
     max_patches: MaxPatchesOpt = None,
     verbose: VerboseOpt = False,
+    engine_kind: EngineOpt = EngineKind.local,
+    workers_per_node: WorkersPerNodeOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
+    cpus_per_worker: CpusPerWorkerOpt = None,
+    shard_size: ShardSizeOpt = None,
 ) -> None:
     """Embed images (and texts) into vectors on disk.
 
@@ -336,6 +347,8 @@ def embed(
       siglip embed ./photos --out vecs.npy --update     # later: only new or changed photos
 
       siglip embed ./photos --format jsonl | head -1
+
+      RAY_ADDRESS=head:6379 siglip embed /shared/photos --out /shared/vecs.parquet --engine ray
     """
     with handled():
         from ..embedding import EmbedPlan
@@ -357,6 +370,10 @@ def embed(
             raise UsageError(f"--update={update}: use --update (size and modification time) or --update=hash (content)")
         if out is not None:
             check_output_path(out)
+        from ..cluster import ClusterOptions
+
+        cluster = ClusterOptions(workers_per_node, gpus_per_worker, cpus_per_worker, shard_size)
+        check_engine_options(engine_kind, cluster, out, update, strict)
         templates = resolve_templates(template) if template else None
         if no_normalize and templates and len(templates) > 1:
             raise UsageError("--no-normalize needs a single template (an ensemble averages normalised embeddings)")
@@ -381,6 +398,12 @@ def embed(
         options = ModelOptions(model or base_meta.get("model"), device, dtype, attn, batch_size, workers, offline, max_pixels,
                                max_patches=max_patches or base_meta.get("max_patches"), decode=decode, exact=exact, verbose=verbose)
         dtype_name = (out_dtype.value if out_dtype else base_meta.get("dtype", "float32"))
+        if engine_kind is EngineKind.ray:
+            from .embed import embed_on_ray
+
+            report = embed_on_ray(options, plan, out, dtype_name, not no_normalize, templates, resume, cluster, progress_bar, note)
+            _finish_embed(report, out)
+            return
         engine = load_engine(options)
         if out is None:
             try:
@@ -396,6 +419,25 @@ def embed(
         report = embed_to_store(engine, plan, out, dtype_name, not no_normalize, templates, resume, update, strict,
                                 progress_bar, note)
     _finish_embed(report, out)
+
+
+def check_engine_options(engine_kind: EngineKind, cluster, out: Path | None, update: str | None, strict: bool) -> None:
+    """--engine ray writes an --out file from shards; what it cannot do is refused before
+    anything loads, and a missing Ray is named with the extra to install (exit 4)."""
+    if engine_kind is EngineKind.local:
+        given = [flag for flag, value in zip(("--workers-per-node", "--gpus-per-worker", "--cpus-per-worker", "--shard-size"), vars(cluster).values()) if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} is an option of --engine ray")
+        return
+    if out is None:
+        raise UsageError("--engine ray writes an --out file (.npy, .npz, .jsonl or .parquet); it does not stream to stdout")
+    if update:
+        raise UsageError("--update does not run with --engine ray; update with the local engine")
+    if strict:
+        raise UsageError("--strict does not run with --engine ray (workers skip bad files and go on); drop --strict")
+    from ..cluster import import_ray
+
+    import_ray()
 
 
 def _update_base_meta(out: Path) -> dict:

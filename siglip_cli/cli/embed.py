@@ -58,8 +58,10 @@ def embed_to_store(
     strict: bool,
     progress_bar,
     note: Callable[[str], None],
+    make_run: Callable[..., EmbedRun] = EmbedRun,
 ) -> EmbedReport:
-    """The whole run under the output's lock: two runs never write one output at once."""
+    """The whole run under the output's lock: two runs never write one output at once.
+    `make_run` builds the run: EmbedRun computes here; a ClusterRun (cluster.py) on Ray."""
     with OutputLock(out):
         base = None
         if update:
@@ -67,7 +69,7 @@ def embed_to_store(
             check_base(base, engine, normalized, templates, out_dtype)
         elif out.exists():
             note(f"{out} will be replaced when this run completes")
-        run = EmbedRun(engine, plan, out, out_dtype, normalized, templates, resume, base, hash_files=update == "hash")
+        run = make_run(engine, plan, out, out_dtype, normalized, templates, resume, base, hash_files=update == "hash")
         try:
             if run.resumed:
                 note(f"resuming: {run.resumed} rows already done in {run.partial.folder}")
@@ -84,7 +86,7 @@ def embed_to_store(
                 return EmbedReport(stopped_by_strict=True, partial=run.partial.folder)
             return EmbedReport(run.finish())
         except KeyboardInterrupt:
-            return EmbedReport(interrupted_rows=len(run.partial.records), partial=run.partial.folder)
+            return EmbedReport(interrupted_rows=run.done_rows(), partial=run.partial.folder)
         finally:
             run.close()
 
@@ -108,6 +110,43 @@ def embed_to_stdout(engine, plan: EmbedPlan, out_dtype: str, normalized: bool, t
         texts = list(dict.fromkeys(plan.texts))
         for text, vector in zip(texts, engine.embed_texts(texts, templates or None, normalize=normalized)):
             yield EmbeddingRow("text", text, embedding_values(vector.astype(dtype)))
+
+
+def embed_on_ray(options, plan: EmbedPlan, out: Path, out_dtype: str, normalized: bool, templates, resume: bool,
+                 cluster, progress_bar, note: Callable[[str], None]) -> EmbedReport:
+    """`--engine ray`: the same run as `embed_to_store`, its rows computed by a Ray actor pool."""
+    import functools
+
+    import torch
+
+    from ..cluster import ClusterRun, WorkerSettings, connected, plan_layout
+    from ..engine import load, resolve_exactness
+
+    with connected() as nodes:
+        layout = plan_layout(nodes, cluster, options.device)
+        # Resolved once, here, for the workers' device: every worker computes alike (an `auto`
+        # that each node resolved for itself could mix bf16 and fp32 rows in one output).
+        precision, decode = resolve_exactness(options.dtype, options.decode, options.exact, torch.device(layout.device))
+        dtype = precision.name
+        # The driver only describes the run (model, revision, dtype, width): no weights load here.
+        handle = load(options.model, device="cpu", dtype=dtype, decode=decode, max_patches=options.max_patches,
+                      offline=True if options.offline else None, use_cache=False)
+        described = handle.describe()
+        local_folder = Path(described["model"]).expanduser().is_dir()
+        settings = WorkerSettings(
+            # a local checkpoint by its absolute path: workers run in folders of their own
+            model=str(handle.resolved.folder.resolve()) if local_folder else described["model"], revision=described["revision"], device=layout.device, dtype=dtype,
+            attn=options.attn, offline=options.offline, max_pixels=options.max_pixels, batch_size=options.batch_size,
+            decode=decode, max_patches=options.max_patches,
+            # a GPU actor's cores decode for it; a CPU actor keeps the local default (one thread)
+            decode_threads=options.workers if options.workers is not None or not layout.gpus else int(layout.cpus),
+            torch_threads=max(1, int(layout.cpus)), normalized=normalized, templates=tuple(templates or ()),
+            out=str(out), out_dtype=out_dtype,
+        )
+        gpus = f" and {layout.gpus:g} GPU" if layout.gpus else ""
+        note(f"Ray: {len(nodes)} node(s), {layout.workers} worker(s) with {layout.cpus:g} CPU{gpus} each")
+        make_run = functools.partial(ClusterRun, settings=settings, layout=layout, shard_size=cluster.shard_size)
+        return embed_to_store(handle, plan, out, out_dtype, normalized, templates, resume, None, False, progress_bar, note, make_run)
 
 
 class StrictStop(Exception):

@@ -42,6 +42,11 @@ class Format(str, Enum):
     csv = "csv"
 
 
+class EngineKind(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class OutDType(str, Enum):
     float32 = "float32"
     float16 = "float16"
@@ -109,6 +114,29 @@ TemplateOpt = Annotated[
 ]
 NoTemplateOpt = Annotated[bool, typer.Option("--no-template", metavar="", help="Use the texts as the prompts, as typed.", rich_help_panel="Labels")]
 TextsFileOpt = Annotated[Optional[List[Path]], typer.Option("--texts-file", metavar="FILE", help="A file with one text per line.", rich_help_panel="Texts")]
+
+RAY_PANEL = "Scale out (--engine ray)"
+
+
+def _ray_option(flag: str, help: str, **limits):
+    return typer.Option(flag, help=help, rich_help_panel=RAY_PANEL, **limits)
+
+
+EngineOpt = Annotated[EngineKind, _ray_option(
+    "--engine", "local: this process. ray: a Ray cluster (RAY_ADDRESS, else a local one started for the run); "
+    "input paths must be readable on every node. Needs pip install 'siglip-cli\\[ray]'.")]  # \\[ so Rich does not read [ray] as markup
+WorkersPerNodeOpt = Annotated[Optional[int], _ray_option(
+    "--workers-per-node", "Actors per node, each loading the model once (default: one per GPU; one per CPU-only node, "
+    "using all its cores).", min=1)]
+GpusPerWorkerOpt = Annotated[Optional[float], _ray_option(
+    "--gpus-per-worker", "GPUs per actor (default 1 where the cluster has GPUs; 0.5 puts two actors on a GPU; "
+    "0 runs on CPUs).", min=0.0)]
+CpusPerWorkerOpt = Annotated[Optional[float], _ray_option(
+    "--cpus-per-worker", "CPU cores per actor (default: a node's cores shared among its actors; on GPU actors they "
+    "decode images).", min=0.5)]
+ShardSizeOpt = Annotated[Optional[int], _ray_option(
+    "--shard-size", "Inputs per shard, the unit of work, retry and --resume (default: about 1/256 of the inputs, "
+    "16 to 4096).", min=1)]
 
 
 class ModelOptions:
