@@ -22,23 +22,16 @@ from .. import __version__
 from ..core.errors import BackendUnavailable, InputError, ModelUnavailable, OutputError, SiglipError, UsageError
 from .options import (
     DEFAULT_MODEL,
-    AttnOpt,
-    BatchOpt,
-    DecodeOpt,
-    Decode,
-    DeviceOpt,
-    DType,
-    DTypeOpt,
     Attn,
+    AttnOpt,
     CpusPerWorkerOpt,
+    DType,
+    DeviceOpt,
     EngineKind,
     EngineOpt,
-    ExactOpt,
-    GpusPerWorkerOpt,
-    ShardSizeOpt,
-    WorkersPerNodeOpt,
     Format,
     FormatOpt,
+    GpusPerWorkerOpt,
     JsonOpt,
     MaxPatchesOpt,
     MaxPixelsOpt,
@@ -49,10 +42,11 @@ from .options import (
     OfflineOpt,
     OutDType,
     RecursiveOpt,
+    ShardSizeOpt,
     TemplateOpt,
     TextsFileOpt,
-    VerboseOpt,
-    WorkersOpt,
+    WorkersPerNodeOpt,
+    model_options,
 )
 from .terminal import error_line, note, progress_bar, status, truncation_note
 
@@ -225,6 +219,7 @@ def _summarize_failures(failed: int, total: int) -> None:
 
 # ----------------------------------------------------------------------------- classify
 @app.command()
+@model_options()
 def classify(
     images: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", help="Image files, folders, glob patterns, http(s) URLs, or - to read paths from stdin.", show_default=False)] = None,
     labels: Annotated[Optional[List[str]], typer.Option("--labels", "-l", metavar="LABELS", help='Comma-separated labels, e.g. "2 cats,2 dogs"; a label holding commas goes in double quotes.', rich_help_panel="Labels")] = None,
@@ -238,19 +233,7 @@ def classify(
     recursive: RecursiveOpt = False,
     fmt: FormatOpt = Format.auto,
     json_flag: JsonOpt = False,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DTypeOpt = DType.auto,
-    attn: AttnOpt = Attn.auto,
-    decode: DecodeOpt = Decode.auto,
-    exact: ExactOpt = False,
-    batch_size: BatchOpt = None,
-    workers: WorkersOpt = None,
-    offline: OfflineOpt = False,
-    max_pixels: MaxPixelsOpt = 100_000_000,
-    no_cache: NoCacheOpt = False,
-    max_patches: MaxPatchesOpt = None,
-    verbose: VerboseOpt = False,
+    options: ModelOptions = None,  # every model option: see options.model_options
 ) -> None:
     """Score images against labels (zero-shot).
 
@@ -277,8 +260,6 @@ def classify(
         listing = list_inputs(images, recursive)
         if not listing.sources and not listing.failures:
             raise UsageError("no images given (stdin was empty)")
-        options = ModelOptions(model, device, dtype, attn, batch_size, workers, offline, max_pixels, no_cache, max_patches,
-                               decode, exact, verbose)
         engine = load_engine(options) if listing.sources else None
         total = len(listing.sources) + len(listing.failures)
         failed = 0
@@ -305,6 +286,7 @@ def classify(
 
 # ----------------------------------------------------------------------------- embed
 @app.command()
+@model_options(exclude=("no_cache",))
 def embed(
     inputs: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", help="Image files, folders (walked recursively, sorted), glob patterns, URLs, or - for paths on stdin.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FILE", help="Output file: .npy (+ .paths.txt, .stamps.npy, .meta.json sidecars), .npz, .jsonl or .parquet.", rich_help_panel="Output")] = None,
@@ -318,18 +300,7 @@ def embed(
     update: Annotated[Optional[str], typer.Option("--update", metavar="[=hash]", help="Bring an existing --out up to date with the inputs: embed new or changed files, drop rows of files that are gone, keep the rest. Changed means another size or modification time; --update=hash compares content hashes.", rich_help_panel="Output", show_default=False)] = None,
     strict: Annotated[bool, typer.Option("--strict", metavar="", help="Stop at the first input that cannot be read, instead of skipping it.", rich_help_panel="Input")] = False,
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", metavar="", help="Walk sub-folders.", rich_help_panel="Input")] = True,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DTypeOpt = DType.auto,
-    attn: AttnOpt = Attn.auto,
-    decode: DecodeOpt = Decode.auto,
-    exact: ExactOpt = False,
-    batch_size: BatchOpt = None,
-    workers: WorkersOpt = None,
-    offline: OfflineOpt = False,
-    max_pixels: MaxPixelsOpt = 100_000_000,
-    max_patches: MaxPatchesOpt = None,
-    verbose: VerboseOpt = False,
+    options: ModelOptions = None,  # every model option: see options.model_options
     engine_kind: EngineOpt = EngineKind.local,
     workers_per_node: WorkersPerNodeOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
@@ -394,9 +365,9 @@ def embed(
         base_meta = _update_base_meta(out) if update else {}
         # An update takes the model, its dtype, decode mode and patch budget from the store unless
         # told otherwise (a store made in fp16 on a GPU is refused, not silently mixed with fp32 rows).
-        dtype, decode = _update_precision(base_meta, dtype, decode, exact)
-        options = ModelOptions(model or base_meta.get("model"), device, dtype, attn, batch_size, workers, offline, max_pixels,
-                               max_patches=max_patches or base_meta.get("max_patches"), decode=decode, exact=exact, verbose=verbose)
+        options.model = options.model or base_meta.get("model")
+        options.dtype, options.decode = _update_precision(base_meta, options.dtype, options.decode, options.exact)
+        options.max_patches = options.max_patches or base_meta.get("max_patches")
         dtype_name = (out_dtype.value if out_dtype else base_meta.get("dtype", "float32"))
         if engine_kind is EngineKind.ray:
             from .embed import embed_on_ray
@@ -451,9 +422,9 @@ def _update_precision(base_meta: dict, dtype, decode, exact: bool):
     """--update keeps the store's model dtype and decoding unless they are given: rows computed
     another way would not match the rows kept (a different choice is refused by name)."""
     if base_meta and not exact:
-        if dtype == DType.auto and base_meta.get("model_dtype"):
+        if dtype == "auto" and base_meta.get("model_dtype"):
             dtype = base_meta["model_dtype"]
-        if decode == Decode.auto:
+        if decode == "auto":
             decode = base_meta.get("decode", "exact")  # stores from before --decode decoded exactly
     return dtype, decode
 
@@ -480,6 +451,7 @@ def _finish_embed(report, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- similarity
 @app.command()
+@model_options()
 def similarity(
     image: Annotated[Optional[List[str]], typer.Option("--image", "-i", metavar="IMAGE", help="Image file, folder, glob or URL (repeatable).", rich_help_panel="Inputs")] = None,
     text: Annotated[Optional[List[str]], typer.Option("--text", metavar="TEXT", help="A text (repeatable).", rich_help_panel="Inputs")] = None,
@@ -490,19 +462,7 @@ def similarity(
     recursive: RecursiveOpt = False,
     fmt: FormatOpt = Format.auto,
     json_flag: JsonOpt = False,
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DTypeOpt = DType.auto,
-    attn: AttnOpt = Attn.auto,
-    decode: DecodeOpt = Decode.auto,
-    exact: ExactOpt = False,
-    batch_size: BatchOpt = None,
-    workers: WorkersOpt = None,
-    offline: OfflineOpt = False,
-    max_pixels: MaxPixelsOpt = 100_000_000,
-    no_cache: NoCacheOpt = False,
-    max_patches: MaxPatchesOpt = None,
-    verbose: VerboseOpt = False,
+    options: ModelOptions = None,  # every model option: see options.model_options
 ) -> None:
     """Cosine similarity of images and texts, and SigLIP image-text probabilities.
 
@@ -535,8 +495,7 @@ def similarity(
         fmt_name = output_format(fmt, json_flag)
         from ..sources import Listing
 
-        engine = load_engine(ModelOptions(model, device, dtype, attn, batch_size, workers, offline, max_pixels, no_cache, max_patches,
-                                          decode, exact, verbose))
+        engine = load_engine(options)
         failed = 0
 
         def reported(results):

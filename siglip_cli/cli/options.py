@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, List, Optional
@@ -75,8 +77,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help=DEVIC
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help=DTYPE_HELP, rich_help_panel="Model")]
 AttnOpt = Annotated[Attn, typer.Option("--attn", help=ATTN_HELP, rich_help_panel="Model")]
 DecodeOpt = Annotated[Decode, typer.Option("--decode", help=DECODE_HELP, rich_help_panel="Model")]
-ExactOpt = Annotated[bool, typer.Option("--exact", help=EXACT_HELP, rich_help_panel="Model")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Say on stderr how the model runs: device, dtype (and why auto chose it), decoding, attention.", rich_help_panel="Model")]
+ExactOpt = Annotated[bool, typer.Option("--exact", metavar="", help=EXACT_HELP, rich_help_panel="Model")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", metavar="", help="Say on stderr how the model runs: device, dtype (and why auto chose it), decoding, attention.", rich_help_panel="Model")]
 BatchOpt = Annotated[
     Optional[int],
     typer.Option("--batch-size", "-b", metavar="N", min=1, help="Images per model call (default: 16 on CPU, 128 on CUDA).", rich_help_panel="Model"),
@@ -157,3 +159,44 @@ class ModelOptions:
         self.decode = decode.value if isinstance(decode, Enum) else decode
         self.exact = exact
         self.verbose = verbose
+
+
+# Every model command's options, by the name ModelOptions takes them under: (type, default).
+MODEL_OPTIONS = {
+    "model": (ModelOpt, None),
+    "device": (DeviceOpt, "auto"),
+    "dtype": (DTypeOpt, DType.auto),
+    "decode": (DecodeOpt, Decode.auto),
+    "exact": (ExactOpt, False),
+    "attn": (AttnOpt, Attn.auto),
+    "batch_size": (BatchOpt, None),
+    "workers": (WorkersOpt, None),
+    "offline": (OfflineOpt, False),
+    "max_pixels": (MaxPixelsOpt, 100_000_000),
+    "no_cache": (NoCacheOpt, False),
+    "max_patches": (MaxPatchesOpt, None),
+    "verbose": (VerboseOpt, False),
+}
+
+
+def model_options(exclude: tuple[str, ...] = ()):
+    """Give a Typer command every model option (but `exclude`), declared once here; the command
+    receives them gathered in its `options: ModelOptions` parameter. Typer reads a command's
+    options from its signature, so the wrapper shows the command's own parameters plus these."""
+
+    def decorate(command):
+        names = [name for name in MODEL_OPTIONS if name not in exclude]
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "options"]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=MODEL_OPTIONS[name][1],
+                                   annotation=MODEL_OPTIONS[name][0]) for name in names]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            return command(options=ModelOptions(**{name: kwargs.pop(name) for name in names}), **kwargs)
+
+        wrapper.__signature__ = inspect.Signature([*own, *added])
+        wrapper.__annotations__ = {p.name: p.annotation for p in (*own, *added)}
+        del wrapper.__wrapped__  # Typer must see the wrapper's signature, not the command's
+        return wrapper
+
+    return decorate
