@@ -18,33 +18,20 @@ import argparse
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_checkpoint, machine, make_jpegs, timed_process  # noqa: E402
+from common import build_checkpoint, load_average, machine, make_jpegs, timed_process  # noqa: E402
 
 LAYOUTS = {
     "default": [],  # one actor using every core
     "2x1": ["--workers-per-node", "2", "--cpus-per-worker", "1"],  # two actors of one core each
 }
-
-
-def cpu_flags() -> str:
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("flags"):
-            present = set(line.split(":", 1)[1].split())
-            return " ".join(f for f in wanted if f in present)
-    return "?"
-
-
-def load() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load average:")[-1].strip()
 
 
 def decode_rate(folder: Path, checkpoint: Path) -> tuple[float, float]:
@@ -81,18 +68,21 @@ def main() -> None:
     for name in args.layouts.split(","):
         runs[f"ray {name}"] = base + ["--out", str(args.work / f"ray-{name}.npy"), "--engine", "ray", *LAYOUTS[name]]
 
-    print(f"embed {args.count} JPEGs 640x480, {args.model} (random weights), cpu fp32, batch {args.batch_size}; {machine()}")
-    print(f"CPU flags: {cpu_flags()}")
+    from siglip_cli.runtime import resolve_precision
+
+    auto = resolve_precision("auto", torch.device("cpu")).name
+    print(f"embed {args.count} JPEGs 640x480, {args.model} (random weights), cpu, default mode (--dtype auto = {auto} "
+          f"here, for both runs), batch {args.batch_size}; {machine()}")
     rate, size = decode_rate(folder, checkpoint)
-    print(f"decode + resize, one core: {rate:.0f} images/s ({size:.0f} KB per file); load {load()}")
+    print(f"decode + resize, one core: {rate:.0f} images/s ({size:.0f} KB per file); {load_average()}")
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for round_ in range(args.rounds):
         for name, argv in runs.items():  # interleaved: every variant once per round
-            before = load()
+            before = load_average()
             wall, peak, stderr = timed_process(argv, env)
             inner = float(re.search(r" in ([\d.]+) s", stderr).group(1))
             results[name].append((wall, inner))
-            print(f"round {round_ + 1} {name:12} wall {wall:7.1f} s  run {inner:7.1f} s  peak {peak:6.0f} MB  load before {before}")
+            print(f"round {round_ + 1} {name:12} wall {wall:7.1f} s  run {inner:7.1f} s  peak {peak:6.0f} MB  {before}")
     reference = np.load(args.work / "local.npy")
     print(f"{'run':12} {'wall s':>8} {'images/s':>9} {'vs local':>9} {'start s':>8} {'max |diff|':>11}")
     local = statistics.median(w for w, _ in results["local"])
@@ -102,7 +92,7 @@ def main() -> None:
         out = args.work / ("local.npy" if name == "local" else f"ray-{name.split()[1]}.npy")
         diff = float(np.abs(np.load(out) - reference).max())
         print(f"{name:12} {wall:8.1f} {args.count / wall:9.2f} {wall / local:8.3f}x {wall - inner:8.1f} {diff:11.2e}")
-    print(f"load after: {load()}")
+    print(f"load after: {load_average()}")
 
 
 if __name__ == "__main__":
