@@ -72,17 +72,16 @@ def slow_folder(tmp_path_factory) -> Path:
     return folder
 
 
-class _Slow(http.server.BaseHTTPRequestHandler):
-    """Answers its first request for a path after 25 s, later ones at once: a run that ends with
-    this URL holds its output that long, however slowly a loaded machine starts a second run."""
+def _png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    random_image(seed, (40, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
+
+class _Quiet(http.server.BaseHTTPRequestHandler):
     png = b""
-    served: set = set()
 
-    def do_GET(self):  # noqa: N802
-        if self.path not in self.served:
-            self.served.add(self.path)
-            time.sleep(25)
+    def send_png(self) -> None:
         self.send_response(200)
         self.send_header("Content-Length", str(len(self.png)))
         self.end_headers()
@@ -92,13 +91,29 @@ class _Slow(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def _serve(handler) -> http.server.ThreadingHTTPServer:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+class _Slow(_Quiet):
+    """Answers its first request for a path after 25 s, later ones at once: a run that ends with
+    this URL holds its output that long, however slowly a loaded machine starts a second run."""
+
+    served: set = set()
+
+    def do_GET(self):  # noqa: N802
+        if self.path not in self.served:
+            self.served.add(self.path)
+            time.sleep(25)
+        self.send_png()
+
+
 @pytest.fixture(scope="module")
 def slow_url():
-    buffer = io.BytesIO()
-    random_image(3, (40, 40)).save(buffer, format="PNG")
-    _Slow.png = buffer.getvalue()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    _Slow.png = _png(3)
+    httpd = _serve(_Slow)
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
     yield lambda name: f"{base}/{name}.png"
     httpd.shutdown()
@@ -308,8 +323,7 @@ def test_empty_images_are_refused(tiny_checkpoint):
 
 
 # ============================================================================ 8-10. URLs
-class _Hostile(http.server.BaseHTTPRequestHandler):
-    png = b""
+class _Hostile(_Quiet):
     seen_auth: list = []
     ftp_port = 0
 
@@ -340,27 +354,18 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
                 self.send_response(401)
                 self.end_headers()
                 return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(self.png)))
-        self.end_headers()
-        self.wfile.write(self.png)
-
-    def log_message(self, *args):
-        pass
+        self.send_png()
 
 
 @pytest.fixture(scope="module")
 def hostile_server():
-    buffer = io.BytesIO()
-    random_image(7, (40, 40)).save(buffer, format="PNG")
-    _Hostile.png = buffer.getvalue()
+    _Hostile.png = _png(7)
     ftp = socket.socket()
     ftp.bind(("127.0.0.1", 0))
     ftp.listen(5)
     ftp.settimeout(0.1)
     _Hostile.ftp_port = ftp.getsockname()[1]
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    httpd = _serve(_Hostile)
     yield f"127.0.0.1:{httpd.server_address[1]}", ftp
     httpd.shutdown()
     ftp.close()
