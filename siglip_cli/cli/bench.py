@@ -432,7 +432,7 @@ def run_bench(options: BenchOptions, note: Callable[[str], None]) -> list[BenchR
 
 def _note_dtypes(options: BenchOptions, device: torch.device, note: Callable[[str], None]) -> None:
     """Say what --dtype auto is here, and warn before dtypes this CPU computes slowly."""
-    if options.auto_dtype is not None:
+    if options.auto_dtype is not None and options.auto_dtype.name in options.dtypes:
         note(f"--dtype auto is {options.auto_dtype.name} here ({options.auto_dtype.reason})")
     if device.type != "cpu":
         return
