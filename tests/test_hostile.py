@@ -119,10 +119,14 @@ def slow_url():
     httpd.shutdown()
 
 
-def _wait_for_rows(partial: Path) -> None:
+def _start_writer(folder: Path, url: str, out: Path, env: dict) -> subprocess.Popen:
+    """An embed run into `out`, returned once it has committed rows and waits on the slow URL."""
+    first = _siglip("embed", folder, url, "--out", out, "--batch-size", "4", env=env)
+    partial = out.with_name(out.name + ".partial") / "rows.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (partial.exists() and partial.stat().st_size):
         time.sleep(0.02)
+    return first
 
 
 # ============================================================================ 1. two writers
@@ -130,8 +134,7 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_first(slow_folder
     slow_url = slow_url("refused")
     env = _env(tiny_checkpoint, tmp_path / "cache")
     out = tmp_path / "x.npy"
-    first = _siglip("embed", slow_folder, slow_url, "--out", out, "--batch-size", "4", env=env)
-    _wait_for_rows(tmp_path / "x.npy.partial" / "rows.jsonl")
+    first = _start_writer(slow_folder, slow_url, out, env)
     for extra in ([], ["--resume"]):
         second = _siglip("embed", slow_folder, slow_url, "--out", out, "--batch-size", "4", *extra, env=env)
         assert second.wait(timeout=60) == 2
@@ -149,8 +152,7 @@ def test_the_lock_goes_with_a_killed_process(slow_folder, slow_url, tmp_path, ti
     slow_url = slow_url("killed")
     env = _env(tiny_checkpoint, tmp_path / "cache")
     out = tmp_path / "x.npy"
-    first = _siglip("embed", slow_folder, slow_url, "--out", out, "--batch-size", "4", env=env)
-    _wait_for_rows(tmp_path / "x.npy.partial" / "rows.jsonl")
+    first = _start_writer(slow_folder, slow_url, out, env)
     first.kill()
     first.wait()
     resumed = _siglip("embed", slow_folder, slow_url, "--out", out, "--resume", env=env)

@@ -348,7 +348,7 @@ def embed(
         templates = resolve_templates(template) if template else None
         if no_normalize and templates and len(templates) > 1:
             raise UsageError("--no-normalize needs a single template (an ensemble averages normalised embeddings)")
-        if out is not None:
+        if out is not None:  # the texts files now, the images once they are listed
             refuse_overwriting_inputs(out, EmbedPlan([]), texts_file or [])
         texts = read_texts(text, texts_file)
         listing = list_inputs(inputs or [], recursive)
@@ -360,7 +360,7 @@ def embed(
             raise UsageError("nothing to embed: give image paths or folders, --text or --texts-file")
         plan = EmbedPlan(listing.sources, texts, listing.failures)
         if out is not None:
-            refuse_overwriting_inputs(out, plan, texts_file or [])
+            refuse_overwriting_inputs(out, plan, [])
             refuse_foreign_file(out, bool(update))
         base_meta = _update_base_meta(out) if update else {}
         # An update takes the model, its dtype, decode mode and patch budget from the store unless
