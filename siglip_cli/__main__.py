@@ -5,6 +5,7 @@ import os
 import signal
 
 signal.signal(signal.SIGINT, lambda signum, frame: (os.write(2, b"siglip: error: interrupted\n"), os._exit(130)))
+signal.signal(signal.SIGTERM, lambda signum, frame: (os.write(2, b"siglip: error: terminated (SIGTERM)\n"), os._exit(143)))
 
 from .cli import main  # noqa: E402
 

@@ -26,17 +26,20 @@ already user-facing); the callers add the file's role to the message.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
 import re
 import secrets
+import signal
 import stat
 import string
+import threading
 import time
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Iterable, Iterator
 
 from .core.errors import OutputError, UsageError
 
@@ -305,6 +308,22 @@ def remove_stale_temporaries(files: Iterable[str | os.PathLike]) -> list[tuple[P
                 continue
             removed.append((candidate, info.st_size))
     return removed
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for a few renames that must happen together (a store's
+    files): a signal that arrives meanwhile is delivered when the block ends. Only the main
+    thread's mask matters to Python's handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 # ============================================================================ the lock

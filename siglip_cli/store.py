@@ -60,6 +60,7 @@ from .safefiles import (  # noqa: F401  (OutputLock, atomic_write_text, temporar
     remove_file,
     replace_into_place,
     reserve_space,
+    signals_deferred,
     temporary_beside,
     text_temporary,
 )
@@ -898,9 +899,10 @@ def write_store(out: Path, entries: Sequence[Entry], dim: int, dtype: str, meta:
             _write_jsonl(tmp, entries, dim, dtype_)
         else:
             _write_parquet(tmp, entries, dim, dtype_, meta)
-        while ready:
-            os.replace(*ready[0])
-            ready.pop(0)
+        with signals_deferred():  # Ctrl-C or SIGTERM never splits the set of renames
+            while ready:
+                os.replace(*ready[0])
+                ready.pop(0)
         _fsync_dir(out.parent)
     except OSError as exc:
         raise _cannot_write(out, exc) from None

@@ -51,17 +51,30 @@ from .options import (
 from .terminal import error_line, note, progress_bar, status, truncation_note
 
 EXIT_CODES = {UsageError: 2, ModelUnavailable: 3, BackendUnavailable: 4, InputError: 1, OutputError: 1}
-EXIT_INTERRUPTED = 130
-_interrupted = False  # set by Ctrl-C: whatever exception follows it is the interrupt's doing
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT); SIGTERM gives 143, as a shell reports 128 + the signal
+_interrupted = False  # set by Ctrl-C or SIGTERM: whatever exception follows it is the interrupt's doing
+_interrupt_signal = 2  # which of them
 
 
 def on_interrupt(signum, frame) -> None:
-    """SIGINT handler: remember it, then interrupt as Python does. A KeyboardInterrupt that lands
-    inside an import can surface as another exception (TypeError, ImportError); the flag lets us
-    still report it as what it is."""
-    global _interrupted
+    """SIGINT and SIGTERM handler: remember it, then interrupt as Python does for Ctrl-C. A
+    KeyboardInterrupt that lands inside an import can surface as another exception (TypeError,
+    ImportError); the flag lets us still report it as what it is. SIGTERM is treated like
+    Ctrl-C: finished rows are committed and kept for --resume, temporaries removed."""
+    global _interrupted, _interrupt_signal
+    if not _interrupted:
+        _interrupt_signal = signum
     _interrupted = True
     raise KeyboardInterrupt
+
+
+def interrupted_exit_code() -> int:
+    """130 after Ctrl-C, 143 after SIGTERM (128 + the signal's number)."""
+    return 128 + int(_interrupt_signal)
+
+
+def _interruption() -> str:
+    return "terminated (SIGTERM)" if _interrupt_signal == 15 else "interrupted"
 
 app = typer.Typer(
     name="siglip",
@@ -86,7 +99,7 @@ def main_callback(
 
     Scores are SigLIP's own: sigmoid(exp(t) * cosine + b) per image-text pair. Results go to stdout (a table on a terminal, JSON lines when piped); logs and progress to stderr.
 
-    Exit status: 0 success (also when a reader such as `head` closes the pipe early), 1 some inputs failed or an output could not be written, 2 usage error, 3 model unavailable, 4 device or backend unavailable, 130 interrupted.
+    Exit status: 0 success (also when a reader such as `head` closes the pipe early), 1 some inputs failed or an output could not be written, 2 usage error, 3 model unavailable, 4 device or backend unavailable, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM; like Ctrl-C, finished rows are kept for --resume).
     """
 
 
@@ -104,7 +117,7 @@ class _Interrupted(Exception):
 
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
-    """User-fixable errors -> one line on stderr and their exit code; Ctrl-C -> 130."""
+    """User-fixable errors -> one line on stderr and their exit code; Ctrl-C -> 130, SIGTERM -> 143."""
     try:
         yield
     except KeyboardInterrupt:
@@ -431,8 +444,8 @@ def _update_precision(base_meta: dict, dtype, decode, exact: bool):
 
 def _finish_embed(report, out: Path) -> None:
     if report.interrupted_rows is not None:
-        note(f"interrupted: {report.interrupted_rows} rows kept in {report.partial}; run the same command with --resume to continue")
-        raise typer.Exit(EXIT_INTERRUPTED)
+        note(f"{_interruption()}: {report.interrupted_rows} rows kept in {report.partial}; run the same command with --resume to continue")
+        raise typer.Exit(interrupted_exit_code())
     if report.stopped_by_strict:
         note("stopped by --strict; finished rows are kept, rerun with --resume after fixing the input")
         raise typer.Exit(1)
@@ -689,18 +702,18 @@ def run(args: list[str] | None = None) -> None:
         if code is None:
             raise
     if _interrupted:
-        _exit_interrupted(announce=code != EXIT_INTERRUPTED)  # (a command that said so itself)
+        _exit_interrupted(announce=code != interrupted_exit_code())  # (a command that said so itself)
     sys.exit(code if isinstance(code, int) else 0)
 
 
 def _exit_interrupted(announce: bool = True) -> None:
-    """One line and 130, whatever the interrupt broke on its way; os._exit so that nothing in
-    the interpreter's shutdown can turn it into another code or a traceback."""
+    """One line and 130 (143 for SIGTERM), whatever the interrupt broke on its way; os._exit so
+    that nothing in the interpreter's shutdown can turn it into another code or a traceback."""
     if announce:
-        error_line("interrupted")
+        error_line(_interruption())
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
-    os._exit(EXIT_INTERRUPTED)
+    os._exit(interrupted_exit_code())

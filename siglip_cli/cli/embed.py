@@ -17,6 +17,7 @@ import numpy as np
 from ..core.errors import UsageError
 from ..embedding import EmbedPlan, EmbedRun, EmbedSummary, check_base
 from ..results import EmbeddingRow
+from ..safefiles import remove_stale_temporaries
 from ..store import OutputLock, embedding_values, is_store, open_store, output_files
 
 
@@ -63,6 +64,7 @@ def embed_to_store(
     """The whole run under the output's lock: two runs never write one output at once.
     `make_run` builds the run: EmbedRun computes here; a ClusterRun (cluster.py) on Ray."""
     with OutputLock(out):
+        _remove_stale_temporaries(out, note)
         base = None
         if update:
             base = open_store(out)
@@ -89,6 +91,16 @@ def embed_to_store(
             return EmbedReport(interrupted_rows=run.done_rows(), partial=run.partial.folder)
         finally:
             run.close()
+
+
+def _remove_stale_temporaries(out: Path, note: Callable[[str], None]) -> None:
+    """Temporaries that a killed run (SIGKILL, a power cut) left beside the output: ours to
+    remove now that we hold its lock (they can be as large as the store)."""
+    removed = remove_stale_temporaries(output_files(out))
+    if removed:
+        size = sum(size for _, size in removed)
+        note(f"removed {len(removed)} temporary file{'s' if len(removed) != 1 else ''} ({size / 1e6:.1f} MB) "
+             f"left beside {out} by a run that was killed")
 
 
 def embed_to_stdout(engine, plan: EmbedPlan, out_dtype: str, normalized: bool, templates, strict: bool, note, on_progress=None) -> Iterator[EmbeddingRow]:
