@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..results import BenchRow, ImageScores, InputFailure, SearchHit, SearchResult, SimilarityMatrix
+from .terminal import printable
 
 FORMATS = ("table", "json", "jsonl", "csv")
 MATRIX_MAX_LABELS = 6  # more labels than this: the many-image table shows the best 3 instead
@@ -70,7 +71,12 @@ def format_score(score: float) -> str:
 
 
 def display_path(path: str) -> str:
-    """A path as short as it can be read: relative to the working folder when inside it."""
+    """A path as short as it can be read (relative to the working folder when inside it), and
+    safe to show: control characters written out (terminal.printable)."""
+    return printable(_shortest_path(path))
+
+
+def _shortest_path(path: str) -> str:
     if "://" in path or not os.path.isabs(path):
         return path
     try:
@@ -78,6 +84,12 @@ def display_path(path: str) -> str:
     except ValueError:
         return path
     return relative if not relative.startswith("..") else path
+
+
+def quoted(text: str) -> str:
+    """A text (a label, a query, a text row) as a table shows it: in quotes, control
+    characters written out."""
+    return f'"{printable(text)}"'
 
 
 def ellipsize(text: str, width: int) -> str:
@@ -141,9 +153,9 @@ def emit(results: Iterable[Any], fmt: str, view: View, out: IO[str] | None = Non
 
 # ============================================================================ classify
 def _cause(path: str, error: str) -> str:
-    """An error without the path its row already shows."""
+    """An error without the path its row already shows, safe to show."""
     prefix = f"{path}: "
-    return error[len(prefix):] if error.startswith(prefix) else error
+    return printable(error[len(prefix):] if error.startswith(prefix) else error)
 
 
 def _path_budget(console: Console, other_columns_width: int) -> int:
@@ -197,7 +209,7 @@ def _single_table(result: ImageScores, console: Console) -> Table:
     table.add_column("", no_wrap=True)
     table.add_column("logit", justify="right", style="dim", no_wrap=True)
     for i, item in enumerate(result.labels):
-        table.add_row(Text(item.label, style="bold" if i == 0 else ""), format_score(item.score), _bar(item.score), f"{item.logit:.2f}")
+        table.add_row(Text(printable(item.label), style="bold" if i == 0 else ""), format_score(item.score), _bar(item.score), f"{item.logit:.2f}")
     if _min_width(table, console) > console.width:
         table.columns[2].visible = False  # the bar goes first; the numbers stay
     return table
@@ -227,7 +239,7 @@ def _matrix_table(results: list[ImageScores], labels: Sequence[str], console: Co
     table = Table()
     table.add_column("image", no_wrap=True)
     for label in labels:
-        table.add_column(Text(label), justify="right", overflow="fold", min_width=score_width)
+        table.add_column(Text(printable(label)), justify="right", overflow="fold", min_width=score_width)
     for i, result in enumerate(results):
         if result.error is not None:
             table.add_row(_image_cell(result.path, budget), Text(f"error [{marks[i]}]", style="red"), *[""] * (len(labels) - 1))
@@ -257,7 +269,7 @@ def _top_table(results: list[ImageScores], console: Console) -> Table:
         if result.error is not None:
             table.add_row(_image_cell(result.path, budget), Text(f"error [{marks[i]}]", style="red"), *[""] * (TOP_LABELS - 1))
             continue
-        cells = [f"{item.label} ({format_score(item.score)})" for item in result.labels[:TOP_LABELS]]
+        cells = [f"{printable(item.label)} ({format_score(item.score)})" for item in result.labels[:TOP_LABELS]]
         cells += [""] * (TOP_LABELS - len(cells))
         table.add_row(_image_cell(result.path, budget), Text(cells[0], style="bold"), *[Text(c) for c in cells[1:]])
     return table
@@ -293,7 +305,7 @@ def _matrix(title: str, row_names: Sequence[str], col_names: Sequence[str], valu
 
 
 def _item_label(item) -> str:
-    return display_path(item.name) if item.kind == "image" else f'"{item.name}"'
+    return display_path(item.name) if item.kind == "image" else quoted(item.name)
 
 
 def similarity_table(results: list, console: Console) -> Group:
@@ -343,11 +355,11 @@ SIMILARITY_VIEW = View(
 
 # ============================================================================ search
 def hit_name(hit: SearchHit) -> str:
-    return display_path(hit.path) if hit.kind == "image" else f'"{hit.path}"'
+    return display_path(hit.path) if hit.kind == "image" else quoted(hit.path)
 
 
 def search_title(result: SearchResult, width: int) -> Text:
-    label = f'"{result.query}"' if result.kind == "text" else display_path(result.query)
+    label = quoted(result.query) if result.kind == "text" else display_path(result.query)
     return Text(ellipsize(label, width - 2), style="bold")
 
 
@@ -412,7 +424,7 @@ _BENCH_UNIT = {"vision": "images/s", "text": "texts/s", "classify": "images/s"}
 
 def _bench_cells(row: BenchRow, marks: dict) -> dict[str, Any]:
     if row.status != "ok":
-        mark = marks.setdefault(f"{row.attn} {row.status}: {row.reason}", len(marks) + 1)
+        mark = marks.setdefault(printable(f"{row.attn} {row.status}: {row.reason}"), len(marks) + 1)
         return {"batch": str(row.batch_size), "attn": row.attn, "rate": Text(f"{row.status} [{mark}]", style="yellow")}
     spread = ""
     if row.ms_min and row.ms_max:
@@ -465,7 +477,7 @@ def bench_table(rows: list[BenchRow], console: Console) -> Group:
         return Group(Text("no rows"))
     first = rows[0]
     budget = f" at {first.max_patches} patches per image" if first.max_patches else ""
-    parts: list[Any] = [Text(f"{first.model}{budget} ({first.weights} weights) on {first.device}", style="bold")]
+    parts: list[Any] = [Text(printable(f"{first.model}{budget} ({first.weights} weights) on {first.device}"), style="bold")]
     if first.cpu_features is not None:
         parts.append(Text(f"CPU flags: {' '.join(first.cpu_features) or 'none of ' + 'avx2, avx512, amx'}", style="dim"))
     auto = next((r for r in rows if r.dtype_auto), None)

@@ -7,11 +7,45 @@ screen, lines are printed above it through Rich instead of being glued to the ba
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import time
 from typing import Callable, Iterator
 
 _live = None  # the Rich Progress on screen, if any
+
+# Code points a terminal acts on instead of showing: C0 controls (ESC starts escape sequences,
+# BEL ends OSC 8 hyperlinks, CR and BS overwrite what was shown), DEL, C1 controls (0x9b is a
+# one-byte CSI), line and paragraph separators, the bidirectional overrides and isolates that
+# reorder what follows (a "Trojan source" name), and lone surrogates (bytes of a file name that
+# is not UTF-8).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match) -> str:
+    char = match.group()
+    code = ord(char)
+    if char in _NAMED:
+        return _NAMED[char]
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the undecodable byte itself
+        return f"\\x{code - 0xDC00:02x}"
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """`text` safe to show on a terminal: every control character and every other code point a
+    terminal would act on is written out visibly as Python writes it in a string literal
+    (ESC -> `\\x1b`, BEL -> `\\x07`, CSI -> `\\x9b`, newline -> `\\n`, RIGHT-TO-LEFT
+    OVERRIDE -> `\\u202e`, the undecodable byte 0xff of a file name -> `\\xff`). Everything
+    else, including other scripts and emoji, is kept. Backslashes are kept as they are, so a name
+    that already contains the text `\\x1b` looks the same as one with ESC in it: the JSON, CSV
+    and JSON-lines outputs, which are never escaped, tell them apart."""
+    if not isinstance(text, str):
+        text = str(text)
+    return _UNPRINTABLE.sub(_escape, text)
 
 
 def stderr_console():
@@ -21,6 +55,8 @@ def stderr_console():
 
 
 def _line(text: str) -> None:
+    """One line on stderr: names and messages in it are shown with `printable`."""
+    text = printable(text)
     if _live is not None:
         _live.console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
         return
@@ -62,7 +98,9 @@ def status(message: str) -> Iterator[None]:
     if not stderr_is_terminal():
         yield
         return
-    with stderr_console().status(message, spinner="dots"):
+    from rich.text import Text
+
+    with stderr_console().status(Text(printable(message)), spinner="dots"):
         yield
 
 
