@@ -336,7 +336,7 @@ def _check_meta(path: Path, meta: Any) -> dict:
 def _read_meta_file(path: Path) -> dict:
     meta_path = sidecar(path, ".meta.json")
     try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
+        return json.loads(read_regular(meta_path).decode("utf-8"))
     except FileNotFoundError:
         raise OutputError(f"{path}: no {meta_path.name} beside it; is it a siglip embedding file?") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -416,7 +416,7 @@ def _read_npy(path: Path) -> Store:
     rows, row_file = _read_npy_rows(path, meta)
     paths_file, stamps_file = sidecar(path, ".paths.txt"), sidecar(path, ".stamps.npy")
     try:
-        data = paths_file.read_bytes()
+        data = read_regular(paths_file)
     except OSError as exc:
         raise _damaged(paths_file, f"unreadable ({exc.strerror or exc})") from None
     names = LineNames(data)
@@ -428,7 +428,7 @@ def _read_npy(path: Path) -> Store:
 
     def stamps() -> np.ndarray:
         try:
-            raw = stamps_file.read_bytes()
+            raw = read_regular(stamps_file)
             array = np.load(io.BytesIO(raw), allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:
             raise _damaged(stamps_file, f"unreadable ({exc})") from None
@@ -915,7 +915,7 @@ def write_store(out: Path, entries: Sequence[Entry], dim: int, dtype: str, meta:
 def is_store(out: Path) -> bool:
     """Whether `out` was written by siglip embed (so replacing it loses nothing unexpected)."""
     try:
-        meta = json.loads(sidecar(out, ".meta.json").read_text(encoding="utf-8"))
+        meta = json.loads(read_regular(sidecar(out, ".meta.json")).decode("utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from siglip_cli import safefiles
 from siglip_cli.cache import TextCache
 from siglip_cli.cli.app import app
-from siglip_cli.core.errors import SiglipError, UsageError
+from siglip_cli.core.errors import OutputError, SiglipError, UsageError
 from siglip_cli.safefiles import (
     NotRegularFile,
     OutputLock,
@@ -332,3 +332,38 @@ def test_remove_stale_temporaries_removes_ours_only(tmp_path, victim):
     assert sorted(p for p, _ in removed) == sorted(ours) and all(size == 100 for _, size in removed)
     assert other_output.exists() and unrelated.exists() and link.is_symlink()
     assert victim.read_text() == VICTIM_TEXT
+
+
+# ============================================================================ --preview thumbnails
+def test_preview_thumbnails_never_block_on_a_fifo(tmp_path):
+    """A FIFO where an indexed image was: no thumbnail, at once (it hung search --preview)."""
+    from PIL import Image
+
+    from siglip_cli.cli.preview import thumbnail
+
+    def renderer(picture, width):  # what textual-image's renderable receives
+        return picture
+
+    Image.new("RGB", (800, 600), (200, 10, 10)).save(tmp_path / "real.jpg")
+    picture = thumbnail(str(tmp_path / "real.jpg"), renderer)
+    assert picture.size == (512, 384) and picture.getpixel((5, 5))[0] > 150
+    os.mkfifo(tmp_path / "fifo.jpg")
+    assert _with_deadline(lambda: thumbnail(str(tmp_path / "fifo.jpg"), renderer)) is None
+    assert thumbnail(str(tmp_path / "gone.jpg"), renderer) is None
+
+
+@pytest.mark.parametrize("suffix", [".meta.json", ".paths.txt", ".stamps.npy"])
+def test_a_fifo_at_a_sidecar_is_refused_in_one_line_not_waited_on(run, tmp_path, image_dir, suffix):
+    out = tmp_path / "vecs.npy"
+    assert run("embed", image_dir / "a.jpg", "--out", out).exit_code == 0
+    side = out.with_name(out.name + suffix)
+    side.unlink()
+    os.mkfifo(side)
+    if suffix == ".stamps.npy":  # read only by --update and --resume: through the Python API here
+        with pytest.raises(OutputError, match="FIFO"):
+            _with_deadline(lambda: open_store(out).stamps)
+        return
+    result = _with_deadline(lambda: run("search", out, "a cat"), 120)
+    assert result.exit_code == 1
+    line = _one_error_line(result.stderr)
+    assert side.name in line and "FIFO" in line

@@ -33,13 +33,15 @@ def drawing_renderer() -> tuple[type | None, str]:
 
 def thumbnail(path: str, renderer: type):
     """The picture at `path`, upright and small, as a renderable; None when it cannot be read
-    (moved since it was embedded) or is not a local file."""
-    from PIL import Image, ImageOps
+    (moved since it was embedded, replaced by a FIFO or a device, over the pixel cap) or is not
+    a local file. It is opened as every input is (core.images): non-blocking, the pixel cap
+    checked before decoding, large JPEGs decoded at a reduced scale."""
+    from ..core.errors import InputError
+    from ..core.images import DecodeOptions, open_image, to_rgb
 
     try:
-        with Image.open(path) as image:
-            picture = ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
+        picture = to_rgb(open_image(path, path, DecodeOptions(draft_jpeg=True), draft_size=(512, 512)), path)
+    except InputError:
         return None
     picture.thumbnail((512, 512))
     return renderer(picture, width=THUMBNAIL_CELLS)
