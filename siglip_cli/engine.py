@@ -136,7 +136,8 @@ class Engine:
     @property
     def tokenizer(self) -> TextTokenizer:
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.resolved.folder, self.config.model_type, self.config.text_length)
+            self._tokenizer = load_tokenizer(self.resolved.folder, self.config.model_type, self.config.text_length,
+                                             self.config.text.vocab_size)
         return self._tokenizer
 
     def set_attention(self, attn: str) -> None:

@@ -65,6 +65,9 @@ class GemmaTokenizer(TextTokenizer):
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         return [encoding.ids for encoding in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
+    def largest_id(self) -> int:
+        return max(self.backend.get_vocab(with_added_tokens=True).values(), default=-1)
+
 
 def special_tokens(folder: Path, settings: dict) -> dict[str, str]:
     """eos and pad token names: tokenizer_config.json first, then special_tokens_map.json."""

@@ -129,3 +129,6 @@ class SentencePieceTokenizer(TextTokenizer):
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         return [[self.processor.piece_to_id(piece) for piece in self.pieces(text)] for text in texts]
+
+    def largest_id(self) -> int:
+        return self.processor.get_piece_size() - 1

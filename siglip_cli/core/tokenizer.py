@@ -66,6 +66,14 @@ class TextTokenizer:
         """Each text's ids without end-of-text token, truncation or padding."""
         raise NotImplementedError
 
+    def largest_id(self) -> int:
+        """The largest id this tokenizer can produce (its vocabulary, added tokens included)."""
+        raise NotImplementedError
+
+    def source_file(self, folder: Path) -> Path:
+        """The file the vocabulary came from, for messages."""
+        return folder / self.files[0]
+
     def tokenize(self, texts: Sequence[str]) -> Tokens:
         rows, lengths = [], []
         for ids in self.token_ids(texts):
@@ -124,8 +132,20 @@ def tokenizer_family(folder: Path, model_type: str) -> type[TextTokenizer]:
     return known["sentencepiece"]
 
 
-def load_tokenizer(folder: Path, model_type: str, max_length: int) -> TextTokenizer:
-    return tokenizer_family(folder, model_type).from_folder(folder, max_length)
+def load_tokenizer(folder: Path, model_type: str, max_length: int, vocab_size: int | None = None) -> TextTokenizer:
+    """The checkpoint's tokenizer. With `vocab_size` (the rows of the text tower's embedding
+    table), a tokenizer that can produce an id past the table is refused here, in one line,
+    instead of an IndexError deep in the text tower when such a piece first turns up."""
+    tokenizer = tokenizer_family(folder, model_type).from_folder(folder, max_length)
+    if vocab_size is not None:
+        largest = tokenizer.largest_id()
+        if largest >= vocab_size:
+            raise ModelUnavailable(
+                f"{tokenizer.source_file(folder)}: the tokenizer has ids up to {largest}, but the model's text "
+                f"embedding table has {vocab_size} rows (config.json text_config.vocab_size); the tokenizer "
+                "does not belong to this checkpoint"
+            )
+    return tokenizer
 
 
 def missing_tokenizer_file(folder: Path, family: type[TextTokenizer], name: str) -> str:
