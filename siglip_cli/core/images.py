@@ -145,6 +145,77 @@ def _too_many_pixels(name: str, width: int, height: int, max_pixels: int | None)
     return None
 
 
+_ICO_MAGICS = (b"\0\0\1\0", b"\0\0\2\0")  # ICO, CUR
+_JP2_SIGNATURE = b"\0\0\0\x0cjP  \r\n\x87\n"
+_J2K_SIGNATURE = b"\xff\x4f\xff\x51"
+_MAX_CONTAINER_ENTRIES = 1024  # more than any real icon holds; a longer directory is damage
+
+
+def _embedded_header_size(head: bytes, bitmaps: bool = True) -> tuple[int, int] | None:
+    """(width, height) from the first bytes of an image embedded in a container: a PNG's IHDR,
+    a BMP info header (ICO stores the XOR and AND masks, twice the height), a JPEG 2000 box or
+    codestream header. None when these bytes are none of them."""
+    if head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head.startswith(_JP2_SIGNATURE):
+        at = head.find(b"ihdr")
+        if at >= 0 and len(head) >= at + 12:
+            return int.from_bytes(head[at + 8 : at + 12], "big"), int.from_bytes(head[at + 4 : at + 8], "big")
+        return None
+    if head.startswith(_J2K_SIGNATURE) and len(head) >= 16:
+        return int.from_bytes(head[8:12], "big"), int.from_bytes(head[12:16], "big")
+    if bitmaps and len(head) >= 12 and int.from_bytes(head[0:4], "little") in (12, 40, 52, 56, 108, 124):
+        if int.from_bytes(head[0:4], "little") == 12:  # BITMAPCOREHEADER: 16-bit sides
+            return int.from_bytes(head[4:6], "little"), int.from_bytes(head[6:8], "little") // 2
+        width = abs(int.from_bytes(head[4:8], "little", signed=True))
+        height = abs(int.from_bytes(head[8:12], "little", signed=True)) // 2
+        return width, height
+    return None
+
+
+def _read_at(stream, offset: int, count: int) -> bytes:
+    stream.seek(offset)
+    return stream.read(count)
+
+
+def container_sizes(stream) -> list[tuple[int, int]] | None:
+    """For an ICO, CUR or ICNS file: the (width, height) of every image inside it, as its
+    directory and the embedded images' own headers say, read BEFORE Pillow opens the file
+    (Pillow's ICO plugin decodes the first entry while opening: a 16x16 entry in the directory
+    holding a 20000x20000 PNG decoded to 400 MB before any check could run). Only headers are
+    read, never pixels. None for any other kind of file. The stream is left at its start."""
+    try:
+        magic = _read_at(stream, 0, 8)
+        if magic[:4] in _ICO_MAGICS:
+            count = int.from_bytes(magic[4:6], "little")
+            directory = _read_at(stream, 6, 16 * min(count, _MAX_CONTAINER_ENTRIES))
+            sizes = []
+            for start in range(0, len(directory) - 15, 16):
+                entry = directory[start : start + 16]
+                sizes.append((entry[0] or 256, entry[1] or 256))
+                embedded = _embedded_header_size(_read_at(stream, int.from_bytes(entry[12:16], "little"), 64))
+                if embedded:
+                    sizes.append(embedded)
+            return sizes
+        if magic[:4] == b"icns":
+            sizes, offset, end = [], 8, int.from_bytes(magic[4:8], "big")
+            for _ in range(_MAX_CONTAINER_ENTRIES):
+                block = _read_at(stream, offset, 8 + 256)
+                if len(block) < 8 or offset >= end:
+                    break
+                embedded = _embedded_header_size(block[8:], bitmaps=False)
+                if embedded:
+                    sizes.append(embedded)
+                length = int.from_bytes(block[4:8], "big")
+                if length < 8:
+                    break
+                offset += length
+            return sizes
+        return None
+    finally:
+        stream.seek(0)
+
+
 def _embedded_png_sizes(stream) -> list[tuple[int, int]]:
     """(width, height) of every PNG inside a container file, read from their headers (IHDR)."""
     stream.seek(0)
@@ -169,6 +240,9 @@ def _decode(stream, name: str, max_pixels: int | None, draft_size: tuple[int, in
     Image = _pil()
     try:
         with stream:
+            for width, height in container_sizes(stream) or ():
+                if max_pixels and width * height > max_pixels:
+                    raise _too_many_pixels(name, width, height, max_pixels)
             try:
                 image = Image.open(stream)
             except Image.UnidentifiedImageError:
