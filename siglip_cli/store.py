@@ -660,11 +660,11 @@ def _read_npy(path: Path) -> Store:
             raise damaged(paths_file, f"unreadable ({exc.strerror or exc})") from None
         names = LineNames(data)
         other_run = f"(from another run than {path.name}, or changed since)"
-        _check_digest(paths_file, meta, "paths", data, f"its names are not those of the rows {other_run}")
         try:
             _agree(path, meta, rows.shape, names)
         except OutputError as exc:
             raise _Mixed(str(exc)) from None
+        _check_digest(paths_file, meta, "paths", data, f"its names are not those of the rows {other_run}")
         sample = np.ascontiguousarray(rows[sample_positions(meta["count"])])
         _check_digest(path, meta, "rows_sample", sample.tobytes(), f"its rows are not those its {sidecar(path, '.meta.json').name} describes {other_run}")
         try:
