@@ -833,6 +833,7 @@ def _read_parquet(path: Path) -> Store:
         raise damaged(path, f"its embedding column is {embedding}, the meta says {dim} x {dtype}")
     if handle.metadata.num_rows != meta["count"]:
         raise damaged(path, f"it holds {handle.metadata.num_rows} rows, its meta says {meta['count']}")
+    _refuse_counted_nulls(path, handle)
     for name in ("kind", "path"):
         column = columns.column(name).combine_chunks()
         if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
@@ -871,6 +872,33 @@ def _read_parquet(path: Path) -> Store:
         return out
 
     return Store(path, meta, kinds, names, stamps, chunks=chunks, row_source=ParquetRows(handle, dim, dtype, path))
+
+
+def _refuse_counted_nulls(path: Path, handle) -> None:
+    """Parquet writers count each column chunk's nulls: a null anywhere (but in sha256, null
+    where no hash was asked for) is found when the store is opened, before an update has
+    computed anything (it copies the old rows only at its end). The row is named from the
+    column itself; a file without counts is still checked as its rows are read."""
+    import pyarrow as pa
+
+    first = 0
+    try:
+        for number in range(handle.metadata.num_row_groups):
+            group = handle.metadata.row_group(number)
+            for index in range(group.num_columns):
+                chunk = group.column(index)
+                name = chunk.path_in_schema.split(".")[0]
+                stats = chunk.statistics
+                if name == "sha256" or stats is None or not stats.has_null_count or not stats.null_count:
+                    continue
+                column = handle.read_row_group(number, columns=[name], use_threads=False).column(0).combine_chunks()
+                if name == "embedding":
+                    _embedding_values(path, column, first)
+                elif column.null_count:
+                    raise damaged(path, f"row {first + _first_null(column)} has no {name} (null)")
+            first += group.num_rows
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise damaged(path, f"unreadable ({type(exc).__name__}: {exc})") from None
 
 
 _READERS = {".npy": _read_npy, ".npz": _read_npz, ".jsonl": _read_jsonl, ".parquet": _read_parquet}

@@ -26,6 +26,7 @@ from .search_fixtures import ROOT, cli, make_photos, one_error_line, records
 
 FORMATS = [".npy", ".npz", ".jsonl", ".parquet"]
 DIM = 16
+INT8_BOUND = 2e-3  # 1 - cosine of an int8 row with itself embedded in another batch (docs/formats.md)
 
 
 def _unit_rows(count: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
@@ -347,7 +348,7 @@ def _siglip(*args, env: dict) -> subprocess.Popen:
 def _ranking(result) -> list[tuple[str, float]]:
     assert result.exit_code == 0, result.stderr
     assert "Traceback" not in result.stderr
-    return [(hit["path"], hit["cosine"]) for hit in records(result.stdout)[0]["hits"]]
+    return [(hit["path"], hit["cosine"]) for hit in records(result.stdout)[0]["results"]]
 
 
 def _same_ranking(found: list, expected: list) -> bool:
@@ -394,7 +395,9 @@ def test_an_int8_index_is_searched_with_int8_queries(tmp_path, env):
     assert result.exit_code == 0, result.stderr
     assert open_store(out).meta["model_dtype"] == "int8"
     found = _ranking(cli("search", out, "--image", photos[2], "--json", env=env))
-    assert found[0][0] == str(photos[2]) and abs(found[0][1] - 1) < 1e-5
+    # int8 quantizes each batch's activations with one scale: a row moves with its batch
+    # (docs/formats.md gives the bound); the image's own row is still the nearest.
+    assert found[0][0] == str(photos[2]) and abs(found[0][1] - 1) < INT8_BOUND, found
     assert _ranking(cli("search", out, "a cat", "--json", "--dtype", "int8", env=env))
 
 
@@ -482,7 +485,7 @@ def test_searching_a_jsonl_index_says_it_is_an_exchange_format(tmp_path, env):
     result = cli("search", out, "a cat", "--json", env=env)
     assert result.exit_code == 0, result.stderr
     assert "exchange format" in result.stderr and ".npy" in result.stderr
-    assert len(records(result.stdout)[0]["hits"]) == 3
+    assert len(records(result.stdout)[0]["results"]) == 3
 
 
 # ============================================================================ --update=hash
