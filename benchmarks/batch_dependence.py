@@ -65,7 +65,7 @@ def measure(mode: str, folder: Path, paths: list[Path], device: str) -> dict:
     from siglip_cli.sources import Source
 
     architecture, dtype = MODES[mode]
-    checkpoint = build_checkpoint(folder / architecture.replace("/", "--"))
+    checkpoint = build_checkpoint(folder / architecture.replace("/", "--"), architecture)
     engine = load(str(checkpoint), device=device, dtype=dtype, decode="exact", use_cache=False)
     sources = [Source(str(p), str(p)) for p in paths]
     started = time.perf_counter()
