@@ -366,7 +366,11 @@ class CheckedRows:
         self.source = source
 
     def __getitem__(self, indices) -> np.ndarray:
-        numbers = np.asarray(row_numbers(np.asarray(indices).reshape(-1).tolist(), self.store.count), dtype=np.int64)
+        count = self.store.count
+        numbers = np.asarray(indices, dtype=np.int64).reshape(-1)
+        numbers = np.where(numbers < 0, numbers + count, numbers)
+        if len(numbers) and not (0 <= numbers.min() and numbers.max() < count):
+            row_numbers(np.asarray(indices).reshape(-1).tolist(), count)  # raises, naming the row
         rows = np.asarray(self.source[numbers])
         try:
             check_rows(self.store.path, self.store.meta, 0, rows)
