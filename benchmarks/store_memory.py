@@ -1,9 +1,11 @@
-"""Peak memory of the store's Parquet paths as the row count grows: writing a store, searching
-it, and copying its rows into a new store as `--update` does. Each step runs in a fresh process
+"""Peak memory of the store's paths (Parquet by default; any format with --format) as the row
+count grows: writing a store, searching it, and copying its rows into a new store as `--update`
+does. Each step runs in a fresh process
 (its peak RSS is the figure); flat memory means the peak does not grow with the rows (apart from
 the names, ~40 bytes a row here). Usage:
 
     python benchmarks/store_memory.py [--rows 100000,400000] [--dim 768] [--work /tmp/siglip-bench]
+    python benchmarks/store_memory.py --format jsonl --rows 20000   # an exchange format, read whole
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine  # noqa: E402
 
+from siglip_cli.store import output_files  # noqa: E402
+
 STEP = r"""
 import resource, sys, time
 import numpy as np
@@ -29,7 +33,7 @@ start = time.perf_counter()
 if step == "write":
     values = np.load(source, mmap_mode="r")
     entries = [Entry("image", f"photos/{i // 1000:04d}/IMG_{i:08d}.jpg", (1, 1, b""), values, i) for i in range(rows)]
-    write_store(out, entries, dim, "float32", {"model": "m", "revision": "r"})
+    write_store(out, entries, dim, "float32", {"model": "m", "revision": "r", "normalized": True})
 elif step == "search":
     store = open_store(out)
     query = np.ones(dim, np.float32) / np.sqrt(dim)
@@ -66,15 +70,16 @@ def main() -> None:
     parser.add_argument("--rows", default="100000,400000")
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--work", type=Path, default=Path("/tmp/siglip-bench"))
+    parser.add_argument("--format", default="parquet", choices=["parquet", "npy", "npz", "jsonl"])
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    print(f"Parquet store, {args.dim}-d float32 rows, each step in its own process; {machine()}")
+    print(f".{args.format} store, {args.dim}-d float32 rows, each step in its own process; {machine()}")
     print("MB: peak RSS (the rows a step reads through a memory map count in it) / peak of pyarrow's buffers")
     print(f"{'rows':>9} {'file MB':>8} {'write s':>8} {'write MB':>12} {'search s':>9} {'search MB':>12} {'copy s':>7} {'copy MB':>12}")
     for rows in [int(r) for r in args.rows.split(",")]:
         source = args.work / f"memory-rows-{rows}x{args.dim}.npy"
         random_rows(source, rows, args.dim)
-        out, copy = args.work / f"memory-{rows}.parquet", args.work / f"memory-{rows}-copy.parquet"
+        out, copy = args.work / f"memory-{rows}.{args.format}", args.work / f"memory-{rows}-copy.{args.format}"
         write = step("write", source, out, rows, args.dim)
         search = step("search", source, out, rows, args.dim)
         copied = step("copy", out, copy, rows, args.dim)
@@ -82,8 +87,8 @@ def main() -> None:
                  for (seconds, peak, arrow), width, digits in ((write, 8, 1), (search, 9, 2), (copied, 7, 1))]
         print(f"{rows:9,} {out.stat().st_size / 1e6:8.0f} {' '.join(cells)}")
         for path in (out, copy):
-            path.unlink()
-            Path(f"{path}.meta.json").unlink()
+            for part in output_files(path):
+                part.unlink()
 
 
 if __name__ == "__main__":

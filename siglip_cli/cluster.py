@@ -34,10 +34,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .core.errors import BackendUnavailable, ModelUnavailable, SiglipError, UsageError
-from .embedding import EmbedPlan, EmbedRun, image_results, stamp_of
+from .embedding import EmbedPlan, EmbedRun, image_results, same_file, stamp_of
 from .safefiles import cannot_write, make_directory
 from .sources import Source
-from .store import NO_STAMP, Entry, open_store, write_store
+from .store import NO_STAMP, Entry, open_store, output_files, write_store
 from .urls import is_url
 
 INSTALL_HINT = "pip install 'siglip-cli[ray]'"
@@ -165,6 +165,14 @@ class WorkerSettings:
     max_patches: int | None = None  # NaFlex: the patch budget
 
 
+def shard_settings(settings: WorkerSettings) -> dict:
+    """What a shard's rows depend on, recorded in its meta: a shard made otherwise (another
+    run's, dropped into the partial folder) is refused, never merged."""
+    return {"revision": settings.revision, "dtype": settings.dtype, "decode": settings.decode,
+            "max_patches": settings.max_patches, "normalized": settings.normalized,
+            "templates": list(settings.templates), "out_dtype": settings.out_dtype}
+
+
 def shard_entries(engine, shard: Shard, settings: WorkerSettings) -> tuple[list[Entry], list[dict]]:
     """A shard's rows as store entries, and the inputs it skipped ({path, error})."""
     if shard.kind == "text":
@@ -188,8 +196,10 @@ def write_shard(engine, shard: Shard, settings: WorkerSettings) -> dict:
     path = Path(shard.file)
     if not path.exists():
         entries, skipped = shard_entries(engine, shard, settings)
-        write_store(path, entries, engine.embed_dim, settings.out_dtype, {"shard": shard.index, "skipped": skipped})
-    return open_store(path).meta
+        write_store(path, entries, engine.embed_dim, settings.out_dtype,
+                    {"shard": shard.index, "skipped": skipped, "normalized": settings.normalized, "settings": shard_settings(settings)})
+    with open_store(path) as store:
+        return store.meta
 
 
 class ShardEmbedder:
@@ -328,7 +338,8 @@ class StoredRows:
         self.path = path
 
     def __getitem__(self, index) -> np.ndarray:
-        return np.asarray(open_store(self.path).rows[index])
+        with open_store(self.path) as store:
+            return np.array(store.row_source[index])
 
 
 class ClusterRun(EmbedRun):
@@ -350,6 +361,37 @@ class ClusterRun(EmbedRun):
             make_directory(self.partial.folder / "shards")
         except OSError as exc:
             raise cannot_write(self.partial.folder / "shards", exc) from None
+        self.redo_stale_shards()
+
+    def check_shard(self, shard: Shard, store) -> None:
+        """Refuse a shard that is not this run's: made with other settings, or holding rows of
+        other inputs."""
+        wanted, made = shard_settings(self.worker_settings), store.meta.get("settings")
+        if made != wanted:
+            made = made if isinstance(made, dict) else {}
+            differ = sorted(k for k in set(wanted) | set(made) if made.get(k) != wanted.get(k))
+            raise UsageError(f"{shard.file}: made with other settings ({', '.join(differ)}) than this run; "
+                             f"delete {self.partial.folder} to start over")
+        if not set(store.names) <= set(shard.names):
+            raise UsageError(f"{shard.file}: holds rows of other inputs; delete {self.partial.folder} to start over")
+
+    def redo_stale_shards(self) -> None:
+        """A resumed run checks its finished shards: one of another run is refused, and one
+        holding a file that changed since (size or modification time) is deleted, so that
+        it is embedded again, as a local --resume re-embeds a changed file."""
+        for shard in self.shards:
+            if not shard.finished or shard.kind != "image":
+                continue
+            now = dict(zip(shard.names, shard.stamps))
+            with open_store(shard.file) as store:
+                self.check_shard(shard, store)
+                names, stamps = store.names, store.stamps
+                stale = any(now[name][0] >= 0 and not same_file(tuple(stamp.tolist()), now[name])
+                            for name, stamp in zip(names, stamps))
+            if stale:
+                for path in output_files(Path(shard.file)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
 
     def state(self) -> dict:
         return {**super().state(), "engine": "ray", "shard_size": self.shard_size}
@@ -375,8 +417,9 @@ class ClusterRun(EmbedRun):
                 on_progress and on_progress(len(shard))
                 self.computed += int(done["images"])
             if on_skip and done["skipped"]:
-                for skipped in open_store(shard.file).meta["skipped"]:
-                    on_skip(skipped["error"])
+                with open_store(shard.file) as store:
+                    for skipped in store.meta["skipped"]:
+                        on_skip(skipped["error"])
         return True
 
     def entries(self) -> list[Entry]:
@@ -384,13 +427,12 @@ class ClusterRun(EmbedRun):
         entries: list[Entry] = []
         self._shard_skipped = []
         for shard in self.shards:
-            store = open_store(shard.file)
-            if not set(store.names) <= set(shard.names):
-                raise UsageError(f"{shard.file}: holds rows of other inputs; delete {self.partial.folder} to start over")
-            rows = StoredRows(shard.file)
-            for i, name in enumerate(store.names):
-                entries.append(Entry(store.kind(i), name, tuple(store.stamps[i].tolist()), rows, i))
-            self._shard_skipped += store.meta["skipped"]
+            with open_store(shard.file) as store:
+                self.check_shard(shard, store)
+                rows = StoredRows(shard.file)
+                for i, name in enumerate(store.names):
+                    entries.append(Entry(store.kind(i), name, tuple(store.stamps[i].tolist()), rows, i))
+                self._shard_skipped += store.meta["skipped"]
         return entries
 
     def skipped_inputs(self) -> list[dict]:

@@ -123,6 +123,8 @@ class EmbedRun:
             for text in plan.texts:
                 if has_line_break(text):
                     raise UsageError(f"--text {text!r}: a text with a line break cannot be a line of {out.name}.paths.txt; use .npz, .jsonl or .parquet")
+        self.stamps: list[tuple] | None = None  # of plan.images, taken once per run (hashing is slow)
+        self.vanished: dict[str, str] = {}  # name -> error, for files that could not be hashed
         self.partial = PartialRows(out.with_name(out.name + ".partial"), engine.embed_dim, out_dtype, self.state(), resume)
         self.resumed = self.done_rows()
         self.computed = 0
@@ -154,7 +156,18 @@ class EmbedRun:
 
     # ------------------------------------------------------------------ what is left to do
     def _stamps(self) -> list[tuple]:
-        return [stamp_of(s, self.hash_files) for s in self.plan.images]
+        """Each listed file's stamp, hashed (--update=hash) once per run. A file that vanished
+        or became unreadable since it was listed is a skipped input, never the end of the run."""
+        if self.stamps is None:
+            stamps = []
+            for source in self.plan.images:
+                try:
+                    stamps.append(stamp_of(source, self.hash_files))
+                except OSError as exc:
+                    self.vanished[source.name] = f"{source.name}: cannot be read to hash it ({exc.strerror or exc}; removed since it was listed?)"
+                    stamps.append(NO_STAMP)
+            self.stamps = stamps
+        return self.stamps
 
     def _reusable(self, source: Source, stamp: tuple, done: dict, base_rows: dict) -> bool:
         record = done.get(("image", source.name))
@@ -173,10 +186,9 @@ class EmbedRun:
         done = self.partial.latest()
         skipped = {s["path"] for s in self.partial.skipped}
         base_rows = self.base.image_rows() if self.base is not None else {}
-        self.stamps = self._stamps()
         images, stamps = [], []
-        for source, stamp in zip(self.plan.images, self.stamps):
-            if source.name in skipped or self._reusable(source, stamp, done, base_rows):
+        for source, stamp in zip(self.plan.images, self._stamps()):
+            if source.name in skipped or source.name in self.vanished or self._reusable(source, stamp, done, base_rows):
                 continue
             images.append(source)
             stamps.append(stamp)
@@ -188,7 +200,8 @@ class EmbedRun:
         """Inputs that failed while listing, recorded as skipped once (a resumed run has them
         already). Returns False when `strict` stops at the first one."""
         recorded = {s["path"] for s in self.partial.skipped}
-        for failure in self.plan.failures:
+        vanished = [Failure(name, error) for name, error in self.vanished.items()]
+        for failure in [*self.plan.failures, *vanished]:
             if failure.name not in recorded:
                 if strict:
                     self.partial.commit()
@@ -241,7 +254,9 @@ class EmbedRun:
         base_rows = self.base.image_rows() if self.base is not None else {}
         skipped = {s["path"] for s in self.partial.skipped}
         entries = []
-        for source, stamp in zip(self.plan.images, self.stamps):
+        for source, stamp in zip(self.plan.images, self._stamps()):
+            if source.name in self.vanished:
+                continue  # gone: its rows (from an interrupted run or the store) go with it
             row = latest.get(("image", source.name))
             if row is not None:
                 entries.append(Entry("image", source.name, record_stamp(self.partial.records[row]), partial_rows, row))

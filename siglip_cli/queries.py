@@ -21,7 +21,7 @@ from .core.errors import ModelUnavailable, UsageError
 from .core.scoring import ensemble, l2_normalize
 from .prompts import fill
 
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = ("fp32", "fp16", "bf16", "int8")
 
 
 def made_by(meta: dict) -> str:
@@ -49,9 +49,10 @@ class IndexModel:
         self.meta = meta
         self.override = model
         self.device = device
+        # The meta was checked by store_meta.validate_meta: its model_dtype is one we run.
         self.dtype = meta.get("model_dtype", "fp32") if dtype == "auto" else dtype
         if self.dtype not in DTYPES:
-            raise UsageError(f"{index}: its meta names an unknown model dtype {self.dtype!r}")
+            raise UsageError(f"--dtype {self.dtype}: use auto (the dtype that made {index}), {', '.join(DTYPES)}")
         self.attn = attn
         self.offline = offline
         self.use_cache = use_cache
@@ -112,6 +113,10 @@ class IndexModel:
                 revision=self._hub_revision(name),
                 use_cache=self.use_cache,
                 max_pixels=self.max_pixels,
+                # An image query is embedded exactly as the index's rows were: the same decoding
+                # (fast decoding shrinks large JPEGs first) and NaFlex patch budget.
+                decode=self.meta.get("decode", "exact"),  # stores from before --decode decoded exactly
+                max_patches=self.meta.get("max_patches"),
             )
             if self._engine.embed_dim != self.meta["dim"]:
                 raise ModelUnavailable(f"{name} makes {self._engine.embed_dim}-d embeddings, {self.index} holds {self.meta['dim']}-d rows")

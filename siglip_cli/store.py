@@ -56,6 +56,7 @@ from .safefiles import (  # noqa: F401  (OutputLock, atomic_write_text, temporar
     fsync_directory,
     make_directory,
     open_append,
+    open_regular,
     read_regular,
     remove_file,
     replace_into_place,
@@ -64,9 +65,8 @@ from .safefiles import (  # noqa: F401  (OutputLock, atomic_write_text, temporar
     temporary_beside,
     text_temporary,
 )
+from .store_meta import FORMAT_NAME, FORMAT_VERSION, NORM_TOLERANCE, damaged, parse_meta_json, validate_meta
 
-FORMAT_NAME = "siglip-embeddings"
-FORMAT_VERSION = 1
 OUTPUT_SUFFIXES = (".npy", ".npz", ".jsonl", ".parquet")
 KINDS = ("image", "text")
 STAMP_DTYPE = np.dtype([("size", "<i8"), ("mtime_ns", "<i8"), ("sha256", "S32")])
@@ -113,6 +113,20 @@ def has_line_break(name: str) -> bool:
 
 
 # ============================================================================ reading
+def row_numbers(indices: Sequence[int], count: int) -> list[int]:
+    """Row numbers as Python reads list indexes: -1 is the last row; a number outside the rows
+    is an IndexError (never another row's name)."""
+    out = []
+    for index in indices:
+        number = int(index)
+        if number < 0:
+            number += count
+        if not 0 <= number < count:
+            raise IndexError(f"row {int(index)} is outside the store's {count} rows")
+        out.append(number)
+    return out
+
+
 class Names:
     """The names of a store's rows, decoded only when asked for: a search over a million rows
     needs ten of them, and decoding all of them costs more than the search."""
@@ -135,7 +149,7 @@ class ListNames(Names):
         return len(self.names)
 
     def at(self, indices: Sequence[int]) -> list[str]:
-        return [self.names[i] for i in indices]
+        return [self.names[i] for i in row_numbers(indices, len(self))]
 
     def all(self) -> list[str]:
         return self.names
@@ -157,7 +171,7 @@ class LineNames(Names):
 
     def at(self, indices: Sequence[int]) -> list[str]:
         out = []
-        for i in indices:
+        for i in row_numbers(indices, len(self)):
             start = int(self.ends[i - 1]) + 1 if i > 0 else 0
             out.append(self.data[start : int(self.ends[i])].decode("utf-8", "surrogateescape"))
         return out
@@ -175,7 +189,10 @@ class ArrowNames(Names):
         return len(self.column)
 
     def at(self, indices: Sequence[int]) -> list[str]:
-        return self.column.take(list(indices)).to_pylist()
+        import pyarrow as pa
+
+        # An explicit int64 array: pyarrow cannot take with an empty list (its type is null).
+        return self.column.take(pa.array(row_numbers(indices, len(self)), pa.int64())).to_pylist()
 
     def all(self) -> list[str]:
         return self.column.to_pylist()
@@ -184,10 +201,62 @@ class ArrowNames(Names):
 @dataclass(frozen=True)
 class RowFile:
     """Where a store's rows lie raw on disk (C order, little-endian, the meta's dtype), so that a
-    search can map them a window at a time."""
+    search can map them a window at a time. `file` is the file that `open_store` opened and
+    checked: a search maps it, never the path again, so a store replaced meanwhile (by
+    `embed --update`) cannot mix its rows with the names and meta read before."""
 
     path: Path
     offset: int
+    file: Any = None  # the open binary file object
+
+
+def check_rows(path: Path, meta: dict, first: int, rows: np.ndarray, squares: np.ndarray | None = None) -> np.ndarray:
+    """Rows as they are read: numbers, and in a normalized store of length 1 within the dtype's
+    error (a flipped byte gives a cosine of 105 otherwise). One dot product per row, on rows
+    already in the cache. Returns each row's squared length (float32), for callers that divide
+    by it."""
+    if squares is None:
+        wide = rows if rows.dtype == np.float32 else rows.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            squares = np.vecdot(wide, wide)
+    if meta.get("normalized", True):
+        tolerance = NORM_TOLERANCE[meta["dtype"]]
+        bad = ~(np.abs(squares - 1) <= 2 * tolerance)  # NaN is bad too
+    else:
+        bad = ~np.isfinite(squares)
+    if bad.any():
+        position = int(np.flatnonzero(bad)[0])
+        row = np.asarray(rows[position], dtype=np.float64)
+        if not np.isfinite(row).all():
+            what = "values that are not numbers"
+        elif meta.get("normalized", True):
+            what = f"a vector of length {float(np.sqrt(np.sum(row * row))):.6g}, where a normalized store's rows have length 1"
+        else:
+            what = "values too large to compare"
+        raise damaged(path, f"row {first + position} holds {what}")
+    return squares
+
+
+class CheckedRows:
+    """`rows[indices]` of a store, each gathered row checked (check_rows) before it is used."""
+
+    def __init__(self, store: "Store", source):
+        self.store = store
+        self.source = source
+
+    def __getitem__(self, indices) -> np.ndarray:
+        count = self.store.count
+        numbers = np.asarray(indices, dtype=np.int64).reshape(-1)
+        numbers = np.where(numbers < 0, numbers + count, numbers)
+        if len(numbers) and not (0 <= numbers.min() and numbers.max() < count):
+            row_numbers(np.asarray(indices).reshape(-1).tolist(), count)  # raises, naming the row
+        rows = np.asarray(self.source[numbers])
+        try:
+            check_rows(self.store.path, self.store.meta, 0, rows)
+        except OutputError:
+            for number, row in zip(numbers.tolist(), rows):  # name the row by its number in the store
+                check_rows(self.store.path, self.store.meta, number, row[None])
+        return rows
 
 
 class ParquetRows:
@@ -205,11 +274,13 @@ class ParquetRows:
 
     def group(self, number: int) -> np.ndarray:
         if number not in self._groups:
+            import pyarrow as pa
+
             try:
                 table = self.handle.read_row_group(number, columns=["embedding"], use_threads=False)
-                values = table.column(0).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            except (OSError, ValueError) as exc:
-                raise _damaged(self.path, f"unreadable rows ({exc})") from None
+                values = _embedding_values(self.path, table.column(0).combine_chunks(), int(self.starts[number]))
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                raise damaged(self.path, f"unreadable rows ({exc})") from None
             if len(self._groups) >= 2:
                 self._groups.pop(next(iter(self._groups)))
             self._groups[number] = np.asarray(values, dtype=self.dtype).reshape(-1, self.dim)
@@ -225,14 +296,31 @@ class ParquetRows:
         return out
 
 
+def _embedding_values(path: Path, column, first: int) -> np.ndarray:
+    """A fixed-size-list column's values, flat. A null list or a null value is damage: Arrow's
+    flatten() drops null lists, which would move every later row onto another row's name."""
+    if column.null_count:
+        raise damaged(path, f"row {first + _first_null(column)} has no embedding (null)")
+    values = column.flatten()
+    if values.null_count:
+        raise damaged(path, f"row {first + _first_null(values) // column.type.list_size} has a null in its embedding")
+    return values.to_numpy(zero_copy_only=False)
+
+
+def _first_null(array) -> int:
+    return int(np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))[0])
+
+
 class Store:
     """A store read back, its parts checked against each other.
 
     Rows are memory-mapped for .npy and .npz (nothing is read until used); `chunks()` reads any
-    format in pieces, so memory stays flat. Names and file stamps are read only when asked for."""
+    format in pieces, so memory stays flat. Names and file stamps are read only when asked for,
+    from the files opened when the store was: one snapshot, whatever replaces the files meanwhile.
+    Rows read through `chunks()` and `row_source` are checked (check_rows) as they are read."""
 
     def __init__(self, path: Path, meta: dict, kinds: np.ndarray, names: Names, stamps, rows=None, chunks=None,
-                 row_source=None, row_file: RowFile | None = None):
+                 row_source=None, row_file: RowFile | None = None, files: Sequence = ()):
         self.path = path
         self.meta = meta
         self.kinds = kinds  # (N,) bool: True for text rows
@@ -242,6 +330,19 @@ class Store:
         self._rows = rows
         self._chunks = chunks  # callable(size) -> iterator of (N_i, D) arrays, for formats without a map
         self._row_source = row_source
+        self._files = list(files)  # open files this snapshot reads from, closed by close()
+
+    def close(self) -> None:
+        for fh in self._files:
+            with contextlib.suppress(OSError):
+                fh.close()
+        self._files = []
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def count(self) -> int:
@@ -256,10 +357,15 @@ class Store:
         return int(self.meta["image_rows"])
 
     @property
+    def normalized(self) -> bool:
+        return bool(self.meta.get("normalized", True))
+
+    @property
     def names(self) -> list[str]:
         return self._names.all()
 
     def names_at(self, indices: Sequence[int]) -> list[str]:
+        """The names of rows `indices` (negative ones count from the end, as in Python)."""
         return self._names.at(indices)
 
     @property
@@ -270,7 +376,8 @@ class Store:
 
     @property
     def rows(self) -> np.ndarray:
-        """All rows (N, D). Memory-mapped where the format allows; otherwise read whole."""
+        """All rows (N, D). Memory-mapped where the format allows (and then not checked until
+        read through chunks() or row_source); otherwise read whole, checked."""
         if self._rows is None:
             parts = list(self.chunks())
             self._rows = np.concatenate(parts) if parts else np.zeros((0, self.dim), self.meta["dtype"])
@@ -284,21 +391,29 @@ class Store:
 
     @property
     def row_source(self):
-        """Something that answers `rows[indices]` without reading the whole store."""
-        return self._row_source if self._row_source is not None else self.rows
+        """Something that answers `rows[indices]` without reading the whole store; each row
+        checked as it is read."""
+        return CheckedRows(self, self._row_source if self._row_source is not None else self.rows)
 
     def chunks(self, size: int = _CHUNK_ROWS, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
-        """Rows `start:stop` in pieces of at most `size` rows."""
+        """Rows `start:stop` in pieces of at most `size` rows, each checked (check_rows)."""
         stop = self.count if stop is None else stop
+        for first, chunk in self.unchecked_chunks(size, start, stop):
+            check_rows(self.path, self.meta, first, chunk)
+            yield chunk
+
+    def unchecked_chunks(self, size: int, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, rows) pieces, not checked: for a reader that checks them itself (topk
+        computes each row's length anyway)."""
         if self._rows is not None:
             for first in range(start, stop, size):
-                yield self._rows[first : min(first + size, stop)]
+                yield first, self._rows[first : min(first + size, stop)]
             return
         position = 0
         for chunk in self._chunks(size):
             low, high = max(start - position, 0), min(stop - position, len(chunk))
             if low < high:
-                yield chunk[low:high]
+                yield position + low, chunk[low:high]
             position += len(chunk)
             if position >= stop:
                 return
@@ -312,35 +427,23 @@ class Store:
         return {names[i]: i for i in range(self.image_count)}
 
 
-def _damaged(path: Path, why: str) -> OutputError:
-    return OutputError(f"{path}: {why}; it is damaged or not a siglip embedding file (re-create it with siglip embed)")
+_damaged = damaged
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _check_meta(path: Path, meta: Any) -> dict:
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise _damaged(path, "no siglip meta")
-    for key in ("dim", "dtype", "count", "image_rows", "text_rows"):
-        if key not in meta:
-            raise _damaged(path, f"its meta lacks {key!r}")
-    if not all(_is_count(meta[key]) for key in ("dim", "count", "image_rows", "text_rows")) or meta["dtype"] not in ("float32", "float16"):
-        raise _damaged(path, "its meta holds values of the wrong type")
-    if meta["count"] != meta["image_rows"] + meta["text_rows"]:
-        raise _damaged(path, "its meta's row counts disagree")
-    return meta
+class _Mixed(OutputError):
+    """The parts of a .npy store disagree: another run may be replacing them right now (its
+    renames take microseconds), so open_store looks again before calling it damage."""
 
 
 def _read_meta_file(path: Path) -> dict:
     meta_path = sidecar(path, ".meta.json")
     try:
-        return json.loads(read_regular(meta_path).decode("utf-8"))
+        data = read_regular(meta_path)
     except FileNotFoundError:
         raise OutputError(f"{path}: no {meta_path.name} beside it; is it a siglip embedding file?") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _damaged(meta_path, f"unreadable meta ({exc})") from None
+    except OSError as exc:
+        raise damaged(meta_path, f"unreadable meta ({exc.strerror or exc})") from None
+    return parse_meta_json(meta_path, data)
 
 
 def _kinds_from_meta(meta: dict) -> np.ndarray:
@@ -351,21 +454,21 @@ def _kinds_from_meta(meta: dict) -> np.ndarray:
 
 def _check_kinds(path: Path, meta: dict, kinds: np.ndarray) -> None:
     """Rows are images first, then texts: searches and updates rely on it."""
-    if len(kinds) != meta["count"] or kinds[: meta["image_rows"]].any() or not kinds[meta["image_rows"] :].all():
-        raise _damaged(path, "its row kinds disagree with its meta")
+    if kinds.shape != (meta["count"],) or kinds[: meta["image_rows"]].any() or not kinds[meta["image_rows"] :].all():
+        raise damaged(path, "its row kinds disagree with its meta")
 
 
 def _agree(path: Path, meta: dict, rows_shape: tuple, names: Sized) -> None:
     count, dim = meta["count"], meta["dim"]
     if tuple(rows_shape) != (count, dim):
-        raise _damaged(path, f"its rows are {tuple(rows_shape)}, its meta says ({count}, {dim})")
+        raise damaged(path, f"its rows are {tuple(rows_shape)}, its meta says ({count}, {dim})")
     if len(names) != count:
-        raise _damaged(path, f"it names {len(names)} rows, holds {count}")
+        raise damaged(path, f"it names {len(names)} rows, holds {count}")
 
 
 def _check_stamps(path: Path, meta: dict, stamps: np.ndarray) -> np.ndarray:
     if stamps.dtype != STAMP_DTYPE or stamps.shape != (meta["count"],):
-        raise _damaged(path, f"it has {stamps.shape[0] if stamps.ndim else 0} file stamps of layout {stamps.dtype} for {meta['count']} rows")
+        raise damaged(path, f"it has {stamps.shape[0] if stamps.ndim else 0} file stamps of layout {stamps.dtype} for {meta['count']} rows")
     return stamps
 
 
@@ -379,12 +482,13 @@ def sample_positions(count: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, count - 1, 16)}) if count else []
 
 
-def _check_digest(path: Path, meta: dict, key: str, data: bytes, why: str) -> None:
+def _check_digest(path: Path, meta: dict, key: str, data: bytes | str, why: str) -> None:
     """Refuse a part that is not the one the meta was written with (stores from before digests
     were recorded are taken as they are)."""
     expected = (meta.get("digests") or {}).get(key)
-    if expected is not None and expected != digest(data):
-        raise _damaged(path, why)
+    found = data if isinstance(data, str) else digest(data)
+    if expected is not None and expected != found:
+        raise _Mixed(str(damaged(path, why)))
 
 
 def _array_header(fh) -> tuple[tuple, bool, np.dtype]:
@@ -393,49 +497,81 @@ def _array_header(fh) -> tuple[tuple, bool, np.dtype]:
     return read_header(fh)
 
 
-def _read_npy_rows(path: Path, meta: dict) -> tuple[np.ndarray, RowFile]:
+def _map_rows(fh, dtype: np.dtype, offset: int, shape: tuple) -> np.ndarray:
+    """The rows of the open file `fh` memory-mapped (a map of the file object, not of its name)."""
+    if not (shape[0] and shape[1]):
+        return np.zeros(shape, dtype)
+    return np.memmap(fh, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def _read_npy_rows(path: Path, fh, meta: dict) -> tuple[np.ndarray, RowFile]:
     """The rows memory-mapped, after checking the header and that the file holds exactly them."""
     try:
-        with open(path, "rb") as fh:
-            shape, fortran, dtype = _array_header(fh)
-            offset = fh.tell()
-            size = os.fstat(fh.fileno()).st_size
+        shape, fortran, dtype = _array_header(fh)
+        offset = fh.tell()
+        size = os.fstat(fh.fileno()).st_size
     except (OSError, ValueError, EOFError) as exc:
-        raise _damaged(path, f"unreadable rows ({exc})") from None
+        raise damaged(path, f"unreadable rows ({exc})") from None
     if len(shape) != 2 or fortran or dtype != np.dtype(meta["dtype"]).newbyteorder("<"):
-        raise _damaged(path, f"rows are {dtype} {shape}, the meta says {meta['dtype']} ({meta['count']}, {meta['dim']})")
+        raise _Mixed(str(damaged(path, f"rows are {dtype} {shape}, the meta says {meta['dtype']} ({meta['count']}, {meta['dim']})")))
     expected = offset + int(np.prod(shape)) * dtype.itemsize
     if size != expected:
-        raise _damaged(path, f"it is {size} bytes, its header says {expected} (truncated or cut short?)")
-    rows = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape) if shape[0] and shape[1] else np.zeros(shape, dtype)
-    return rows, RowFile(path, offset)
+        raise damaged(path, f"it is {size} bytes, its header says {expected} (truncated or cut short?)")
+    return _map_rows(fh, dtype, offset, shape), RowFile(path, offset, fh)
+
+
+def _open_for_reading(path: Path):
+    try:
+        return open_regular(path)
+    except OSError as exc:
+        raise damaged(path, f"unreadable ({exc.strerror or exc})") from None
 
 
 def _read_npy(path: Path) -> Store:
-    meta = _check_meta(path, _read_meta_file(path))
-    rows, row_file = _read_npy_rows(path, meta)
-    paths_file, stamps_file = sidecar(path, ".paths.txt"), sidecar(path, ".stamps.npy")
+    # The rows first: the writer replaces the sidecars first and the rows last, so rows opened
+    # before the sidecars are read are never newer than them; a mix shows in the digests.
+    fh = _open_for_reading(path)
+    files = [fh]
     try:
-        data = read_regular(paths_file)
-    except OSError as exc:
-        raise _damaged(paths_file, f"unreadable ({exc.strerror or exc})") from None
-    names = LineNames(data)
-    _agree(path, meta, rows.shape, names)
-    other_run = f"(from another run than {path.name}, or changed since)"
-    _check_digest(paths_file, meta, "paths", data, f"its names are not those of the rows {other_run}")
-    sample = np.ascontiguousarray(rows[sample_positions(meta["count"])])
-    _check_digest(path, meta, "rows_sample", sample.tobytes(), f"its rows are not those its {sidecar(path, '.meta.json').name} describes {other_run}")
+        meta = validate_meta(path, _read_meta_file(path))
+        rows, row_file = _read_npy_rows(path, fh, meta)
+        paths_file, stamps_file = sidecar(path, ".paths.txt"), sidecar(path, ".stamps.npy")
+        try:
+            data = read_regular(paths_file)
+        except OSError as exc:
+            raise damaged(paths_file, f"unreadable ({exc.strerror or exc})") from None
+        names = LineNames(data)
+        other_run = f"(from another run than {path.name}, or changed since)"
+        try:
+            _agree(path, meta, rows.shape, names)
+        except OutputError as exc:
+            raise _Mixed(str(exc)) from None
+        _check_digest(paths_file, meta, "paths", data, f"its names are not those of the rows {other_run}")
+        sample = np.ascontiguousarray(rows[sample_positions(meta["count"])])
+        _check_digest(path, meta, "rows_sample", sample.tobytes(), f"its rows are not those its {sidecar(path, '.meta.json').name} describes {other_run}")
+        try:
+            stamps_fh = open_regular(stamps_file)
+            files.append(stamps_fh)
+        except OSError as exc:
+            stamps_fh, stamps_error = None, exc
+    except BaseException:
+        for each in files:
+            each.close()
+        raise
 
     def stamps() -> np.ndarray:
         try:
-            raw = read_regular(stamps_file)
+            if stamps_fh is None:
+                raise stamps_error
+            stamps_fh.seek(0)
+            raw = stamps_fh.read()
             array = np.load(io.BytesIO(raw), allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:
-            raise _damaged(stamps_file, f"unreadable ({exc})") from None
+            raise damaged(stamps_file, f"unreadable ({exc})") from None
         _check_digest(stamps_file, meta, "stamps", raw, f"its file stamps are not those of the rows {other_run}")
         return _check_stamps(stamps_file, meta, array)
 
-    return Store(path, meta, _kinds_from_meta(meta), names, stamps, rows=rows, row_file=row_file)
+    return Store(path, meta, _kinds_from_meta(meta), names, stamps, rows=rows, row_file=row_file, files=files)
 
 
 def _npz_member_offset(archive: zipfile.ZipFile, fh, name: str) -> int:
@@ -452,16 +588,29 @@ def _npz_member_offset(archive: zipfile.ZipFile, fh, name: str) -> int:
 
 
 def _read_npz(path: Path) -> Store:
+    fh = _open_for_reading(path)  # one file holds everything: kept open, it is one snapshot
     try:
-        with open(path, "rb") as fh, zipfile.ZipFile(fh) as archive:
+        return _read_npz_from(path, fh)
+    except BaseException:
+        fh.close()
+        raise
+
+
+def _read_npz_from(path: Path, fh) -> Store:
+    try:
+        with zipfile.ZipFile(fh) as archive:
             def small(name: str) -> np.ndarray:
                 with archive.open(name) as member:
                     return np.lib.format.read_array(member, allow_pickle=False)
 
-            meta = _check_meta(path, json.loads(str(small("meta.npy"))))
-            names = small("paths.npy").tolist()
-            kinds = small("kinds.npy")
-            stamps = small("stamps.npy")
+            meta_text = small("meta.npy")
+            if meta_text.shape != () or meta_text.dtype.kind != "U":
+                raise ValueError("meta.npy is not one text")
+            meta = validate_meta(path, parse_meta_json(path, str(meta_text)))
+            names, kinds, stamps = small("paths.npy"), small("kinds.npy"), small("stamps.npy")
+            for name, array in (("paths", names), ("kinds", kinds)):
+                if array.shape != (meta["count"],) or array.dtype.kind != "U":
+                    raise ValueError(f"{name}.npy holds {array.dtype} {array.shape}, not {meta['count']} texts")
             fh.seek(_npz_member_offset(archive, fh, "embeddings.npy"))
             shape, fortran, dtype = _array_header(fh)
             offset = fh.tell()
@@ -469,36 +618,72 @@ def _read_npz(path: Path) -> Store:
                 raise ValueError("its rows are cut short")
         if fortran or len(shape) != 2 or dtype != np.dtype(meta["dtype"]).newbyteorder("<"):
             raise ValueError(f"rows are {dtype} {shape}, the meta says {meta['dtype']}")
-        rows = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape) if shape[0] and shape[1] else np.zeros(shape, dtype)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        rows = _map_rows(fh, dtype, offset, shape)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         if isinstance(exc, OutputError):
             raise
-        raise _damaged(path, f"unreadable ({type(exc).__name__}: {exc})") from None
+        raise damaged(path, f"unreadable ({type(exc).__name__}: {exc})") from None
     names = ListNames([str(n) for n in names])
     _agree(path, meta, shape, names)
     kinds = kinds == "text"
     _check_kinds(path, meta, kinds)
-    return Store(path, meta, kinds, names, _check_stamps(path, meta, stamps), rows=rows, row_file=RowFile(path, offset))
+    return Store(path, meta, kinds, names, _check_stamps(path, meta, stamps), rows=rows,
+                 row_file=RowFile(path, offset, fh), files=[fh])
+
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _jsonl_stamp(record: dict) -> tuple:
+    size, mtime, sha = record.get("size", -1), record.get("mtime_ns", -1), record.get("sha256", "")
+    for key, value in (("size", size), ("mtime_ns", mtime)):
+        if not isinstance(value, int) or isinstance(value, bool) or not _INT64[0] <= value <= _INT64[1]:
+            raise ValueError(f"its {key} is {json.dumps(value)[:40]}, not a whole number")
+    if not isinstance(sha, str) or len(sha) not in (0, 64):
+        raise ValueError("its sha256 is not 64 hex digits")
+    return size, mtime, bytes.fromhex(sha)
 
 
 def _read_jsonl(path: Path) -> Store:
-    meta = _check_meta(path, _read_meta_file(path))
+    """Read whole (the format is for exchange; .npy, .npz and Parquet are indexes), each row
+    turned into an array as its line is read, so memory holds the rows, not Python floats."""
+    meta = validate_meta(path, _read_meta_file(path))
+    dtype, dim = np.dtype(meta["dtype"]), meta["dim"]
     names, kinds, stamps, rows = [], [], [], []
+    hasher = hashlib.sha256()
+    number = 0
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-            for number, line in enumerate(fh, 1):
-                record = json.loads(line)
+        with open(path, "rb") as fh:
+            for number, raw in enumerate(fh, 1):
+                hasher.update(raw)
+                if number > meta["count"]:
+                    continue  # counted below
+                record = json.loads(raw.decode("utf-8", "surrogateescape"))
+                if not isinstance(record, dict):
+                    raise ValueError("not an object")
                 kind = record.get("kind")
                 if kind not in KINDS:
-                    raise ValueError(f"line {number}: no kind")
-                names.append(record["path"] if kind == "image" else record["text"])
+                    raise ValueError("no kind")
+                name = record["path"] if kind == "image" else record["text"]
+                if not isinstance(name, str):
+                    raise ValueError(f"its {'path' if kind == 'image' else 'text'} is not text")
+                stamps.append(_jsonl_stamp(record))
+                row = np.asarray(record["embedding"], dtype=np.float64)
+                if row.shape != (dim,):
+                    raise ValueError(f"its embedding has {row.size} values, the meta says {dim}")
+                rows.append(row.astype(dtype))
+                names.append(name)
                 kinds.append(kind == "text")
-                stamps.append((record.get("size", -1), record.get("mtime_ns", -1), bytes.fromhex(record.get("sha256", ""))))
-                rows.append(record["embedding"])
-        array = np.asarray(rows, dtype=meta["dtype"]).reshape(len(rows), -1) if rows else np.zeros((0, meta["dim"]), meta["dtype"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise _damaged(path, f"unreadable ({exc})") from None
-    _agree(path, meta, array.shape, names)
+    except OSError as exc:
+        raise damaged(path, f"unreadable ({exc.strerror or exc})") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        what = f"unreadable ({exc})" if isinstance(exc, (ValueError, TypeError)) else f"unreadable (no {exc})"
+        raise damaged(path, f"line {number}: {what}") from None
+    if number != meta["count"]:
+        raise _Mixed(str(damaged(path, f"it holds {number} rows, its meta says {meta['count']}")))
+    _check_digest(path, meta, "file", "sha256:" + hasher.hexdigest(), "its rows are not those its meta describes (from another run, or changed since)")
+    array = np.stack(rows) if rows else np.zeros((0, dim), dtype)
+    check_rows(path, meta, 0, array)
     kinds = np.array(kinds, dtype=bool)
     _check_kinds(path, meta, kinds)
     stamp_array = np.array(stamps, dtype=STAMP_DTYPE) if stamps else np.zeros(0, STAMP_DTYPE)
@@ -512,58 +697,115 @@ def _read_parquet(path: Path) -> Store:
 
     try:
         # pre_buffer (pyarrow's default) reads every row group ahead: the whole file in memory.
+        # The handle keeps the file open: every later read is of this snapshot.
         handle = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-        meta = json.loads((handle.schema_arrow.metadata or {}).get(b"siglip", b"null"))
-        meta = _check_meta(path, meta)
-        embedding = handle.schema_arrow.field("embedding").type
+        meta = validate_meta(path, parse_meta_json(path, (handle.schema_arrow.metadata or {}).get(b"siglip", b"null")))
+        schema = handle.schema_arrow
+        missing = [c for c in ("kind", "path", "embedding", "size", "mtime_ns", "sha256") if schema.get_field_index(c) < 0]
+        if missing:
+            raise damaged(path, f"it has no {missing[0]!r} column")
+        embedding = schema.field("embedding").type
         columns = handle.read(columns=["kind", "path"])
     except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
         if isinstance(exc, OutputError):
             raise
-        raise _damaged(path, f"unreadable ({type(exc).__name__}: {exc})") from None
+        raise damaged(path, f"unreadable ({type(exc).__name__}: {exc})") from None
     dim, dtype = meta["dim"], np.dtype(meta["dtype"])
     if not pa.types.is_fixed_size_list(embedding) or embedding.list_size != dim or embedding.value_type.to_pandas_dtype() != dtype:
-        raise _damaged(path, f"its embedding column is {embedding}, the meta says {dim} x {dtype}")
+        raise damaged(path, f"its embedding column is {embedding}, the meta says {dim} x {dtype}")
     if handle.metadata.num_rows != meta["count"]:
-        raise _damaged(path, f"it holds {handle.metadata.num_rows} rows, its meta says {meta['count']}")
+        raise damaged(path, f"it holds {handle.metadata.num_rows} rows, its meta says {meta['count']}")
+    _refuse_counted_nulls(path, handle)
+    for name in ("kind", "path"):
+        column = columns.column(name).combine_chunks()
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            raise damaged(path, f"its {name} column is {column.type}, not text")
+        if column.null_count:
+            raise damaged(path, f"row {_first_null(column)} has no {name} (null)")
     names = ArrowNames(columns.column("path").combine_chunks())
     kinds = pc.equal(columns.column("kind"), "text").to_numpy(zero_copy_only=False).astype(bool)
     _agree(path, meta, (len(names), dim), names)
     _check_kinds(path, meta, kinds)
 
     def chunks(size: int) -> Iterator[np.ndarray]:
+        first = 0
         try:
             for batch in handle.iter_batches(batch_size=size, columns=["embedding"], use_threads=False):
-                values = batch.column(0).flatten().to_numpy(zero_copy_only=False)
+                values = _embedding_values(path, batch.column(0), first)
+                first += batch.num_rows
                 yield np.asarray(values, dtype=dtype).reshape(-1, dim)
         except (OSError, ValueError, pa.ArrowException) as exc:
-            raise _damaged(path, f"unreadable rows ({exc})") from None
+            raise damaged(path, f"unreadable rows ({exc})") from None
 
     def stamps() -> np.ndarray:
         try:
             table = handle.read(columns=["size", "mtime_ns", "sha256"])
-        except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
-            raise _damaged(path, f"unreadable stamps ({exc})") from None
-        out = np.zeros(meta["count"], STAMP_DTYPE)
-        out["size"] = table.column("size").to_numpy(zero_copy_only=False)
-        out["mtime_ns"] = table.column("mtime_ns").to_numpy(zero_copy_only=False)
-        out["sha256"] = [h or b"" for h in table.column("sha256").to_pylist()]
+            out = np.zeros(meta["count"], STAMP_DTYPE)
+            for name in ("size", "mtime_ns"):
+                column = table.column(name).combine_chunks()
+                if column.null_count:  # (sha256 is null where no hash was asked for)
+                    raise damaged(path, f"row {_first_null(column)} has no {name} (null)")
+                out[name] = column.to_numpy(zero_copy_only=False)
+            out["sha256"] = [h or b"" for h in table.column("sha256").to_pylist()]
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+            if isinstance(exc, OutputError):
+                raise
+            raise damaged(path, f"unreadable stamps ({exc})") from None
         return out
 
     return Store(path, meta, kinds, names, stamps, chunks=chunks, row_source=ParquetRows(handle, dim, dtype, path))
 
 
+def _refuse_counted_nulls(path: Path, handle) -> None:
+    """Parquet writers count each column chunk's nulls: a null anywhere (but in sha256, null
+    where no hash was asked for) is found when the store is opened, before an update has
+    computed anything (it copies the old rows only at its end). The row is named from the
+    column itself; a file without counts is still checked as its rows are read."""
+    import pyarrow as pa
+
+    first = 0
+    try:
+        for number in range(handle.metadata.num_row_groups):
+            group = handle.metadata.row_group(number)
+            for index in range(group.num_columns):
+                chunk = group.column(index)
+                name = chunk.path_in_schema.split(".")[0]
+                stats = chunk.statistics
+                if name == "sha256" or stats is None or not stats.has_null_count or not stats.null_count:
+                    continue
+                column = handle.read_row_group(number, columns=[name], use_threads=False).column(0).combine_chunks()
+                if name == "embedding":
+                    _embedding_values(path, column, first)
+                elif column.null_count:
+                    raise damaged(path, f"row {first + _first_null(column)} has no {name} (null)")
+            first += group.num_rows
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise damaged(path, f"unreadable ({type(exc).__name__}: {exc})") from None
+
+
 _READERS = {".npy": _read_npy, ".npz": _read_npz, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+_SNAPSHOT_TRIES = 8
 
 
 def open_store(path: str | os.PathLike) -> Store:
-    """Read a store back, checking that its parts agree. Damage is an OutputError in one line."""
+    """Read a store back, checking that its parts agree. Damage is an OutputError in one line.
+
+    The Store reads from the files opened here (never by name again), so it is one snapshot
+    even while `embed --update` replaces the store: a .npy store's parts are read one after
+    another, and if they disagree because they were replaced meanwhile, they are read again."""
     path = Path(path)
     if path.suffix not in _READERS:
         raise UsageError(f"{path}: not an embedding file (use the .npy, .npz, .jsonl or .parquet that siglip embed wrote)")
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
-    return _READERS[path.suffix](path)
+    for attempt in range(_SNAPSHOT_TRIES):
+        try:
+            return _READERS[path.suffix](path)
+        except _Mixed as exc:
+            if attempt == _SNAPSHOT_TRIES - 1:
+                raise OutputError(str(exc)) from None
+            time.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _pyarrow_parquet():
@@ -797,16 +1039,22 @@ def row_record(kind: str, name: str, row: np.ndarray, stamp: tuple | None = None
     return record
 
 
-def _write_jsonl(tmp: str, entries: Sequence[Entry], dim: int, dtype: np.dtype) -> None:
+def _write_jsonl(tmp: str, entries: Sequence[Entry], dim: int, dtype: np.dtype) -> str:
+    """Returns the digest of what was written: the meta beside records it, so that a reader
+    can tell a meta from another run (a .jsonl store has no copy of its meta inside)."""
+    hasher = hashlib.sha256()
     with open(tmp, "wb") as fh:
         position = 0
         for chunk in _chunked(entries, dim, dtype):
             for row in chunk:
                 entry = entries[position]
-                fh.write(_json_line(row_record(entry.kind, entry.name, row, entry.stamp)).encode("utf-8", "surrogateescape"))
+                line = _json_line(row_record(entry.kind, entry.name, row, entry.stamp)).encode("utf-8", "surrogateescape")
+                hasher.update(line)
+                fh.write(line)
                 position += 1
         fh.flush()
         os.fsync(fh.fileno())
+    return "sha256:" + hasher.hexdigest()
 
 
 def _write_parquet(tmp: str, entries: Sequence[Entry], dim: int, dtype: np.dtype, meta: dict) -> None:
@@ -888,16 +1136,21 @@ def write_store(out: Path, entries: Sequence[Entry], dim: int, dtype: str, meta:
                 fh.flush()
                 os.fsync(fh.fileno())
         meta_path = sidecar(out, ".meta.json")
-        ready.append((text_temporary(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n"), meta_path))
         tmp = temporary_beside(out)
-        ready.append((tmp, out))
+        main = (tmp, out)
+        if out.suffix == ".jsonl":  # written first: the meta records its digest
+            ready.append(main)
+            meta["digests"] = {"file": _write_jsonl(tmp, entries, dim, dtype_)}
+        meta_tmp = (text_temporary(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n"), meta_path)
+        if out.suffix == ".jsonl":
+            ready.insert(len(ready) - 1, meta_tmp)
+        else:
+            ready += [meta_tmp, main]
         if out.suffix == ".npy":
             _write_npy_rows(tmp, entries, dim, dtype_)
         elif out.suffix == ".npz":
             _write_npz(tmp, entries, dim, dtype_, meta)
-        elif out.suffix == ".jsonl":
-            _write_jsonl(tmp, entries, dim, dtype_)
-        else:
+        elif out.suffix == ".parquet":
             _write_parquet(tmp, entries, dim, dtype_, meta)
         with signals_deferred():  # Ctrl-C or SIGTERM never splits the set of renames
             while ready:

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .core.errors import OutputError
-from .store import RowFile, Store
+from .store import RowFile, Store, check_rows
 
 READ_BYTES = 8 << 20  # one window: large enough that Python's and the syscalls' share is nil
 BLOCK_ROWS = 1 << 16  # rows scored before they are merged into the running top-K
@@ -88,9 +87,6 @@ def _scan(store: Store, queries: np.ndarray, k: int, start: int, stop: int, norm
 
     def merge() -> None:
         block = scores[:filled]
-        if not np.isfinite(block).all():
-            bad = block_first + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
-            raise OutputError(f"{store.path}: row {bad} holds values that are not numbers; it is damaged (re-create it with siglip embed)")
         for q in range(len(queries)):
             keep = _best(block[:, q], k)
             rows = np.concatenate([best[q][0], keep + block_first])
@@ -102,7 +98,7 @@ def _scan(store: Store, queries: np.ndarray, k: int, start: int, stop: int, norm
         if filled + len(rows) > BLOCK_ROWS:
             merge()
             filled, block_first = 0, first
-        scores[filled : filled + len(rows)] = _cosines(rows, queries, normalized)
+        scores[filled : filled + len(rows)] = _cosines(store, first, rows, queries, normalized)
         filled += len(rows)
     if filled:
         merge()
@@ -118,16 +114,21 @@ def _best(scores: np.ndarray, k: int) -> np.ndarray:
     return np.flatnonzero(scores >= kth)
 
 
-def _cosines(block: np.ndarray, queries: np.ndarray, normalized: bool) -> np.ndarray:
+def _cosines(store: Store, first: int, block: np.ndarray, queries: np.ndarray, normalized: bool) -> np.ndarray:
     """(rows, queries) cosines. float16 rows are widened first: numpy's float16 dot products
-    have no fast kernel."""
+    have no fast kernel. Each row's length is checked as it is read (store.check_rows: NaN,
+    or a normalized store's row that is not of length 1, is damage), and divides the scores of
+    a store that is not normalized."""
     rows = block if block.dtype == np.float32 else block.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        squares = np.vecdot(rows, rows)
+    check_rows(store.path, store.meta, first, block, squares)
     if len(queries) == 1:
         scores = np.vecdot(rows, queries[0])[:, None]
     else:
         scores = np.vecdot(rows[:, None, :], queries[None, :, :])
     if not normalized:
-        scores /= np.sqrt(np.vecdot(rows, rows))[:, None]
+        scores /= np.sqrt(squares)[:, None]
     return scores
 
 
@@ -140,23 +141,22 @@ def _reads(store: Store, start: int, stop: int):
     if store.row_file is not None:
         yield from _mapped_windows(store, store.row_file, start, stop)
         return
-    position = start
-    for chunk in store.chunks(rows_per_read(store), start, stop):
-        yield position, chunk
-        position += len(chunk)
+    yield from store.unchecked_chunks(rows_per_read(store), start, stop)  # _cosines checks them
 
 
 def _mapped_windows(store: Store, row_file: RowFile, start: int, stop: int):
     """The rows of a file mapped one window at a time: each window is unmapped once its rows
     are scored (the last reference to it goes), so the process never holds more than a few
-    windows however large the file is; the pages stay in the OS's cache for the next search."""
+    windows however large the file is; the pages stay in the OS's cache for the next search.
+    The map is of the file that open_store opened and checked, never of its name: a store
+    replaced since by `embed --update` does not show through."""
     dtype = np.dtype(store.meta["dtype"]).newbyteorder("<")
     row_bytes = store.dim * dtype.itemsize
     per_window = rows_per_read(store)
-    with open(row_file.path, "rb") as fh:
-        for first in range(start, stop, per_window):
-            count = min(per_window, stop - first)
-            begin = row_file.offset + first * row_bytes
-            aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
-            window = mmap.mmap(fh.fileno(), begin - aligned + count * row_bytes, prot=mmap.PROT_READ, offset=aligned)
-            yield first, np.frombuffer(window, dtype, count * store.dim, begin - aligned).reshape(count, store.dim)
+    fileno = row_file.file.fileno()
+    for first in range(start, stop, per_window):
+        count = min(per_window, stop - first)
+        begin = row_file.offset + first * row_bytes
+        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+        window = mmap.mmap(fileno, begin - aligned + count * row_bytes, prot=mmap.PROT_READ, offset=aligned)
+        yield first, np.frombuffer(window, dtype, count * store.dim, begin - aligned).reshape(count, store.dim)

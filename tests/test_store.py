@@ -65,7 +65,7 @@ def test_parquet_is_what_duckdb_style_readers_expect(tmp_path):
     rows = np.random.default_rng(2).standard_normal((count, 8)).astype(np.float32)
     names = [f"img{i}.jpg" for i in range(count - 1)]
     out = tmp_path / "v.parquet"
-    write_store(out, _entries(rows, names, ["a cat"]), 8, "float32", {"model": "m", "revision": "r"})
+    write_store(out, _entries(rows, names, ["a cat"]), 8, "float32", {"model": "m", "revision": "r", "normalized": False})
 
     schema = pq.read_schema(out)
     assert schema.field("embedding").type == pa.list_(pa.float32(), 8)

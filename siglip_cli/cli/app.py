@@ -575,6 +575,9 @@ def search(
         templates = resolve_templates(template, use_template=not no_template)
         fmt_name = output_format(fmt, json_flag)
         store = open_store(index)
+        if store.path.suffix == ".jsonl":
+            note(f"{index}: .jsonl is an exchange format, read whole into memory to be searched; "
+                 "for an index, embed to .npy, .npz or .parquet")
         listing = list_inputs(image, recursive=False) if image else None
         index_model = IndexModel(index, store.meta, model, device, dtype.value, attn.value, offline, not no_cache, max_pixels)
         results = list(run_search(store, index_model, texts_given, templates, listing, top_k, threshold, texts))
