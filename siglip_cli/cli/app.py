@@ -297,7 +297,8 @@ def embed(
     texts_file: TextsFileOpt = None,
     template: Annotated[Optional[List[str]], typer.Option("--template", "-t", metavar="TEMPLATE", help="Put each text into this template ({} = the text); several make an ensemble.", rich_help_panel="Texts")] = None,
     resume: Annotated[bool, typer.Option("--resume", metavar="", help="Continue an interrupted run from <out>.partial, skipping finished inputs.", rich_help_panel="Output")] = False,
-    update: Annotated[Optional[str], typer.Option("--update", metavar="[=hash]", help="Bring an existing --out up to date with the inputs: embed new or changed files, drop rows of files that are gone, keep the rest. Changed means another size or modification time; --update=hash compares content hashes.", rich_help_panel="Output", show_default=False)] = None,
+    update: Annotated[Optional[str], typer.Option("--update", metavar="[=hash]", help="Bring --out up to date with the inputs (creating it if it does not exist yet): embed new or changed files, drop rows of files that are gone, keep the rest. Changed means another size or modification time; --update=hash compares content hashes.", rich_help_panel="Output", show_default=False)] = None,
+    relative_to: Annotated[Optional[Path], typer.Option("--relative-to", metavar="DIR", help="With --update of a store written before paths were stored absolute: the folder its relative paths were typed in (default: the working folder or the store's folder, whichever matches the inputs).", rich_help_panel="Output", show_default=False)] = None,
     strict: Annotated[bool, typer.Option("--strict", metavar="", help="Stop at the first input that cannot be read, instead of skipping it.", rich_help_panel="Input")] = False,
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", metavar="", help="Walk sub-folders.", rich_help_panel="Input")] = True,
     options: ModelOptions = None,  # every model option: see options.model_options
@@ -339,6 +340,10 @@ def embed(
             raise UsageError("--resume and --update work on an --out file; JSON lines on stdout keep no state")
         if update not in (None, "mtime", "hash"):
             raise UsageError(f"--update={update}: use --update (size and modification time) or --update=hash (content)")
+        if relative_to is not None and not update:
+            raise UsageError("--relative-to reads an older store's relative paths; it works with --update")
+        if relative_to is not None and not relative_to.expanduser().is_dir():
+            raise UsageError(f"--relative-to {relative_to}: no such folder")
         if out is not None:
             check_output_path(out)
         from ..cluster import ClusterOptions
@@ -358,13 +363,14 @@ def embed(
                     error_line(failure.error)
                 raise InputError("nothing to embed: no readable images among the inputs")
             raise UsageError("nothing to embed: give image paths or folders, --text or --texts-file")
-        plan = EmbedPlan(listing.sources, texts, listing.failures)
+        plan = EmbedPlan.from_listing(listing, texts)
         if out is not None:
             refuse_overwriting_inputs(out, plan, [])
-            refuse_foreign_file(out, bool(update))
-        base_meta = _update_base_meta(out) if update else {}
+            refuse_foreign_file(out)
+        base_meta = _update_base_meta(out, relative_to, plan) if update else {}
         # An update takes the model, its dtype, decode mode and patch budget from the store unless
         # told otherwise (a store made in fp16 on a GPU is refused, not silently mixed with fp32 rows).
+        model_from_store = options.model is None and base_meta.get("model") is not None
         options.model = options.model or base_meta.get("model")
         options.dtype, options.decode = _update_precision(base_meta, options.dtype, options.decode, options.exact)
         options.max_patches = options.max_patches or base_meta.get("max_patches")
@@ -375,7 +381,13 @@ def embed(
             report = embed_on_ray(options, plan, out, dtype_name, not no_normalize, templates, resume, cluster, progress_bar, note)
             _finish_embed(report, out)
             return
-        engine = load_engine(options)
+        try:
+            engine = load_engine(options)
+        except ModelUnavailable as exc:
+            if not model_from_store:
+                raise
+            raise ModelUnavailable(f"--update: {out} was made with {options.model}, which is not found from here ({exc}); "
+                                   "pass --model, or --relative-to DIR if it names a folder relative to where embed ran") from None
         if out is None:
             try:
                 from . import render
@@ -388,7 +400,7 @@ def embed(
                 raise typer.Exit(1) from None
             return
         report = embed_to_store(engine, plan, out, dtype_name, not no_normalize, templates, resume, update, strict,
-                                progress_bar, note)
+                                progress_bar, note, relative_to=relative_to)
     _finish_embed(report, out)
 
 
@@ -411,11 +423,22 @@ def check_engine_options(engine_kind: EngineKind, cluster, out: Path | None, upd
     import_ray()
 
 
-def _update_base_meta(out: Path) -> dict:
-    """The existing store's meta: --update reuses its model and output dtype unless given."""
+def _update_base_meta(out: Path, relative_to: Path | None, plan) -> dict:
+    """The existing store's meta (none when --update creates it): --update reuses its model
+    (found from here, see paths.stored_model) and output dtype unless given. Its paths are
+    checked against the inputs now, so that a refusal costs no model load (the run checks
+    them again under the lock)."""
+    from ..embedding import settle_stored_paths
+    from ..paths import stored_model
     from ..store import open_store
 
-    return open_store(out).meta
+    if not out.exists():
+        return {}
+    store = open_store(out)
+    settle_stored_paths(store, plan, relative_to, lambda message: None)
+    meta = dict(store.meta)
+    meta["model"] = stored_model(meta, out, (relative_to,) if relative_to is not None else ())
+    return meta
 
 
 def _update_precision(base_meta: dict, dtype, decode, exact: bool):
@@ -625,12 +648,19 @@ _COMMANDS = ("classify", "embed", "similarity", "search", "bench")
 
 def normalize_argv(args: list[str]) -> list[str]:
     """`siglip` or `siglip CMD` alone shows help; `--update` alone means `--update=mtime` (an
-    option whose value is optional, which Typer's public API cannot declare)."""
+    option whose value is optional, which Typer's public API cannot declare). So `--update hash`
+    would embed a file named `hash`: it is refused, pointing at `--update=hash`."""
     if not args:
         return ["--help"]
     if len(args) == 1 and args[0] in _COMMANDS:
         return [args[0], "--help"]
-    return ["--update=mtime" if a == "--update" else a for a in args]
+    options_end = args.index("--") if "--" in args else len(args)
+    for position, arg in enumerate(args[: options_end - 1]):
+        if arg == "--update" and args[position + 1] in ("hash", "mtime"):
+            value = args[position + 1]
+            raise UsageError(f"--update {value}: write --update={value} (with '='; a word after a space is an input, "
+                             f"so to embed a file named {value}, write ./{value})")
+    return ["--update=mtime" if a == "--update" and i < options_end else a for i, a in enumerate(args)]
 
 
 def _click_error(exc: Exception) -> int | None:
@@ -671,7 +701,11 @@ def run(args: list[str] | None = None) -> None:
     for stream, errors in ((sys.stdout, "backslashreplace"), (sys.stdin, "surrogateescape")):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=errors)
-    args = normalize_argv(sys.argv[1:] if args is None else list(args))
+    try:
+        args = normalize_argv(sys.argv[1:] if args is None else list(args))
+    except UsageError as exc:
+        error_line(str(exc))
+        sys.exit(exit_code(exc))
     try:
         code = app(args=args, prog_name="siglip", standalone_mode=False)
         sys.stdout.flush()

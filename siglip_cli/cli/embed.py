@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..core.errors import UsageError
-from ..embedding import EmbedPlan, EmbedRun, EmbedSummary, check_base
+from ..embedding import EmbedPlan, EmbedRun, EmbedSummary, check_base, settle_stored_paths
 from ..results import EmbeddingRow
 from ..store import OutputLock, embedding_values, is_store, open_store, output_files
 
@@ -38,12 +38,10 @@ def refuse_overwriting_inputs(out: Path, plan: EmbedPlan, texts_files: Sequence[
             raise UsageError(f"--out {out}: would overwrite the texts file")
 
 
-def refuse_foreign_file(out: Path, update: bool) -> None:
+def refuse_foreign_file(out: Path) -> None:
     """An existing file that siglip did not write is never replaced; a store is, with a note."""
     if out.exists() and not is_store(out):
         raise UsageError(f"--out {out}: exists and is not a siglip embedding file; remove it or choose another name")
-    if update and not out.exists():
-        raise UsageError(f"--update: {out} does not exist yet; run once without --update to create it")
 
 
 def embed_to_store(
@@ -59,14 +57,19 @@ def embed_to_store(
     progress_bar,
     note: Callable[[str], None],
     make_run: Callable[..., EmbedRun] = EmbedRun,
+    relative_to: Path | None = None,
 ) -> EmbedReport:
     """The whole run under the output's lock: two runs never write one output at once.
-    `make_run` builds the run: EmbedRun computes here; a ClusterRun (cluster.py) on Ray."""
+    `make_run` builds the run: EmbedRun computes here; a ClusterRun (cluster.py) on Ray.
+    `--update` of an output that does not exist yet creates it (a nightly job runs one line)."""
     with OutputLock(out):
         base = None
-        if update:
+        if update and not out.exists():
+            note(f"--update: {out} does not exist yet; creating it")
+        elif update:
             base = open_store(out)
             check_base(base, engine, normalized, templates, out_dtype)
+            base = settle_stored_paths(base, plan, relative_to, note)
         elif out.exists():
             note(f"{out} will be replaced when this run completes")
         run = make_run(engine, plan, out, out_dtype, normalized, templates, resume, base, hash_files=update == "hash")
