@@ -33,12 +33,15 @@ from .options import (
     FormatOpt,
     GpusPerWorkerOpt,
     JsonOpt,
+    ListFormat,
+    ListFormatOpt,
     MaxPatchesOpt,
     MaxPixelsOpt,
     ModelOpt,
     ModelOptions,
     NoCacheOpt,
     NoTemplateOpt,
+    NullOpt,
     OfflineOpt,
     OutDType,
     RecursiveOpt,
@@ -181,13 +184,18 @@ def describe_run(engine, options: ModelOptions) -> str:
             f"decode {decode}; attn {engine.attn}; batch {engine.batch_size}; {threads}")
 
 
-def output_format(fmt: Format, json_flag: bool) -> str:
+def output_format(fmt: Format, json_flag: bool, null: bool = False) -> str:
+    """The format to print in; `paths0` is --format paths ended by NUL bytes (--null)."""
     from .render import resolve_format
 
     if json_flag:
-        if fmt not in (Format.auto, Format.json):
-            raise UsageError("--json and --format disagree; give one of them")
+        if fmt.value not in ("auto", "json") or null:
+            raise UsageError(f"--json and {'--null' if null else '--format'} disagree; give one of them")
         return "json"
+    if null:
+        if fmt.value not in ("auto", "paths"):
+            raise UsageError(f"--null prints paths; it does not go with --format {fmt.value}")
+        return "paths0"
     return resolve_format(fmt.value)
 
 
@@ -231,8 +239,9 @@ def classify(
     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", metavar="K", min=1, help="Keep only the best K labels per image.", rich_help_panel="Scores")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="SCORE", min=0.0, max=1.0, help="Keep only labels scoring at least this.", rich_help_panel="Scores")] = None,
     recursive: RecursiveOpt = False,
-    fmt: FormatOpt = Format.auto,
+    fmt: ListFormatOpt = ListFormat.auto,
     json_flag: JsonOpt = False,
+    null: NullOpt = False,
     options: ModelOptions = None,  # every model option: see options.model_options
 ) -> None:
     """Score images against labels (zero-shot).
@@ -256,7 +265,9 @@ def classify(
         for duplicate in label_set.duplicates:
             note(f"label {duplicate!r} given more than once; scored once")
         templates = resolve_templates(template, use_template=not no_template)
-        fmt_name = output_format(fmt, json_flag)
+        fmt_name = output_format(fmt, json_flag, null)
+        if fmt_name in ("paths", "paths0") and threshold is None:
+            note("--format paths lists the images that keep a label; without --threshold every image does")
         listing = list_inputs(images, recursive)
         if not listing.sources and not listing.failures:
             raise UsageError("no images given (stdin was empty)")
@@ -272,12 +283,13 @@ def classify(
                     error_line(result.error)
                 yield result
 
-        streaming_to_terminal = fmt_name == "jsonl" and sys.stdout.isatty()
+        streaming = fmt_name in ("jsonl", "paths", "paths0")
+        streaming_to_terminal = streaming and sys.stdout.isatty()
         with progress_bar(len(listing.sources), "images", enabled=not streaming_to_terminal) as advance:
             results = reported(run_classify(engine, listing, label_set.labels, templates, softmax, top_k, threshold, advance))
             view = render.classify_view(label_set.labels, "softmax" if softmax else "sigmoid")
-            collected = render.emit(results, fmt_name, view) if fmt_name == "jsonl" else list(results)
-        if fmt_name != "jsonl":  # printed once the progress bar is gone
+            collected = render.emit(results, fmt_name, view, note=note) if streaming else list(results)
+        if not streaming:  # printed once the progress bar is gone
             render.emit(collected, fmt_name, view)
         _summarize_failures(failed, total)
     if failed:
@@ -548,8 +560,9 @@ def search(
     threshold: Annotated[Optional[float], typer.Option("--threshold", min=-1.0, max=1.0, help="Keep hits scoring at least this: SigLIP's probability for a text-image pair, the cosine for an image-image or text-text pair (which SigLIP gives no probability).", rich_help_panel="Results")] = None,
     texts: Annotated[bool, typer.Option("--texts", help="Also search the index's text rows (from embed --text); by default only its images.", rich_help_panel="Results")] = False,
     preview: Annotated[bool, typer.Option("--preview", help="Show thumbnails of the hits, in terminals that draw images (kitty graphics or sixel: kitty, iTerm2, WezTerm, foot, xterm -ti vt340...). Needs textual-image: pip install 'siglip-cli[preview]'.", rich_help_panel="Results")] = False,
-    fmt: FormatOpt = Format.auto,
+    fmt: ListFormatOpt = ListFormat.auto,
     json_flag: JsonOpt = False,
+    null: NullOpt = False,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="The checkpoint that made the index, if it is not where the index's meta says (it must be the same revision).", rich_help_panel="Model", show_default=False)] = None,
     device: Annotated[str, typer.Option("--device", help="Where queries are embedded: cpu (default: one query is one forward pass, faster than starting a GPU), auto, cuda or mps.", rich_help_panel="Model")] = "cpu",
     dtype: Annotated[DType, typer.Option("--dtype", help="auto: the dtype that made the index.", rich_help_panel="Model")] = DType.auto,
@@ -583,7 +596,9 @@ def search(
         if any(not text.strip() for text in texts_given):
             raise UsageError("an empty text query was given (an unset shell variable?)")
         templates = resolve_templates(template, use_template=not no_template)
-        fmt_name = output_format(fmt, json_flag)
+        fmt_name = output_format(fmt, json_flag, null)
+        if fmt_name in ("paths", "paths0") and texts:
+            raise UsageError("--format paths lists image files; --texts adds text rows, which are not paths: drop one of them")
         store = open_store(index)
         listing = list_inputs(image, recursive=False) if image else None
         index_model = IndexModel(index, store.meta, model, device, dtype.value, attn.value, offline, not no_cache, max_pixels)
@@ -596,7 +611,7 @@ def search(
 
             emit_with_thumbnails(results, fmt_name, note)
         else:
-            render.emit(results, fmt_name, render.SEARCH_VIEW)
+            render.emit(results, fmt_name, render.SEARCH_VIEW, note=note)
         _summarize_failures(len(failed), len(results))
     if failed:
         raise typer.Exit(1)

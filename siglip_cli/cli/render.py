@@ -22,7 +22,7 @@ from rich.text import Text
 
 from ..results import BenchRow, ImageScores, InputFailure, SearchHit, SearchResult, SimilarityMatrix
 
-FORMATS = ("table", "json", "jsonl", "csv")
+FORMATS = ("table", "json", "jsonl", "csv", "paths", "paths0")
 MATRIX_MAX_LABELS = 6  # more labels than this: the many-image table shows the best 3 instead
 TOP_LABELS = 3
 
@@ -109,12 +109,17 @@ class View:
     csv_rows: Callable[[Any], Iterable[Sequence]]
     json_document: Callable[[list], Any] = lambda results: [r.to_record() for r in results]
     jsonl_records: Callable[[Any], Iterable[dict]] = lambda result: [result.to_record()]
+    paths: Callable[[Any], Iterable[str]] | None = None  # --format paths: the file names a result lists
 
 
-def emit(results: Iterable[Any], fmt: str, view: View, out: IO[str] | None = None, console: Console | None = None) -> list:
-    """Print `results` in `fmt`. JSON lines stream (each record as soon as its result exists);
-    the other formats need every result first. Returns the results."""
+def emit(results: Iterable[Any], fmt: str, view: View, out: IO[str] | None = None, console: Console | None = None,
+         note: Callable[[str], None] | None = None) -> list:
+    """Print `results` in `fmt`. JSON lines and paths stream (each record as soon as its result
+    exists); the other formats need every result first. Returns the results. `note` tells
+    (on stderr) what the paths format had to leave out."""
     out = out or sys.stdout
+    if fmt in ("paths", "paths0"):
+        return _emit_paths(results, fmt == "paths0", view, out, note or _stderr_note)
     if fmt == "jsonl":
         kept = []
         for result in results:
@@ -137,6 +142,49 @@ def emit(results: Iterable[Any], fmt: str, view: View, out: IO[str] | None = Non
         console.print(view.table(results, console))
     out.flush()
     return results
+
+
+# ============================================================================ paths
+def _stderr_note(message: str) -> None:
+    sys.stderr.write(f"siglip: {message}\n")
+
+
+def terminal_safe(name: str) -> str:
+    """A name for a human at a terminal: control characters (escape sequences, line breaks)
+    written as Python escapes, so a file name cannot move the cursor or fake a line."""
+    if all(ch.isprintable() for ch in name):
+        return name
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in name)
+
+
+def _emit_paths(results: Iterable[Any], null: bool, view: View, out: IO[str], note: Callable[[str], None]) -> list:
+    """One path per line, exactly as stored (bytes of non-UTF-8 names included), or ended by NUL
+    bytes (`null`). A name holding a line break would read as two lines: it is left out with a
+    note (use --null). On a terminal, names are shown with their control characters escaped."""
+    terminal = getattr(out, "isatty", lambda: False)()
+    binary = getattr(out, "buffer", None)
+    kept, broken = [], []
+    for result in results:
+        for name in view.paths(result) if view.paths else []:
+            if not null and "\n" in name:
+                broken.append(name)
+                continue
+            if terminal:
+                out.write(terminal_safe(name) + ("\0" if null else "\n"))
+            elif binary is not None:
+                out.flush()
+                binary.write(name.encode("utf-8", "surrogateescape") + (b"\0" if null else b"\n"))
+            else:
+                out.write(name + ("\0" if null else "\n"))
+        if binary is not None and not terminal:
+            binary.flush()
+        out.flush()
+        kept.append(result)
+    if broken:
+        shown = terminal_safe(broken[0])
+        more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+        note(f"left out {len(broken)} path(s) holding a line break, which one path per line cannot carry: {shown}{more}; use --null (-0) to list them")
+    return kept
 
 
 # ============================================================================ classify
@@ -276,6 +324,7 @@ def classify_view(labels: Sequence[str], mode: str) -> View:
         table=lambda results, console: classify_table(results, console, labels, mode),
         csv_header=["path", "rank", "label", "score", "logit", "error"],
         csv_rows=_classify_csv,
+        paths=lambda result: [result.path] if result.error is None and result.labels else [],
     )
 
 
@@ -395,7 +444,12 @@ def _search_csv(result: SearchResult) -> Iterable[Sequence]:
     return [[result.query, h.rank, h.path, h.kind, h.score, h.cosine, ""] for h in result.hits]
 
 
-SEARCH_VIEW = View(table=search_table, csv_header=["query", "rank", "path", "kind", "score", "cosine", "error"], csv_rows=_search_csv)
+def _search_paths(result: SearchResult) -> list[str]:
+    return [] if result.error is not None else [hit.path for hit in result.hits if hit.kind == "image"]
+
+
+SEARCH_VIEW = View(table=search_table, csv_header=["query", "rank", "path", "kind", "score", "cosine", "error"], csv_rows=_search_csv,
+                   paths=_search_paths)
 
 
 # ============================================================================ embed (stdout rows)
