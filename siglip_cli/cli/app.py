@@ -1,5 +1,5 @@
 """The `siglip` command: Typer wiring only. Each command parses its flags, runs its module
-(classify.py, embed.py, similarity.py, search.py, bench.py), and hands the results to render.
+(classify.py, embed.py, similarity.py, search.py, info.py, bench.py), and hands the results to render.
 
 torch and the model load inside the commands that need them, so `siglip --help`, every
 command's `--help` and shell completion never import torch. Errors a user can fix are one line
@@ -617,6 +617,31 @@ def search(
         raise typer.Exit(1)
 
 
+# ----------------------------------------------------------------------------- info
+@app.command()
+def info(
+    index: Annotated[Path, typer.Argument(metavar="INDEX", help="An index written by siglip embed: .npy (with its sidecars), .npz, .jsonl or .parquet.", show_default=False)],
+    fmt: FormatOpt = Format.auto,
+    json_flag: JsonOpt = False,
+) -> None:
+    """What an index holds and how it was made.
+
+    Model and revision, model dtype, decoding, patch budget (SigLIP 2 NaFlex), rows by kind, vector size and dtype, whether paths are absolute, skipped inputs, when it was made, and its files with their sizes. Reads only the index, never the model.
+
+    [bold]Examples[/bold]
+
+      siglip info photos.npy
+
+      siglip info photos.parquet --json | jq '.skipped'
+    """
+    with handled():
+        from . import render
+        from .info import index_info
+
+        fmt_name = output_format(fmt, json_flag)
+        render.emit([index_info(index)], fmt_name, render.INFO_VIEW)
+
+
 # ----------------------------------------------------------------------------- bench
 @app.command()
 def bench(
@@ -658,7 +683,7 @@ def bench(
 
 
 # ----------------------------------------------------------------------------- entry point
-_COMMANDS = ("classify", "embed", "similarity", "search", "bench")
+_COMMANDS = ("classify", "embed", "similarity", "search", "info", "bench")
 
 
 def normalize_argv(args: list[str]) -> list[str]:

@@ -20,7 +20,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ..results import BenchRow, ImageScores, InputFailure, SearchHit, SearchResult, SimilarityMatrix
+from ..results import BenchRow, ImageScores, IndexInfo, InputFailure, SearchHit, SearchResult, SimilarityMatrix
 
 FORMATS = ("table", "json", "jsonl", "csv", "paths", "paths0")
 MATRIX_MAX_LABELS = 6  # more labels than this: the many-image table shows the best 3 instead
@@ -450,6 +450,84 @@ def _search_paths(result: SearchResult) -> list[str]:
 
 SEARCH_VIEW = View(table=search_table, csv_header=["query", "rank", "path", "kind", "score", "cosine", "error"], csv_rows=_search_csv,
                    paths=_search_paths)
+
+
+# ============================================================================ info
+def human_bytes(count: int) -> str:
+    """1234567 -> 1.2 MB (decimal units, as `ls -h --si` and file managers show them)."""
+    size = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{count} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+_PATH_STYLES = {
+    "absolute": "absolute",
+    "relative": "relative to the folder embed ran in (an older store; --update stores them absolute)",
+    "mixed": "some relative to the folder embed ran in (an older store; --update stores them absolute)",
+    "none": "no files (URLs or texts only)",
+}
+INFO_SKIPPED_SHOWN = 10
+
+
+def info_table(results: list[IndexInfo], console: Console) -> Group:
+    info = results[0]
+    table = Table(title=Text(terminal_safe(display_path(info.path)), style="bold"), title_justify="left",
+                  box=box.SIMPLE_HEAD, show_header=False, pad_edge=False)
+    table.add_column("field", style="dim", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    rows = [("model", terminal_safe(info.model or "unknown")), ("revision", info.revision or "unknown"),
+            ("model dtype", info.model_dtype or "unknown"), ("decode", info.decode or "unknown")]
+    if info.max_patches is not None:
+        rows.append(("patch budget", f"{info.max_patches} patches per image"))
+    rows += [
+        ("rows", f"{info.image_rows} image{'s' if info.image_rows != 1 else ''}, {info.text_rows} text{'s' if info.text_rows != 1 else ''}"),
+        ("vectors", f"{info.dim}-d {info.dtype}" + ("" if info.normalized is None else ", L2-normalised" if info.normalized else ", not normalised")),
+        ("templates", ", ".join(repr(t) for t in info.templates) if info.templates else "none (texts as typed)"),
+        ("paths", _PATH_STYLES.get(info.paths, info.paths)),
+        ("skipped", f"{len(info.skipped)} input{'s' if len(info.skipped) != 1 else ''}"),
+        ("created", info.created or "unknown"),
+        ("format", info.format),
+        ("size", f"{human_bytes(info.bytes)} ({info.bytes:,} bytes) in {len(info.files)} file{'s' if len(info.files) != 1 else ''}"),
+    ]
+    for field_name, value in rows:
+        table.add_row(field_name, Text(value))
+    files = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    files.add_column("file", no_wrap=True)
+    files.add_column("bytes", justify="right", no_wrap=True)
+    for item in info.files:
+        files.add_row(Text(ellipsize(terminal_safe(display_path(item.path)), max(16, console.width - 16))), f"{item.bytes:,}")
+    parts: list[Any] = [table, files]
+    for skipped in info.skipped[:INFO_SKIPPED_SHOWN]:
+        path = str(skipped.get("path", ""))
+        parts.append(Text(f"skipped {terminal_safe(display_path(path))}: {terminal_safe(_cause(path, str(skipped.get('error', ''))))}", style="yellow"))
+    if len(info.skipped) > INFO_SKIPPED_SHOWN:
+        parts.append(Text(f"and {len(info.skipped) - INFO_SKIPPED_SHOWN} more skipped inputs; --json lists all", style="dim"))
+    if info.partial:
+        parts.append(Text(f"an interrupted run's rows are in {terminal_safe(display_path(info.partial))}; "
+                          "run the same embed command with --resume to finish it", style="yellow"))
+    return Group(*parts)
+
+
+def _info_csv(info: IndexInfo) -> Iterable[Sequence]:
+    record = info.to_record()
+    for key, value in record.items():
+        if key == "files":
+            yield from ([f"file {f['path']}", f["bytes"]] for f in value)
+        elif key == "skipped":
+            yield from ([f"skipped {s.get('path')}", s.get("error")] for s in value)
+        elif key == "rows":
+            yield from ([f"{kind} rows", count] for kind, count in value.items())
+        elif key == "templates":
+            yield [key, json.dumps(value, ensure_ascii=False)]
+        else:
+            yield [key, value]
+
+
+INFO_VIEW = View(table=info_table, csv_header=["field", "value"], csv_rows=_info_csv,
+                 json_document=lambda results: results[0].to_record())
 
 
 # ============================================================================ embed (stdout rows)
