@@ -18,6 +18,7 @@ from ..core.errors import UsageError
 from ..embedding import EmbedPlan, EmbedRun, EmbedSummary, check_base, settle_stored_paths
 from ..results import EmbeddingRow
 from ..store import OutputLock, embedding_values, is_store, open_store, output_files
+from .render import display_path
 
 
 @dataclass
@@ -36,6 +37,13 @@ def refuse_overwriting_inputs(out: Path, plan: EmbedPlan, texts_files: Sequence[
     for texts_file in texts_files:
         if os.path.realpath(texts_file) in targets:
             raise UsageError(f"--out {out}: would overwrite the texts file")
+
+
+def shown_error(error: str) -> str:
+    """A skipped input's error on stderr: the store names it by its absolute path (and so does
+    the error); shown, like in tables, relative to the working folder when inside it."""
+    head, separator, cause = error.partition(": ")
+    return display_path(head) + separator + cause if separator and os.path.isabs(head) else error
 
 
 def refuse_foreign_file(out: Path) -> None:
@@ -84,7 +92,7 @@ def embed_to_store(
                 note(f"--update: {len(images) - changed} new (or skipped before), {changed} changed, "
                      f"{len(plan.images) - len(images)} unchanged, {gone} gone")
             with progress_bar(len(images), "images") as advance:
-                finished = run.embed(advance, lambda error: note(f"skipped {error}"), strict)
+                finished = run.embed(advance, lambda error: note(f"skipped {shown_error(error)}"), strict)
             if not finished:
                 return EmbedReport(stopped_by_strict=True, partial=run.partial.folder)
             return EmbedReport(run.finish())
