@@ -23,8 +23,9 @@ def is_local_path(value: Any) -> bool:
 
 
 def is_relative_name(name: str) -> bool:
-    """A stored file name that depends on the folder it was written from (older stores)."""
-    return is_local_path(name) and not os.path.isabs(os.path.expanduser(name))
+    """A stored file name that depends on the folder it was written from (older stores). Called
+    for every row of a store: the common case, an absolute path, is answered first."""
+    return not name.startswith(os.sep) and is_local_path(name) and not os.path.isabs(name)
 
 
 def absolute_name(path: str, folder: str | os.PathLike | None = None) -> str:

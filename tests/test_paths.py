@@ -200,3 +200,12 @@ def test_an_old_store_whose_relative_model_is_not_here_says_how_to_name_it(work,
     assert result.exit_code == 3
     one_error_line(result.stderr, "--update: ", "old.npy was made with ck", "--model", "--relative-to DIR")
     assert cli("embed", "photos", "--out", "old.npy", "--update", "--model", tmp_path / "ck-moved", env=_env(tmp_path)).exit_code == 0
+
+
+def test_search_finds_an_old_store_s_relative_model_beside_the_store(work, tmp_path, monkeypatch):
+    assert cli("embed", "photos", "--out", "new.npy", "--model", "ck", env=_env(tmp_path)).exit_code == 0
+    _write_old_store(work / "new.npy", work / "old.npy", work)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    found = cli("search", "../work/old.npy", "a red square", "--json", "--no-cache", env=_env(tmp_path))
+    assert found.exit_code == 0, found.stderr
+    assert sorted(h["path"] for h in records(found.stdout)[0]["results"]) == [f"photos/p00{i}.png" for i in range(3)]
