@@ -338,7 +338,8 @@ def embed(
         from ..embedding import EmbedPlan
         from ..prompts import resolve_templates
         from ..store import check_output_path
-        from .embed import embed_to_stdout, embed_to_store, refuse_foreign_file, refuse_overwriting_inputs, StrictStop
+        from .embed import (StrictStop, check_relative_to, embed_to_stdout, embed_to_store, previous_meta, refuse_foreign_file,
+                            refuse_overwriting_inputs)
 
         # Every option is checked before the model loads: a mistake must not cost a whole run.
         if fmt is not None and fmt != "jsonl":
@@ -352,10 +353,7 @@ def embed(
             raise UsageError("--resume and --update work on an --out file; JSON lines on stdout keep no state")
         if update not in (None, "mtime", "hash"):
             raise UsageError(f"--update={update}: use --update (size and modification time) or --update=hash (content)")
-        if relative_to is not None and not update:
-            raise UsageError("--relative-to reads an older store's relative paths; it works with --update")
-        if relative_to is not None and not relative_to.expanduser().is_dir():
-            raise UsageError(f"--relative-to {relative_to}: no such folder")
+        check_relative_to(relative_to, update)
         if out is not None:
             check_output_path(out)
         from ..cluster import ClusterOptions
@@ -379,7 +377,7 @@ def embed(
         if out is not None:
             refuse_overwriting_inputs(out, plan, [])
             refuse_foreign_file(out)
-        base_meta = _update_base_meta(out, relative_to, plan) if update else {}
+        base_meta = previous_meta(out, relative_to, plan) if update else {}
         # An update takes the model, its dtype, decode mode and patch budget from the store unless
         # told otherwise (a store made in fp16 on a GPU is refused, not silently mixed with fp32 rows).
         model_from_store = options.model is None and base_meta.get("model") is not None
@@ -433,24 +431,6 @@ def check_engine_options(engine_kind: EngineKind, cluster, out: Path | None, upd
     from ..cluster import import_ray
 
     import_ray()
-
-
-def _update_base_meta(out: Path, relative_to: Path | None, plan) -> dict:
-    """The existing store's meta (none when --update creates it): --update reuses its model
-    (found from here, see paths.stored_model) and output dtype unless given. Its paths are
-    checked against the inputs now, so that a refusal costs no model load (the run checks
-    them again under the lock)."""
-    from ..embedding import settle_stored_paths
-    from ..paths import stored_model
-    from ..store import open_store
-
-    if not out.exists():
-        return {}
-    store = open_store(out)
-    settle_stored_paths(store, plan, relative_to, lambda message: None)
-    meta = dict(store.meta)
-    meta["model"] = stored_model(meta, out, (relative_to,) if relative_to is not None else ())
-    return meta
 
 
 def _update_precision(base_meta: dict, dtype, decode, exact: bool):

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..core.errors import UsageError
 from ..embedding import EmbedPlan, EmbedRun, EmbedSummary, check_base, settle_stored_paths
+from ..paths import stored_model
 from ..results import EmbeddingRow
 from ..store import OutputLock, embedding_values, is_store, open_store, output_files
 from .render import display_path
@@ -50,6 +51,27 @@ def refuse_foreign_file(out: Path) -> None:
     """An existing file that siglip did not write is never replaced; a store is, with a note."""
     if out.exists() and not is_store(out):
         raise UsageError(f"--out {out}: exists and is not a siglip embedding file; remove it or choose another name")
+
+
+def check_relative_to(relative_to: Path | None, update: str | None) -> None:
+    if relative_to is not None and not update:
+        raise UsageError("--relative-to reads an older store's relative paths; it works with --update")
+    if relative_to is not None and not relative_to.expanduser().is_dir():
+        raise UsageError(f"--relative-to {relative_to}: no such folder")
+
+
+def previous_meta(out: Path, relative_to: Path | None, plan: EmbedPlan) -> dict:
+    """For --update, the existing store's meta (none when --update creates it): the update
+    reuses its model (found from here, see paths.stored_model) and dtypes unless given. Its
+    paths are checked against the inputs now, so that a refusal costs no model load (the run
+    checks them again under the output's lock)."""
+    if not out.exists():
+        return {}
+    store = open_store(out)
+    settle_stored_paths(store, plan, relative_to, lambda message: None)
+    meta = dict(store.meta)
+    meta["model"] = stored_model(meta, out, (relative_to,) if relative_to is not None else ())
+    return meta
 
 
 def embed_to_store(
