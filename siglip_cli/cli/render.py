@@ -161,29 +161,25 @@ def _emit_paths(results: Iterable[Any], null: bool, view: View, out: IO[str], no
     """One path per line, exactly as stored (bytes of non-UTF-8 names included), or ended by NUL
     bytes (`null`). A name holding a line break would read as two lines: it is left out with a
     note (use --null). On a terminal, names are shown with their control characters escaped."""
+    end = "\0" if null else "\n"
     terminal = getattr(out, "isatty", lambda: False)()
-    binary = getattr(out, "buffer", None)
+    binary = None if terminal else getattr(out, "buffer", None)  # exact bytes into a pipe or file
+    out.flush()
     kept, broken = [], []
     for result in results:
         for name in view.paths(result) if view.paths else []:
             if not null and "\n" in name:
                 broken.append(name)
-                continue
-            if terminal:
-                out.write(terminal_safe(name) + ("\0" if null else "\n"))
             elif binary is not None:
-                out.flush()
-                binary.write(name.encode("utf-8", "surrogateescape") + (b"\0" if null else b"\n"))
+                binary.write((name + end).encode("utf-8", "surrogateescape"))
             else:
-                out.write(name + ("\0" if null else "\n"))
-        if binary is not None and not terminal:
-            binary.flush()
-        out.flush()
+                out.write((terminal_safe(name) if terminal else name) + end)
+        (binary or out).flush()  # each result as soon as it exists: `| head` and viewers start early
         kept.append(result)
     if broken:
-        shown = terminal_safe(broken[0])
         more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
-        note(f"left out {len(broken)} path(s) holding a line break, which one path per line cannot carry: {shown}{more}; use --null (-0) to list them")
+        note(f"left out {len(broken)} path(s) holding a line break, which one path per line cannot carry: "
+             f"{terminal_safe(broken[0])}{more}; use --null (-0) to list them")
     return kept
 
 
