@@ -13,15 +13,17 @@ The three parts are separate on purpose:
 from __future__ import annotations
 
 import hashlib
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from .core.errors import UsageError
-from .sources import Failure, Source
+from .paths import absolute_name, is_local_path, is_relative_name, recorded_model
+from .sources import Failure, Listing, Source
 from .store import (
     NO_STAMP,
     Entry,
@@ -39,6 +41,13 @@ class EmbedPlan:
     images: list[Source]
     texts: list[str] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)  # inputs that failed while listing
+
+    @classmethod
+    def from_listing(cls, listing: Listing, texts: Sequence[str] = ()) -> "EmbedPlan":
+        """The plan of a listing, every file named by its absolute path (see `absolute_name`)."""
+        images = [replace(s, name=absolute_name(s.value)) if is_local_path(s.value) else s for s in listing.sources]
+        failures = [replace(f, name=absolute_name(f.name)) if is_local_path(f.name) else f for f in listing.failures]
+        return cls(images, list(texts), failures)
 
     def digest(self) -> str:
         """Identity of the ordered inputs: a resumed run must continue exactly this list."""
@@ -144,7 +153,7 @@ class EmbedRun:
         """What the rows depend on; recorded in the meta, and checked by --resume and --update."""
         described = self.engine.describe()
         return {
-            "model": described["model"],
+            "model": recorded_model(described["model"]),
             "revision": described["revision"],
             "model_dtype": described["dtype"],
             "decode": described["decode"],
@@ -327,3 +336,41 @@ def check_base(base: Store, engine, normalized: bool, templates: Sequence[str] |
         raise UsageError(f"--update: {base.path} was made with other settings ({'; '.join(changed)}); use the same options, or write a new file")
     if meta.get("dim") != engine.embed_dim:
         raise UsageError(f"--update: {base.path} holds {meta.get('dim')}-d rows, the model makes {engine.embed_dim}-d ones")
+
+
+def settle_stored_paths(base: Store, plan: EmbedPlan, relative_to: Path | None, note: Callable[[str], None]) -> Store:
+    """The previous store for `--update`, its image rows named by absolute paths.
+
+    Stores written before paths were stored absolute hold them as typed, relative to the folder
+    `embed` ran in, which the store does not record. They are read against `relative_to` when
+    given, else against the working folder or the store's own folder, whichever finds more of
+    the inputs; the new store names them absolute. An update that would find none of its rows
+    among the inputs (a moved library, or the wrong folder) would embed everything again: it is
+    refused, with what to do instead."""
+    names = base.names
+    images = names[: base.image_count]
+    relative = [i for i, name in enumerate(images) if is_relative_name(name)]
+    wanted = {s.name for s in plan.images}
+    if relative:
+        folders = [str(relative_to.expanduser().absolute())] if relative_to is not None else list(
+            dict.fromkeys([os.getcwd(), str(base.path.parent.absolute())]))
+        found = {folder: sum(absolute_name(images[i], folder) in wanted for i in relative) for folder in folders}
+        folder = max(folders, key=lambda f: found[f])  # the first, on a tie
+        if not found[folder] and wanted:
+            where = f"--relative-to {folders[0]}" if relative_to is not None else f"the working folder ({folders[0]})" + (
+                f" or the store's folder ({folders[1]})" if len(folders) > 1 else "")
+            raise UsageError(
+                f"--update: {base.path} names its {len(relative)} images relative to the folder embed ran in, and none of "
+                f"them is among the inputs read against {where}; run from that folder, or name it with --relative-to DIR")
+        names = list(names)
+        for i in relative:
+            names[i] = absolute_name(images[i], folder)
+        note(f"--update: {base.path} holds paths relative to the folder embed ran in (written before paths were stored "
+             f"absolute); read against {folder}, they are stored absolute from now on")
+        base = base.with_names(names)
+        images = names[: base.image_count]
+    if images and wanted and wanted.isdisjoint(images):
+        raise UsageError(
+            f"--update: none of the {len(images)} images in {base.path} is among the inputs (a moved or renamed folder?), "
+            "so the update would embed every input again; check the paths, or run without --update to embed them anew")
+    return base

@@ -19,6 +19,7 @@ import numpy as np
 from .cache import TextCache, default_cache_dir
 from .core.errors import ModelUnavailable, UsageError
 from .core.scoring import ensemble, l2_normalize
+from .paths import stored_model
 from .prompts import fill
 
 DTYPES = ("fp32", "fp16", "bf16", "int8")
@@ -80,7 +81,8 @@ class IndexModel:
                     "--model, or name a copy of that model"
                 )
             return self.override
-        candidates = [self.meta["model"]]
+        # an older index may name a local folder relative to where embed ran: also look beside it
+        candidates = list(dict.fromkeys([self.meta["model"], stored_model(self.meta, self.index)]))
         if os.environ.get("SIGLIP_MODEL") and os.environ["SIGLIP_MODEL"] not in candidates:
             candidates.append(os.environ["SIGLIP_MODEL"])  # the meta's path may be relative to elsewhere
         causes = []

@@ -199,3 +199,41 @@ class SearchResult:
         if self.error is not None:
             return {"query": self.query, "error": self.error}
         return {"query": self.query, "results": [h.to_record() for h in self.hits]}
+
+
+@dataclass
+class StoreFile:
+    path: str
+    bytes: int
+
+
+@dataclass
+class IndexInfo:
+    """`info`: what an index holds and how it was made, from its meta and its files."""
+
+    path: str
+    format: str  # npy | npz | jsonl | parquet
+    files: list[StoreFile]
+    bytes: int  # all its files together
+    model: str | None
+    revision: str | None
+    model_dtype: str | None
+    decode: str | None
+    max_patches: int | None  # SigLIP 2 NaFlex only
+    normalized: bool | None
+    templates: list[str]
+    image_rows: int
+    text_rows: int
+    dim: int
+    dtype: str  # of the stored rows
+    paths: str  # absolute | relative | mixed | none: how its image rows name their files
+    skipped: list[dict]  # {path, error} of every input left out
+    created: str | None
+    partial: str | None = None  # an interrupted run's folder beside it
+
+    def to_record(self) -> dict:
+        record = dict(vars(self))
+        record["files"] = [vars(f) for f in self.files]
+        record["rows"] = {"image": self.image_rows, "text": self.text_rows}
+        del record["image_rows"], record["text_rows"]
+        return record

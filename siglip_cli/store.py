@@ -31,6 +31,7 @@ at once.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import fcntl
 import hashlib
@@ -420,6 +421,15 @@ class Store:
 
     def kind(self, index: int) -> str:
         return "text" if self.kinds[index] else "image"
+
+    def with_names(self, names: list[str]) -> "Store":
+        """The same store with its rows named otherwise (an update reads an older store's
+        relative paths as absolute ones)."""
+        if len(names) != self.count:
+            raise ValueError(f"{len(names)} names for {self.count} rows")
+        renamed = copy.copy(self)
+        renamed._names = ListNames(list(names))
+        return renamed
 
     def image_rows(self) -> dict[str, int]:
         """name -> row of every image row."""

@@ -1,5 +1,5 @@
 """The `siglip` command: Typer wiring only. Each command parses its flags, runs its module
-(classify.py, embed.py, similarity.py, search.py, bench.py), and hands the results to render.
+(classify.py, embed.py, similarity.py, search.py, info.py, bench.py), and hands the results to render.
 
 torch and the model load inside the commands that need them, so `siglip --help`, every
 command's `--help` and shell completion never import torch. Errors a user can fix are one line
@@ -33,12 +33,15 @@ from .options import (
     FormatOpt,
     GpusPerWorkerOpt,
     JsonOpt,
+    ListFormat,
+    ListFormatOpt,
     MaxPatchesOpt,
     MaxPixelsOpt,
     ModelOpt,
     ModelOptions,
     NoCacheOpt,
     NoTemplateOpt,
+    NullOpt,
     OfflineOpt,
     OutDType,
     RecursiveOpt,
@@ -194,13 +197,18 @@ def describe_run(engine, options: ModelOptions) -> str:
             f"decode {decode}; attn {engine.attn}; batch {engine.batch_size}; {threads}")
 
 
-def output_format(fmt: Format, json_flag: bool) -> str:
+def output_format(fmt: Format, json_flag: bool, null: bool = False) -> str:
+    """The format to print in; `paths0` is --format paths ended by NUL bytes (--null)."""
     from .render import resolve_format
 
     if json_flag:
-        if fmt not in (Format.auto, Format.json):
-            raise UsageError("--json and --format disagree; give one of them")
+        if fmt.value not in ("auto", "json") or null:
+            raise UsageError(f"--json and {'--null' if null else '--format'} disagree; give one of them")
         return "json"
+    if null:
+        if fmt.value not in ("auto", "paths"):
+            raise UsageError(f"--null prints paths; it does not go with --format {fmt.value}")
+        return "paths0"
     return resolve_format(fmt.value)
 
 
@@ -244,8 +252,9 @@ def classify(
     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", metavar="K", min=1, help="Keep only the best K labels per image.", rich_help_panel="Scores")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="SCORE", min=0.0, max=1.0, help="Keep only labels scoring at least this.", rich_help_panel="Scores")] = None,
     recursive: RecursiveOpt = False,
-    fmt: FormatOpt = Format.auto,
+    fmt: ListFormatOpt = ListFormat.auto,
     json_flag: JsonOpt = False,
+    null: NullOpt = False,
     options: ModelOptions = None,  # every model option: see options.model_options
 ) -> None:
     """Score images against labels (zero-shot).
@@ -269,7 +278,9 @@ def classify(
         for duplicate in label_set.duplicates:
             note(f"label {duplicate!r} given more than once; scored once")
         templates = resolve_templates(template, use_template=not no_template)
-        fmt_name = output_format(fmt, json_flag)
+        fmt_name = output_format(fmt, json_flag, null)
+        if fmt_name in ("paths", "paths0") and threshold is None:
+            note("--format paths lists the images that keep a label; without --threshold every image does")
         listing = list_inputs(images, recursive)
         if not listing.sources and not listing.failures:
             raise UsageError("no images given (stdin was empty)")
@@ -285,12 +296,13 @@ def classify(
                     error_line(result.error)
                 yield result
 
-        streaming_to_terminal = fmt_name == "jsonl" and sys.stdout.isatty()
+        streaming = fmt_name in ("jsonl", "paths", "paths0")
+        streaming_to_terminal = streaming and sys.stdout.isatty()
         with progress_bar(len(listing.sources), "images", enabled=not streaming_to_terminal) as advance:
             results = reported(run_classify(engine, listing, label_set.labels, templates, softmax, top_k, threshold, advance))
             view = render.classify_view(label_set.labels, "softmax" if softmax else "sigmoid")
-            collected = render.emit(results, fmt_name, view) if fmt_name == "jsonl" else list(results)
-        if fmt_name != "jsonl":  # printed once the progress bar is gone
+            collected = render.emit(results, fmt_name, view, note=note) if streaming else list(results)
+        if not streaming:  # printed once the progress bar is gone
             render.emit(collected, fmt_name, view)
         _summarize_failures(failed, total)
     if failed:
@@ -310,7 +322,8 @@ def embed(
     texts_file: TextsFileOpt = None,
     template: Annotated[Optional[List[str]], typer.Option("--template", "-t", metavar="TEMPLATE", help="Put each text into this template ({} = the text); several make an ensemble.", rich_help_panel="Texts")] = None,
     resume: Annotated[bool, typer.Option("--resume", metavar="", help="Continue an interrupted run from <out>.partial, skipping finished inputs.", rich_help_panel="Output")] = False,
-    update: Annotated[Optional[str], typer.Option("--update", metavar="[=hash]", help="Bring an existing --out up to date with the inputs: embed new or changed files, drop rows of files that are gone, keep the rest. Changed means another size or modification time; --update=hash compares content hashes.", rich_help_panel="Output", show_default=False)] = None,
+    update: Annotated[Optional[str], typer.Option("--update", metavar="[=hash]", help="Bring --out up to date with the inputs (creating it if it does not exist yet): embed new or changed files, drop rows of files that are gone, keep the rest. Changed means another size or modification time; --update=hash compares content hashes.", rich_help_panel="Output", show_default=False)] = None,
+    relative_to: Annotated[Optional[Path], typer.Option("--relative-to", metavar="DIR", help="With --update of a store written before paths were stored absolute: the folder its relative paths were typed in (default: the working folder or the store's folder, whichever matches the inputs).", rich_help_panel="Output", show_default=False)] = None,
     strict: Annotated[bool, typer.Option("--strict", metavar="", help="Stop at the first input that cannot be read, instead of skipping it.", rich_help_panel="Input")] = False,
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", metavar="", help="Walk sub-folders.", rich_help_panel="Input")] = True,
     options: ModelOptions = None,  # every model option: see options.model_options
@@ -338,7 +351,8 @@ def embed(
         from ..embedding import EmbedPlan
         from ..prompts import resolve_templates
         from ..store import check_output_path
-        from .embed import embed_to_stdout, embed_to_store, refuse_foreign_file, refuse_overwriting_inputs, StrictStop
+        from .embed import (StrictStop, check_relative_to, embed_to_stdout, embed_to_store, previous_meta, refuse_foreign_file,
+                            refuse_overwriting_inputs)
 
         # Every option is checked before the model loads: a mistake must not cost a whole run.
         if fmt is not None and fmt != "jsonl":
@@ -352,6 +366,7 @@ def embed(
             raise UsageError("--resume and --update work on an --out file; JSON lines on stdout keep no state")
         if update not in (None, "mtime", "hash"):
             raise UsageError(f"--update={update}: use --update (size and modification time) or --update=hash (content)")
+        check_relative_to(relative_to, update)
         if out is not None:
             check_output_path(out)
         from ..cluster import ClusterOptions
@@ -371,13 +386,14 @@ def embed(
                     error_line(failure.error)
                 raise InputError("nothing to embed: no readable images among the inputs")
             raise UsageError("nothing to embed: give image paths or folders, --text or --texts-file")
-        plan = EmbedPlan(listing.sources, texts, listing.failures)
+        plan = EmbedPlan.from_listing(listing, texts)
         if out is not None:
             refuse_overwriting_inputs(out, plan, [])
-            refuse_foreign_file(out, bool(update))
-        base_meta = _update_base_meta(out) if update else {}
+            refuse_foreign_file(out)
+        base_meta = previous_meta(out, relative_to, plan) if update else {}
         # An update takes the model, its dtype, decode mode and patch budget from the store unless
         # told otherwise (a store made in fp16 on a GPU is refused, not silently mixed with fp32 rows).
+        model_from_store = options.model is None and base_meta.get("model") is not None
         options.model = options.model or base_meta.get("model")
         options.dtype, options.decode = _update_precision(base_meta, options.dtype, options.decode, options.exact)
         options.max_patches = options.max_patches or base_meta.get("max_patches")
@@ -388,7 +404,13 @@ def embed(
             report = embed_on_ray(options, plan, out, dtype_name, not no_normalize, templates, resume, cluster, progress_bar, note)
             _finish_embed(report, out)
             return
-        engine = load_engine(options)
+        try:
+            engine = load_engine(options)
+        except ModelUnavailable as exc:
+            if not model_from_store:
+                raise
+            raise ModelUnavailable(f"--update: {out} was made with {options.model}, which is not found from here ({exc}); "
+                                   "pass --model, or --relative-to DIR if it names a folder relative to where embed ran") from None
         if out is None:
             try:
                 from . import render
@@ -401,7 +423,7 @@ def embed(
                 raise typer.Exit(1) from None
             return
         report = embed_to_store(engine, plan, out, dtype_name, not no_normalize, templates, resume, update, strict,
-                                progress_bar, note)
+                                progress_bar, note, relative_to=relative_to)
     _finish_embed(report, out)
 
 
@@ -422,13 +444,6 @@ def check_engine_options(engine_kind: EngineKind, cluster, out: Path | None, upd
     from ..cluster import import_ray
 
     import_ray()
-
-
-def _update_base_meta(out: Path) -> dict:
-    """The existing store's meta: --update reuses its model and output dtype unless given."""
-    from ..store import open_store
-
-    return open_store(out).meta
 
 
 def _update_precision(base_meta: dict, dtype, decode, exact: bool):
@@ -538,8 +553,9 @@ def search(
     threshold: Annotated[Optional[float], typer.Option("--threshold", min=-1.0, max=1.0, help="Keep hits scoring at least this: SigLIP's probability for a text-image pair, the cosine for an image-image or text-text pair (which SigLIP gives no probability).", rich_help_panel="Results")] = None,
     texts: Annotated[bool, typer.Option("--texts", help="Also search the index's text rows (from embed --text); by default only its images.", rich_help_panel="Results")] = False,
     preview: Annotated[bool, typer.Option("--preview", help="Show thumbnails of the hits, in terminals that draw images (kitty graphics or sixel: kitty, iTerm2, WezTerm, foot, xterm -ti vt340...). Needs textual-image: pip install 'siglip-cli[preview]'.", rich_help_panel="Results")] = False,
-    fmt: FormatOpt = Format.auto,
+    fmt: ListFormatOpt = ListFormat.auto,
     json_flag: JsonOpt = False,
+    null: NullOpt = False,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="The checkpoint that made the index, if it is not where the index's meta says (it must be the same revision).", rich_help_panel="Model", show_default=False)] = None,
     device: Annotated[str, typer.Option("--device", help="Where queries are embedded: cpu (default: one query is one forward pass, faster than starting a GPU), auto, cuda or mps.", rich_help_panel="Model")] = "cpu",
     dtype: Annotated[DType, typer.Option("--dtype", help="auto: the dtype that made the index.", rich_help_panel="Model")] = DType.auto,
@@ -573,7 +589,9 @@ def search(
         if any(not text.strip() for text in texts_given):
             raise UsageError("an empty text query was given (an unset shell variable?)")
         templates = resolve_templates(template, use_template=not no_template)
-        fmt_name = output_format(fmt, json_flag)
+        fmt_name = output_format(fmt, json_flag, null)
+        if fmt_name in ("paths", "paths0") and texts:
+            raise UsageError("--format paths lists image files; --texts adds text rows, which are not paths: drop one of them")
         store = open_store(index)
         if store.path.suffix == ".jsonl":
             note(f"{index}: .jsonl is an exchange format, read whole into memory to be searched; "
@@ -589,10 +607,35 @@ def search(
 
             emit_with_thumbnails(results, fmt_name, note)
         else:
-            render.emit(results, fmt_name, render.SEARCH_VIEW)
+            render.emit(results, fmt_name, render.SEARCH_VIEW, note=note)
         _summarize_failures(len(failed), len(results))
     if failed:
         raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- info
+@app.command()
+def info(
+    index: Annotated[Path, typer.Argument(metavar="INDEX", help="An index written by siglip embed: .npy (with its sidecars), .npz, .jsonl or .parquet.", show_default=False)],
+    fmt: FormatOpt = Format.auto,
+    json_flag: JsonOpt = False,
+) -> None:
+    """What an index holds and how it was made.
+
+    Model and revision, model dtype, decoding, patch budget (SigLIP 2 NaFlex), rows by kind, vector size and dtype, whether paths are absolute, skipped inputs, when it was made, and its files with their sizes. Reads only the index, never the model.
+
+    [bold]Examples[/bold]
+
+      siglip info photos.npy
+
+      siglip info photos.parquet --json | jq '.skipped'
+    """
+    with handled():
+        from . import render
+        from .info import index_info
+
+        fmt_name = output_format(fmt, json_flag)
+        render.emit([index_info(index)], fmt_name, render.INFO_VIEW)
 
 
 # ----------------------------------------------------------------------------- bench
@@ -636,17 +679,24 @@ def bench(
 
 
 # ----------------------------------------------------------------------------- entry point
-_COMMANDS = ("classify", "embed", "similarity", "search", "bench")
+_COMMANDS = ("classify", "embed", "similarity", "search", "info", "bench")
 
 
 def normalize_argv(args: list[str]) -> list[str]:
     """`siglip` or `siglip CMD` alone shows help; `--update` alone means `--update=mtime` (an
-    option whose value is optional, which Typer's public API cannot declare)."""
+    option whose value is optional, which Typer's public API cannot declare). So `--update hash`
+    would embed a file named `hash`: it is refused, pointing at `--update=hash`."""
     if not args:
         return ["--help"]
     if len(args) == 1 and args[0] in _COMMANDS:
         return [args[0], "--help"]
-    return ["--update=mtime" if a == "--update" else a for a in args]
+    options_end = args.index("--") if "--" in args else len(args)
+    for position, arg in enumerate(args[: options_end - 1]):
+        if arg == "--update" and args[position + 1] in ("hash", "mtime"):
+            value = args[position + 1]
+            raise UsageError(f"--update {value}: write --update={value} (with '='; a word after a space is an input, "
+                             f"so to embed a file named {value}, write ./{value})")
+    return ["--update=mtime" if a == "--update" and i < options_end else a for i, a in enumerate(args)]
 
 
 def _click_error(exc: Exception) -> int | None:
@@ -687,7 +737,11 @@ def run(args: list[str] | None = None) -> None:
     for stream, errors in ((sys.stdout, "backslashreplace"), (sys.stdin, "surrogateescape")):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=errors)
-    args = normalize_argv(sys.argv[1:] if args is None else list(args))
+    try:
+        args = normalize_argv(sys.argv[1:] if args is None else list(args))
+    except UsageError as exc:
+        error_line(str(exc))
+        sys.exit(exit_code(exc))
     try:
         code = app(args=args, prog_name="siglip", standalone_mode=False)
         sys.stdout.flush()

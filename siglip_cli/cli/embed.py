@@ -15,10 +15,12 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..core.errors import UsageError
-from ..embedding import EmbedPlan, EmbedRun, EmbedSummary, check_base
+from ..embedding import EmbedPlan, EmbedRun, EmbedSummary, check_base, settle_stored_paths
+from ..paths import stored_model
 from ..results import EmbeddingRow
 from ..safefiles import remove_stale_temporaries
 from ..store import OutputLock, embedding_values, is_store, open_store, output_files
+from .render import display_path
 
 
 @dataclass
@@ -39,12 +41,38 @@ def refuse_overwriting_inputs(out: Path, plan: EmbedPlan, texts_files: Sequence[
             raise UsageError(f"--out {out}: would overwrite the texts file")
 
 
-def refuse_foreign_file(out: Path, update: bool) -> None:
+def shown_error(error: str) -> str:
+    """A skipped input's error on stderr: the store names it by its absolute path (and so does
+    the error); shown, like in tables, relative to the working folder when inside it."""
+    head, separator, cause = error.partition(": ")
+    return display_path(head) + separator + cause if separator and os.path.isabs(head) else error
+
+
+def refuse_foreign_file(out: Path) -> None:
     """An existing file that siglip did not write is never replaced; a store is, with a note."""
     if out.exists() and not is_store(out):
         raise UsageError(f"--out {out}: exists and is not a siglip embedding file; remove it or choose another name")
-    if update and not out.exists():
-        raise UsageError(f"--update: {out} does not exist yet; run once without --update to create it")
+
+
+def check_relative_to(relative_to: Path | None, update: str | None) -> None:
+    if relative_to is not None and not update:
+        raise UsageError("--relative-to reads an older store's relative paths; it works with --update")
+    if relative_to is not None and not relative_to.expanduser().is_dir():
+        raise UsageError(f"--relative-to {relative_to}: no such folder")
+
+
+def previous_meta(out: Path, relative_to: Path | None, plan: EmbedPlan) -> dict:
+    """For --update, the existing store's meta (none when --update creates it): the update
+    reuses its model (found from here, see paths.stored_model) and dtypes unless given. Its
+    paths are checked against the inputs now, so that a refusal costs no model load (the run
+    checks them again under the output's lock)."""
+    if not out.exists():
+        return {}
+    store = open_store(out)
+    settle_stored_paths(store, plan, relative_to, lambda message: None)
+    meta = dict(store.meta)
+    meta["model"] = stored_model(meta, out, (relative_to,) if relative_to is not None else ())
+    return meta
 
 
 def embed_to_store(
@@ -60,15 +88,20 @@ def embed_to_store(
     progress_bar,
     note: Callable[[str], None],
     make_run: Callable[..., EmbedRun] = EmbedRun,
+    relative_to: Path | None = None,
 ) -> EmbedReport:
     """The whole run under the output's lock: two runs never write one output at once.
-    `make_run` builds the run: EmbedRun computes here; a ClusterRun (cluster.py) on Ray."""
+    `make_run` builds the run: EmbedRun computes here; a ClusterRun (cluster.py) on Ray.
+    `--update` of an output that does not exist yet creates it (a nightly job runs one line)."""
     with OutputLock(out):
         _remove_stale_temporaries(out, note)
         base = None
-        if update:
+        if update and not out.exists():
+            note(f"--update: {out} does not exist yet; creating it")
+        elif update:
             base = open_store(out)
             check_base(base, engine, normalized, templates, out_dtype)
+            base = settle_stored_paths(base, plan, relative_to, note)
         elif out.exists():
             note(f"{out} will be replaced when this run completes")
         run = make_run(engine, plan, out, out_dtype, normalized, templates, resume, base, hash_files=update == "hash")
@@ -83,7 +116,7 @@ def embed_to_store(
                 note(f"--update: {len(images) - changed} new (or skipped before), {changed} changed, "
                      f"{len(plan.images) - len(images)} unchanged, {gone} gone")
             with progress_bar(len(images), "images") as advance:
-                finished = run.embed(advance, lambda error: note(f"skipped {error}"), strict)
+                finished = run.embed(advance, lambda error: note(f"skipped {shown_error(error)}"), strict)
             if not finished:
                 return EmbedReport(stopped_by_strict=True, partial=run.partial.folder)
             return EmbedReport(run.finish())

@@ -44,6 +44,17 @@ class Format(str, Enum):
     csv = "csv"
 
 
+class ListFormat(str, Enum):
+    """classify's and search's formats: Format's, plus one path per line."""
+
+    auto = "auto"
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+    paths = "paths"
+
+
 class EngineKind(str, Enum):
     local = "local"
     ray = "ray"
@@ -109,6 +120,8 @@ MaxPixelsOpt = Annotated[
 ]
 RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", metavar="", help="Also take images from sub-folders.", rich_help_panel="Input")]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help=FORMAT_HELP, rich_help_panel="Output")]
+ListFormatOpt = Annotated[ListFormat, typer.Option("--format", "-f", help=FORMAT_HELP + " paths: one path per line, for xargs and image viewers (see --null).", rich_help_panel="Output")]
+NullOpt = Annotated[bool, typer.Option("--null", "-0", metavar="", help="--format paths with each path ended by a NUL byte instead of a newline (xargs -0), so any file name passes.", rich_help_panel="Output")]
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Short for --format json.", rich_help_panel="Output")]
 TemplateOpt = Annotated[
     Optional[List[str]],

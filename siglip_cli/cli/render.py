@@ -20,10 +20,10 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ..results import BenchRow, ImageScores, InputFailure, SearchHit, SearchResult, SimilarityMatrix
+from ..results import BenchRow, ImageScores, IndexInfo, InputFailure, SearchHit, SearchResult, SimilarityMatrix
 from .terminal import printable
 
-FORMATS = ("table", "json", "jsonl", "csv")
+FORMATS = ("table", "json", "jsonl", "csv", "paths", "paths0")
 MATRIX_MAX_LABELS = 6  # more labels than this: the many-image table shows the best 3 instead
 TOP_LABELS = 3
 
@@ -121,12 +121,17 @@ class View:
     csv_rows: Callable[[Any], Iterable[Sequence]]
     json_document: Callable[[list], Any] = lambda results: [r.to_record() for r in results]
     jsonl_records: Callable[[Any], Iterable[dict]] = lambda result: [result.to_record()]
+    paths: Callable[[Any], Iterable[str]] | None = None  # --format paths: the file names a result lists
 
 
-def emit(results: Iterable[Any], fmt: str, view: View, out: IO[str] | None = None, console: Console | None = None) -> list:
-    """Print `results` in `fmt`. JSON lines stream (each record as soon as its result exists);
-    the other formats need every result first. Returns the results."""
+def emit(results: Iterable[Any], fmt: str, view: View, out: IO[str] | None = None, console: Console | None = None,
+         note: Callable[[str], None] | None = None) -> list:
+    """Print `results` in `fmt`. JSON lines and paths stream (each record as soon as its result
+    exists); the other formats need every result first. Returns the results. `note` tells
+    (on stderr) what the paths format had to leave out."""
     out = out or sys.stdout
+    if fmt in ("paths", "paths0"):
+        return _emit_paths(results, fmt == "paths0", view, out, note or _stderr_note)
     if fmt == "jsonl":
         kept = []
         for result in results:
@@ -149,6 +154,37 @@ def emit(results: Iterable[Any], fmt: str, view: View, out: IO[str] | None = Non
         console.print(view.table(results, console))
     out.flush()
     return results
+
+
+# ============================================================================ paths
+def _stderr_note(message: str) -> None:
+    sys.stderr.write(f"siglip: {message}\n")
+
+
+def _emit_paths(results: Iterable[Any], null: bool, view: View, out: IO[str], note: Callable[[str], None]) -> list:
+    """One path per line, exactly as stored (bytes of non-UTF-8 names included), or ended by NUL
+    bytes (`null`). A name holding a line break would read as two lines: it is left out with a
+    note (use --null). On a terminal, names are shown with their control characters escaped."""
+    end = "\0" if null else "\n"
+    terminal = getattr(out, "isatty", lambda: False)()
+    binary = None if terminal else getattr(out, "buffer", None)  # exact bytes into a pipe or file
+    out.flush()
+    kept, broken = [], []
+    for result in results:
+        for name in view.paths(result) if view.paths else []:
+            if not null and "\n" in name:
+                broken.append(name)
+            elif binary is not None:
+                binary.write((name + end).encode("utf-8", "surrogateescape"))
+            else:
+                out.write((printable(name) if terminal else name) + end)
+        (binary or out).flush()  # each result as soon as it exists: `| head` and viewers start early
+        kept.append(result)
+    if broken:
+        more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+        note(f"left out {len(broken)} path(s) holding a line break, which one path per line cannot carry: "
+             f"{printable(broken[0])}{more}; use --null (-0) to list them")
+    return kept
 
 
 # ============================================================================ classify
@@ -288,6 +324,7 @@ def classify_view(labels: Sequence[str], mode: str) -> View:
         table=lambda results, console: classify_table(results, console, labels, mode),
         csv_header=["path", "rank", "label", "score", "logit", "error"],
         csv_rows=_classify_csv,
+        paths=lambda result: [result.path] if result.error is None and result.labels else [],
     )
 
 
@@ -407,7 +444,90 @@ def _search_csv(result: SearchResult) -> Iterable[Sequence]:
     return [[result.query, h.rank, h.path, h.kind, h.score, h.cosine, ""] for h in result.hits]
 
 
-SEARCH_VIEW = View(table=search_table, csv_header=["query", "rank", "path", "kind", "score", "cosine", "error"], csv_rows=_search_csv)
+def _search_paths(result: SearchResult) -> list[str]:
+    return [] if result.error is not None else [hit.path for hit in result.hits if hit.kind == "image"]
+
+
+SEARCH_VIEW = View(table=search_table, csv_header=["query", "rank", "path", "kind", "score", "cosine", "error"], csv_rows=_search_csv,
+                   paths=_search_paths)
+
+
+# ============================================================================ info
+def human_bytes(count: int) -> str:
+    """1234567 -> 1.2 MB (decimal units, as `ls -h --si` and file managers show them)."""
+    size = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{count} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+_PATH_STYLES = {
+    "absolute": "absolute",
+    "relative": "relative to the folder embed ran in (an older store; --update stores them absolute)",
+    "mixed": "some relative to the folder embed ran in (an older store; --update stores them absolute)",
+    "none": "no files (URLs or texts only)",
+}
+INFO_SKIPPED_SHOWN = 10
+
+
+def info_table(results: list[IndexInfo], console: Console) -> Group:
+    info = results[0]
+    table = Table(title=Text(printable(display_path(info.path)), style="bold"), title_justify="left",
+                  box=box.SIMPLE_HEAD, show_header=False, pad_edge=False)
+    table.add_column("field", style="dim", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    rows = [("model", printable(info.model or "unknown")), ("revision", info.revision or "unknown"),
+            ("model dtype", info.model_dtype or "unknown"), ("decode", info.decode or "unknown")]
+    if info.max_patches is not None:
+        rows.append(("patch budget", f"{info.max_patches} patches per image"))
+    rows += [
+        ("rows", f"{info.image_rows} image{'s' if info.image_rows != 1 else ''}, {info.text_rows} text{'s' if info.text_rows != 1 else ''}"),
+        ("vectors", f"{info.dim}-d {info.dtype}" + ("" if info.normalized is None else ", L2-normalised" if info.normalized else ", not normalised")),
+        ("templates", ", ".join(repr(t) for t in info.templates) if info.templates else "none (texts as typed)"),
+        ("paths", _PATH_STYLES.get(info.paths, info.paths)),
+        ("skipped", f"{len(info.skipped)} input{'s' if len(info.skipped) != 1 else ''}"),
+        ("created", info.created or "unknown"),
+        ("format", info.format),
+        ("size", f"{human_bytes(info.bytes)} ({info.bytes:,} bytes) in {len(info.files)} file{'s' if len(info.files) != 1 else ''}"),
+    ]
+    for field_name, value in rows:
+        table.add_row(field_name, Text(value))
+    files = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    files.add_column("file", no_wrap=True)
+    files.add_column("bytes", justify="right", no_wrap=True)
+    for item in info.files:
+        files.add_row(Text(ellipsize(printable(display_path(item.path)), max(16, console.width - 16))), f"{item.bytes:,}")
+    parts: list[Any] = [table, files]
+    for skipped in info.skipped[:INFO_SKIPPED_SHOWN]:
+        path = str(skipped.get("path", ""))
+        parts.append(Text(f"skipped {printable(display_path(path))}: {printable(_cause(path, str(skipped.get('error', ''))))}", style="yellow"))
+    if len(info.skipped) > INFO_SKIPPED_SHOWN:
+        parts.append(Text(f"and {len(info.skipped) - INFO_SKIPPED_SHOWN} more skipped inputs; --json lists all", style="dim"))
+    if info.partial:
+        parts.append(Text(f"an interrupted run's rows are in {printable(display_path(info.partial))}; "
+                          "run the same embed command with --resume to finish it", style="yellow"))
+    return Group(*parts)
+
+
+def _info_csv(info: IndexInfo) -> Iterable[Sequence]:
+    record = info.to_record()
+    for key, value in record.items():
+        if key == "files":
+            yield from ([f"file {f['path']}", f["bytes"]] for f in value)
+        elif key == "skipped":
+            yield from ([f"skipped {s.get('path')}", s.get("error")] for s in value)
+        elif key == "rows":
+            yield from ([f"{kind} rows", count] for kind, count in value.items())
+        elif key == "templates":
+            yield [key, json.dumps(value, ensure_ascii=False)]
+        else:
+            yield [key, value]
+
+
+INFO_VIEW = View(table=info_table, csv_header=["field", "value"], csv_rows=_info_csv,
+                 json_document=lambda results: results[0].to_record())
 
 
 # ============================================================================ embed (stdout rows)
