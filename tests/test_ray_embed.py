@@ -162,7 +162,7 @@ def test_an_interrupted_driver_resumes_only_the_missing_shards(inputs, env, loca
     code, terminal = run_on_a_terminal(argv, ray_env)
     assert code == 1, terminal
     assert f"resuming: {rows_done} rows already done" in terminal, terminal
-    assert f"({kept} kept from before)" in terminal, terminal  # only the missing shards ran again
+    assert f"; {kept} kept from before)" in terminal, terminal  # only the missing shards ran again
     assert re.search(rf"\b\d+/{left}\b", terminal), terminal  # the bar counts the rows left
 
     local_embed(inputs, reference, env)  # the same format, local engine

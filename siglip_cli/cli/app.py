@@ -177,8 +177,12 @@ def describe_run(engine, options: ModelOptions) -> str:
     if options.decode == "auto" and not options.exact:
         decode += " (auto: exact with fp32, else fast)"
     threads = f"{engine.workers} decode thread{'s' if engine.workers != 1 else ''}"
+    budget = ""
+    if engine.config.vision.naflex:
+        why = "--max-patches" if options.max_patches is not None else "the checkpoint's max_num_patches"
+        budget = f"; patch budget {engine.config.preprocess.max_num_patches} ({why})"
     return (f"model {engine.resolved.name} (revision {engine.resolved.revision}) on {engine.device}; dtype {dtype}; "
-            f"decode {decode}; attn {engine.attn}; batch {engine.batch_size}; {threads}")
+            f"decode {decode}; attn {engine.attn}; batch {engine.batch_size}; {threads}{budget}")
 
 
 def output_format(fmt: Format, json_flag: bool) -> str:
@@ -442,9 +446,9 @@ def _finish_embed(report, out: Path) -> None:
     parts = [f"{meta['image_rows']} image{'s' if meta['image_rows'] != 1 else ''}"] if meta["image_rows"] or not meta["text_rows"] else []
     if meta["text_rows"]:
         parts.append(f"{meta['text_rows']} text{'s' if meta['text_rows'] != 1 else ''}")
-    reused = f" ({summary.reused} kept from before)" if summary.reused else ""
+    reused = f"; {summary.reused} kept from before" if summary.reused else ""
     skipped = f"; skipped {meta['skipped_count']}, listed in {out}.meta.json" if meta["skipped_count"] else ""
-    note(f"wrote {' and '.join(parts)}{reused} ({meta['dim']}-d {meta['dtype']}) to {out} in {summary.elapsed:.1f} s{rate}{skipped}")
+    note(f"wrote {' and '.join(parts)} ({meta['dim']}-d {meta['dtype']}{reused}) to {out} in {summary.elapsed:.1f} s{rate}{skipped}")
     if meta["skipped_count"]:
         raise typer.Exit(1)
 

@@ -55,8 +55,8 @@ class OutDType(str, Enum):
 
 
 MODEL_HELP = (
-    "Local checkpoint folder (config.json, model.safetensors and the tokenizer: spiece.model for SigLIP, "
-    "tokenizer.json for SigLIP 2) or Hugging Face hub id. "
+    "Local checkpoint folder (config.json, model.safetensors, preprocessor_config.json and the tokenizer: "
+    "spiece.model for SigLIP, tokenizer.json for SigLIP 2) or Hugging Face hub id. "
     "Hub models download once into the Hugging Face cache (HF_HOME) and are used from there."
 )
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."
