@@ -22,6 +22,11 @@ from .. import __version__
 from ..core.errors import BackendUnavailable, InputError, ModelUnavailable, OutputError, SiglipError, UsageError
 from .options import (
     DEFAULT_MODEL,
+    HelpOpt,
+    InstallCompletionOpt,
+    ShowCompletionOpt,
+    choices,
+    help_option,
     Attn,
     AttnOpt,
     CpusPerWorkerOpt,
@@ -68,6 +73,8 @@ app = typer.Typer(
     help="Zero-shot image classification, embeddings, similarity and search with Google's SigLIP.",
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    add_help_option=False,  # ours, and the completion flags, are declared in main_callback (options.HelpOpt)
+    add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 
@@ -81,6 +88,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_callback(
     version: Annotated[bool, typer.Option("--version", metavar="", callback=_version, is_eager=True, help="Print the version.")] = False,
+    install_completion: InstallCompletionOpt = False,
+    show_completion: ShowCompletionOpt = False,
+    show_help: HelpOpt = False,
 ) -> None:
     """Zero-shot image classification, embeddings, similarity and search with Google's SigLIP.
 
@@ -222,10 +232,11 @@ def _summarize_failures(failed: int, total: int) -> None:
 
 
 # ----------------------------------------------------------------------------- classify
-@app.command()
+@app.command(add_help_option=False)
+@help_option
 @model_options()
 def classify(
-    images: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", help="Image files, folders, glob patterns, http(s) URLs, or - to read paths from stdin.", show_default=False)] = None,
+    images: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", hidden=True, help="Image files, folders, glob patterns, http(s) URLs, or - to read paths from stdin.", show_default=False)] = None,
     labels: Annotated[Optional[List[str]], typer.Option("--labels", "-l", metavar="LABELS", help='Comma-separated labels, e.g. "2 cats,2 dogs"; a label holding commas goes in double quotes.', rich_help_panel="Labels")] = None,
     label: Annotated[Optional[List[str]], typer.Option("--label", metavar="LABEL", help="One label, commas kept (repeatable).", rich_help_panel="Labels")] = None,
     labels_file: Annotated[Optional[List[Path]], typer.Option("--labels-file", metavar="FILE", help="A file with one label per line.", rich_help_panel="Labels")] = None,
@@ -240,6 +251,8 @@ def classify(
     options: ModelOptions = None,  # every model option: see options.model_options
 ) -> None:
     """Score images against labels (zero-shot).
+
+    IMAGE: image files, folders, glob patterns, http(s) URLs, or - to read paths from stdin.
 
     Scores are SigLIP's per-label sigmoid probabilities: each label is judged on its own, so they do NOT sum to 100% (an image can match several labels, or none). Use --softmax to force a choice among the labels. Labels go through "This is a photo of {}." unless --template or --no-template says otherwise.
 
@@ -289,13 +302,14 @@ def classify(
 
 
 # ----------------------------------------------------------------------------- embed
-@app.command()
+@app.command(add_help_option=False)
+@help_option
 @model_options(exclude=("no_cache",))
 def embed(
-    inputs: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", help="Image files, folders (walked recursively, sorted), glob patterns, URLs, or - for paths on stdin.", show_default=False)] = None,
+    inputs: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", hidden=True, help="Image files, folders (walked recursively, sorted), glob patterns, URLs, or - for paths on stdin.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FILE", help="Output file: .npy (+ .paths.txt, .stamps.npy, .meta.json sidecars), .npz, .jsonl or .parquet.", rich_help_panel="Output")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", "-f", metavar="jsonl", help="jsonl: print {kind, path|text, embedding} lines to stdout instead of writing --out.", rich_help_panel="Output")] = None,
-    out_dtype: Annotated[Optional[OutDType], typer.Option("--out-dtype", help="float32 (default) or float16, which halves the file.", rich_help_panel="Output", show_default=False)] = None,
+    out_dtype: Annotated[Optional[OutDType], typer.Option("--out-dtype", metavar=choices(OutDType), help="float32 (default) or float16, which halves the file.", rich_help_panel="Output", show_default=False)] = None,
     no_normalize: Annotated[bool, typer.Option("--no-normalize", metavar="", help="Write the raw tower outputs instead of L2-normalised rows.", rich_help_panel="Output")] = False,
     text: Annotated[Optional[List[str]], typer.Option("--text", metavar="TEXT", help="Also embed this text (repeatable); its row has kind text.", rich_help_panel="Texts")] = None,
     texts_file: TextsFileOpt = None,
@@ -312,6 +326,8 @@ def embed(
     shard_size: ShardSizeOpt = None,
 ) -> None:
     """Embed images (and texts) into vectors on disk.
+
+    IMAGE: image files, folders (walked recursively, sorted), glob patterns, URLs, or - for paths on stdin.
 
     Rows are L2-normalised float32 in input order (images, then texts). Every output has a <out>.meta.json with the model, settings and every skipped input with its reason. Files appear atomically when the run completes; Ctrl-C keeps finished batches in <out>.partial and --resume carries on from there. Two runs never write one output at once.
 
@@ -454,7 +470,8 @@ def _finish_embed(report, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- similarity
-@app.command()
+@app.command(add_help_option=False)
+@help_option
 @model_options()
 def similarity(
     image: Annotated[Optional[List[str]], typer.Option("--image", "-i", metavar="IMAGE", help="Image file, folder, glob or URL (repeatable).", rich_help_panel="Inputs")] = None,
@@ -518,28 +535,31 @@ def similarity(
 
 
 # ----------------------------------------------------------------------------- search
-@app.command()
+@app.command(add_help_option=False)
+@help_option
 def search(
-    index: Annotated[Path, typer.Argument(help="An index written by siglip embed: .npy (with its sidecars), .npz, .parquet or .jsonl.", show_default=False)],
-    queries: Annotated[Optional[List[str]], typer.Argument(help="Texts to search for; each gets its own ranking.", show_default=False)] = None,
-    image: Annotated[Optional[List[str]], typer.Option("--image", "-i", help="Search for images like this one (a file, folder, pattern or URL; repeatable).", rich_help_panel="Queries")] = None,
-    template: Annotated[Optional[List[str]], typer.Option("--template", "-t", help='Put each text query into this template ({} = the query; default "This is a photo of {}."); several make an ensemble.', rich_help_panel="Queries")] = None,
-    no_template: Annotated[bool, typer.Option("--no-template", help="Use the text queries as typed.", rich_help_panel="Queries")] = False,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Hits per query.", rich_help_panel="Results")] = 10,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", min=-1.0, max=1.0, help="Keep hits scoring at least this: SigLIP's probability for a text-image pair, the cosine for an image-image or text-text pair (which SigLIP gives no probability).", rich_help_panel="Results")] = None,
-    texts: Annotated[bool, typer.Option("--texts", help="Also search the index's text rows (from embed --text); by default only its images.", rich_help_panel="Results")] = False,
-    preview: Annotated[bool, typer.Option("--preview", help="Show thumbnails of the hits, in terminals that draw images (kitty graphics or sixel: kitty, iTerm2, WezTerm, foot, xterm -ti vt340...). Needs textual-image: pip install 'siglip-cli[preview]'.", rich_help_panel="Results")] = False,
+    index: Annotated[Path, typer.Argument(metavar="INDEX", hidden=True, help="An index written by siglip embed: .npy (with its sidecars), .npz, .parquet or .jsonl.", show_default=False)],
+    queries: Annotated[Optional[List[str]], typer.Argument(metavar="QUERY", hidden=True, help="Texts to search for; each gets its own ranking.", show_default=False)] = None,
+    image: Annotated[Optional[List[str]], typer.Option("--image", "-i", metavar="IMAGE", help="Search for images like this one (a file, folder, pattern or URL; repeatable).", rich_help_panel="Queries")] = None,
+    template: Annotated[Optional[List[str]], typer.Option("--template", "-t", metavar="TEMPLATE", help='Put each text query into this template ({} = the query; default "This is a photo of {}."); several make an ensemble.', rich_help_panel="Queries")] = None,
+    no_template: Annotated[bool, typer.Option("--no-template", metavar="", help="Use the text queries as typed.", rich_help_panel="Queries")] = False,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", metavar="K", min=1, help="Hits per query.", rich_help_panel="Results")] = 10,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="SCORE", min=-1.0, max=1.0, help="Keep hits scoring at least this: SigLIP's probability for a text-image pair, the cosine for an image-image or text-text pair (which SigLIP gives no probability).", rich_help_panel="Results")] = None,
+    texts: Annotated[bool, typer.Option("--texts", metavar="", help="Also search the index's text rows (from embed --text); by default only its images.", rich_help_panel="Results")] = False,
+    preview: Annotated[bool, typer.Option("--preview", metavar="", help="Show thumbnails of the hits, in terminals that draw images (kitty graphics or sixel: kitty, iTerm2, WezTerm, foot, xterm -ti vt340...). Needs textual-image: pip install 'siglip-cli\\[preview]'.", rich_help_panel="Results")] = False,
     fmt: FormatOpt = Format.auto,
     json_flag: JsonOpt = False,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="The checkpoint that made the index, if it is not where the index's meta says (it must be the same revision).", rich_help_panel="Model", show_default=False)] = None,
-    device: Annotated[str, typer.Option("--device", help="Where queries are embedded: cpu (default: one query is one forward pass, faster than starting a GPU), auto, cuda or mps.", rich_help_panel="Model")] = "cpu",
-    dtype: Annotated[DType, typer.Option("--dtype", help="auto: the dtype that made the index.", rich_help_panel="Model")] = DType.auto,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="NAME|FOLDER", help="The checkpoint that made the index, if it is not where the index's meta says (it must be the same revision).", rich_help_panel="Model", show_default=False)] = None,
+    device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="Where queries are embedded: cpu (default: one query is one forward pass, faster than starting a GPU), auto, cuda or mps.", rich_help_panel="Model")] = "cpu",
+    dtype: Annotated[DType, typer.Option("--dtype", metavar=choices(DType), help="auto: the dtype that made the index.", rich_help_panel="Model")] = DType.auto,
     attn: AttnOpt = Attn.auto,
     offline: OfflineOpt = False,
     max_pixels: MaxPixelsOpt = 100_000_000,
     no_cache: NoCacheOpt = False,
 ) -> None:
     """Find the images of an index closest to texts or images.
+
+    INDEX: a file written by siglip embed (.npy with its sidecars, .npz, .parquet or .jsonl). QUERY: texts to search for; each gets its own ranking.
 
     Every row is compared with every query (exact search; fine to about 10 million rows). Queries are embedded by the model that made the index (its meta says which): text queries go through the template, like classify's labels, and come from the on-disk cache when they were asked before, so the model is not even loaded. A text query's hits are scored by SigLIP's probability that the image matches the text.
 
@@ -584,7 +604,8 @@ def search(
 
 
 # ----------------------------------------------------------------------------- bench
-@app.command()
+@app.command(add_help_option=False)
+@help_option
 def bench(
     model: ModelOpt = None,
     attn: Annotated[str, typer.Option("--attn", metavar="BACKEND,...", help="A backend, several comma-separated, or all.")] = "all",
@@ -646,13 +667,31 @@ def _click_error(exc: Exception) -> int | None:
     code, format_message = getattr(exc, "exit_code", None), getattr(exc, "format_message", None)
     if not isinstance(code, int) or not callable(format_message):
         return None
-    message = " ".join(str(format_message()).split())
-    # Typer 0.26's vendored Click prints its suggestions as a tuple's repr: ('(Possible options: --x)',)
-    message = re.sub(r"\('\((Possible options: [^)]*)\)',\)", r"(\1)", message)
     context = getattr(exc, "ctx", None)
+    typed = getattr(exc, "option_name", None)
+    if isinstance(typed, str) and hasattr(exc, "possibilities"):  # No such option: ours, not Click's loose guesses
+        message = f"No such option: {typed}"
+        close = close_options(typed, getattr(getattr(context, "command", None), "params", []))
+        if close:
+            message += f"; did you mean {' or '.join(close)}?"
+    else:
+        message = " ".join(str(format_message()).split())
     hint = f" (see '{context.command_path} --help')" if getattr(context, "command_path", None) else ""
     error_line(message + hint)
     return code
+
+
+def close_options(typed: str, params) -> list[str]:
+    """The options `typed` was probably meant to be: a near spelling (--verbos, --top_k) or the
+    start of one (--thresh), never a distant one (Click offers --verbose for --bogus)."""
+    import difflib
+
+    names = sorted({name for param in params for name in getattr(param, "opts", []) if name.startswith("--")})
+    wanted = typed.split("=", 1)[0]
+    close = [name for name in names if difflib.SequenceMatcher(None, wanted, name).ratio() >= 0.8]
+    if not close and len(wanted) >= 5:
+        close = [name for name in names if name.startswith(wanted)]
+    return close[:3]
 
 
 def _silence_stdout() -> None:
