@@ -36,7 +36,7 @@ def test_one_placeholder_style(command):
 def test_usage_lines_name_arguments_in_capitals():
     usage = next(line for line in _help("search").splitlines() if "Usage:" in line)
     assert re.search(r"Usage: siglip search \[OPTIONS\] \{?INDEX\}? \[QUERY\](\.\.\.)?", usage), usage  # {} = required, Typer >= 0.29
-    assert "Usage: siglip classify [OPTIONS] [IMAGE]..." in _help("classify")
+    assert re.search(r"Usage: siglip classify \[OPTIONS\] \[IMAGE\](\.\.\.)?", _help("classify"))
 
 
 def test_the_default_model_has_no_parentheses():
