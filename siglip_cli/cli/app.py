@@ -626,13 +626,15 @@ def bench(
 
     [bold]Examples[/bold]
 
+      siglip bench     # the default run; it says first roughly how long it takes
+
       siglip bench --attn sdpa --dtype fp16
 
       siglip bench --model ./my-checkpoint --compare transformers --batch-sizes 1,8 --format json
     """
     with handled():
         from . import render
-        from .bench import make_options, run_bench
+        from .bench import make_options, plan_line, run_bench
         from ..runtime import keep_freed_memory
 
         if fmt not in ("table", "json", "csv"):
@@ -640,6 +642,7 @@ def bench(
         options = make_options(model or DEFAULT_MODEL, attn, dtype, batch_sizes, towers, seconds, repeats, device, peak_tflops,
                                compare, max_patches)
         keep_freed_memory()
+        note(plan_line(options))
         rows = run_bench(options, note)
         render.emit(rows, fmt, render.BENCH_VIEW)
 
@@ -649,11 +652,12 @@ _COMMANDS = ("classify", "embed", "similarity", "search", "bench")
 
 
 def normalize_argv(args: list[str]) -> list[str]:
-    """`siglip` or `siglip CMD` alone shows help; `--update` alone means `--update=mtime` (an
-    option whose value is optional, which Typer's public API cannot declare)."""
+    """`siglip` or `siglip CMD` alone shows help, but `siglip bench` alone runs the default
+    benchmark (every option has a default); `--update` alone means `--update=mtime` (an option
+    whose value is optional, which Typer's public API cannot declare)."""
     if not args:
         return ["--help"]
-    if len(args) == 1 and args[0] in _COMMANDS:
+    if len(args) == 1 and args[0] in _COMMANDS and args[0] != "bench":
         return [args[0], "--help"]
     return ["--update=mtime" if a == "--update" else a for a in args]
 

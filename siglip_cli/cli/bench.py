@@ -96,6 +96,31 @@ def make_options(model, attn, dtype, batch_sizes, towers, seconds, repeats, devi
                         max_patches, auto)
 
 
+def timed_rows(options: BenchOptions) -> int:
+    """How many rows run timed: every backend this kind of device can run (eager too, as the
+    hidden reference), plus transformers' model with --compare, for each dtype, tower and batch."""
+    runnable = [b for b in options.backends if b != "flash" or options.device.startswith("cuda")]
+    per_group = len(runnable) + (1 if options.compare else 0)
+    return len(options.dtypes) * len(options.towers) * len(options.batch_sizes) * per_group
+
+
+def plan_line(options: BenchOptions) -> str:
+    """Said before anything runs: what will be timed and roughly how long it takes. Each row takes
+    its --seconds budget plus warm-up, at most; each dtype builds the model once (seconds)."""
+    rows = timed_rows(options)
+    estimate = rows * (options.seconds + 0.5) + len(options.dtypes) * 4
+    if estimate < 90:
+        roughly = f"{max(5, round(estimate / 5) * 5):.0f} s"
+    else:
+        roughly = f"{round(estimate / 60):.0f} minute{'s' if round(estimate / 60) != 1 else ''}"
+    shape = " x ".join(f"{len(values)} {name}" for name, values in (
+        ("dtypes" if len(options.dtypes) != 1 else "dtype", options.dtypes),
+        ("towers" if len(options.towers) != 1 else "tower", options.towers),
+        ("batch sizes" if len(options.batch_sizes) != 1 else "batch size", options.batch_sizes)))
+    return (f"timing {rows} rows of {options.model} ({shape}, each backend) for up to {options.seconds:g} s each: "
+            f"about {roughly} in all; --seconds, --towers and --batch-sizes make it shorter, Ctrl-C stops")
+
+
 def bench_dtypes(text: str, device: torch.device, auto: Precision) -> list[str]:
     """The dtypes to time. `auto` (alone or in a list): on CUDA fp16 and bf16; elsewhere fp32 and,
     where it differs, what `--dtype auto` picks here, so its gain shows beside fp32."""
