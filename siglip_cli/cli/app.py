@@ -53,7 +53,7 @@ from .options import (
     WorkersPerNodeOpt,
     model_options,
 )
-from .terminal import error_line, note, progress_bar, status, truncation_note
+from .terminal import activity, end_activity, error_line, note, progress_bar, status, truncation_note
 
 EXIT_CODES = {UsageError: 2, ModelUnavailable: 3, BackendUnavailable: 4, InputError: 1, OutputError: 1}
 EXIT_INTERRUPTED = 130
@@ -114,7 +114,9 @@ class _Interrupted(Exception):
 
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
-    """User-fixable errors -> one line on stderr and their exit code; Ctrl-C -> 130."""
+    """User-fixable errors -> one line on stderr and their exit code; Ctrl-C -> 130. On a
+    terminal, a spinner says what the command is doing from its first moment (terminal.activity)."""
+    activity("starting")
     try:
         yield
     except KeyboardInterrupt:
@@ -149,6 +151,8 @@ def handled() -> Iterator[None]:
             error_line(f"the device ran out of memory ({str(exc).splitlines()[0]}); try a smaller --batch-size")
             raise typer.Exit(4) from None
         raise
+    finally:
+        end_activity()
 
 
 def load_engine(options: ModelOptions, model: str | None = None):
@@ -171,6 +175,7 @@ def load_engine(options: ModelOptions, model: str | None = None):
             decode=options.decode,
             exact=options.exact,
         )
+    activity("warming up: the weights and the first batch")
     engine.on_truncated = lambda texts, length: note(truncation_note(texts, length))
     if options.verbose:
         note(describe_run(engine, options))
@@ -210,7 +215,10 @@ def list_inputs(arguments: list[str], recursive: bool):
     from ..sources import expand
 
     if "-" in arguments and sys.stdin.isatty():
+        end_activity()  # the user types here
         note("reading image paths from the terminal, one per line; end with Ctrl-D")
+    else:
+        activity("listing inputs")
     listing = expand(arguments, recursive=recursive)
     if listing.duplicates:
         note(f"{listing.duplicates} input(s) were named more than once; each is used once")
@@ -588,7 +596,9 @@ def search(
         store = open_store(index)
         listing = list_inputs(image, recursive=False) if image else None
         index_model = IndexModel(index, store.meta, model, device, dtype.value, attn.value, offline, not no_cache, max_pixels)
+        activity("searching")
         results = list(run_search(store, index_model, texts_given, templates, listing, top_k, threshold, texts))
+        end_activity()
         failed = [r for r in results if r.error is not None]
         for result in failed:
             error_line(result.error)
@@ -644,6 +654,7 @@ def bench(
         keep_freed_memory()
         note(plan_line(options))
         rows = run_bench(options, note)
+        end_activity()
         render.emit(rows, fmt, render.BENCH_VIEW)
 
 

@@ -32,6 +32,7 @@ from ..hub import ResolvedModel, resolve_model
 from ..pipeline import PatchBatch
 from ..results import BenchRow
 from ..runtime import PRECISIONS, Precision, cpu_features, native_bf16, cpu_flags, resolve_device, resolve_precision
+from .terminal import activity
 
 TOWERS = ("vision", "text", "classify")
 CLASSIFY_LABELS = 10  # label embeddings an end-to-end classify call scores against
@@ -431,6 +432,7 @@ def run_bench(options: BenchOptions, note: Callable[[str], None]) -> list[BenchR
             continue
         towers = tuple(t for t in ("text", "vision") if t in options.towers or (t == "vision" and "classify" in options.towers))
         precision = resolve_precision(dtype_name, device)
+        activity(f"building the model in {dtype_name}")
         engine, weights = open_engine(options.model, device, precision.dtype, None if noted else note, options.max_patches,
                                       towers, precision.quantize)
         noted = True
@@ -482,6 +484,8 @@ def _backend_rows(engine: Engine, calls: _Calls, tower: str, base: dict, options
             rows.append(row)
             continue
         engine.set_attention(backend)
+        activity(f"timing {tower}, {base['dtype']}, batch {base['batch_size']}, {backend}: "
+                 f"checking against eager, warming up, then up to {options.seconds:g} s")
         output = measure(row, lambda: calls.ours(tower), device, options, flops, eager_output)
         if backend == "eager":
             eager_output, eager_median = output, row.ms_per_batch
@@ -499,6 +503,7 @@ def _reference_row(reference, calls: _Calls, tower: str, base: dict, options: Be
     engine = calls.engine
     device = engine.device
     row = BenchRow(attn="transformers", **base)
+    activity(f"timing {tower}, {base['dtype']}, batch {base['batch_size']}, transformers' model")
     reference.to(device)  # on the device only for its own rows: it must not inflate ours
     try:
         measure(row, lambda: calls.reference(reference, tower), device, options, flops, eager_output)
