@@ -119,7 +119,7 @@ def plan_line(options: BenchOptions) -> str:
         ("towers" if len(options.towers) != 1 else "tower", options.towers),
         ("batch sizes" if len(options.batch_sizes) != 1 else "batch size", options.batch_sizes)))
     return (f"timing {rows} rows of {options.model} ({shape}, each backend) for up to {options.seconds:g} s each: "
-            f"about {roughly} in all; --seconds, --towers and --batch-sizes make it shorter, Ctrl-C stops")
+            f"about {roughly} on an idle machine; --seconds, --towers and --batch-sizes make it shorter, Ctrl-C stops")
 
 
 def bench_dtypes(text: str, device: torch.device, auto: Precision) -> list[str]:
