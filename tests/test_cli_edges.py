@@ -215,8 +215,6 @@ def test_a_spinner_says_what_the_run_is_doing_from_the_start(image_dir, tiny_che
 def test_the_first_bar_frames_claim_no_absurd_rate(tiny_checkpoint, tmp_path):
     """A rate shows only over a second of work: the first frames used to divide one image by a
     millisecond and claim thousands of images/s."""
-    from PIL import Image
-
     from .conftest import random_image
 
     folder = tmp_path / "many"

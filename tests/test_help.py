@@ -65,8 +65,6 @@ def test_help_and_completion_are_still_there():
     ("--labes", "--label or --labels"),
 ])
 def test_a_mistyped_option_suggests_only_close_matches(typed, suggested):
-    from siglip_cli.cli.app import run
-
     import subprocess
     import sys
 
