@@ -175,3 +175,16 @@ def test_bench_notes_are_one_line_each():
     lines = text.splitlines()
     assert any(line.startswith("warning: 2 row(s) varied") and line.endswith("compare ratios from one run only") for line in lines)
     assert any(line.startswith("[1] flash unavailable") and line.endswith("use --attn sdpa") for line in lines)
+
+
+@pytest.mark.parametrize("labels,matrix", [
+    ([f"label {i}" for i in range(5)], True),  # 5 short labels fit 80 columns
+    ([f"label {i}" for i in range(6)], False),  # 6 do not: the best 3 per image
+    ([f"a long label number {i}" for i in range(3)], True),
+    ([f"a long label number {i}" for i in range(4)], False),  # 4 long ones do not (docs/classify.md)
+])
+def test_when_the_many_image_table_switches_to_the_best_3(labels, matrix):
+    results = [ImageScores(f"{name}.jpg", [LabelScore(l, 0.5 - i / 100, 0.0) for i, l in enumerate(labels)]) for name in "ab"]
+    text = _table(results, render.classify_view(labels, "sigmoid"))
+    assert ("★" in text) == matrix
+    assert (f"best 3 of {len(labels)} labels" in text) == (not matrix)
