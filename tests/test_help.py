@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from siglip_cli.cli.app import app
 
-COMMANDS = ["classify", "embed", "similarity", "search", "bench"]
+COMMANDS = [command.name or command.callback.__name__ for command in app.registered_commands]  # new ones too
 # What Typer prints when an option has no metavar of ours: <bool>, <int range>, <list[str]>, <path>...
 TYPE_PLACEHOLDER = re.compile(r"<(bool|int|float|str|text|path|file|list\[|int range|float range)")
 

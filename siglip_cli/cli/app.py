@@ -83,7 +83,17 @@ def on_interrupt(signum, frame) -> None:
     _interrupted = True
     raise KeyboardInterrupt
 
-app = typer.Typer(
+class _Siglip(typer.Typer):
+    """Typer, with our --help/-h on every command (options.help_option): Typer's own shows a type
+    placeholder (<bool>) from 0.29 on. A command declared with plain @app.command() gets it."""
+
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("add_help_option", False)
+        register = super().command(*args, **kwargs)
+        return lambda function: register(help_option(function))
+
+
+app = _Siglip(
     name="siglip",
     help="Zero-shot image classification, embeddings, similarity and search with Google's SigLIP.",
     pretty_exceptions_enable=False,
@@ -259,8 +269,7 @@ def _summarize_failures(failed: int, total: int) -> None:
 
 
 # ----------------------------------------------------------------------------- classify
-@app.command(add_help_option=False)
-@help_option
+@app.command()
 @model_options()
 def classify(
     images: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", hidden=True, help="Image files, folders, glob patterns, http(s) URLs, or - to read paths from stdin.", show_default=False)] = None,
@@ -329,8 +338,7 @@ def classify(
 
 
 # ----------------------------------------------------------------------------- embed
-@app.command(add_help_option=False)
-@help_option
+@app.command()
 @model_options(exclude=("no_cache",))
 def embed(
     inputs: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", hidden=True, help="Image files, folders (walked recursively, sorted), glob patterns, URLs, or - for paths on stdin.", show_default=False)] = None,
@@ -499,8 +507,7 @@ def _finish_embed(report, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- similarity
-@app.command(add_help_option=False)
-@help_option
+@app.command()
 @model_options()
 def similarity(
     image: Annotated[Optional[List[str]], typer.Option("--image", "-i", metavar="IMAGE", help="Image file, folder, glob or URL (repeatable).", rich_help_panel="Inputs")] = None,
@@ -564,8 +571,7 @@ def similarity(
 
 
 # ----------------------------------------------------------------------------- search
-@app.command(add_help_option=False)
-@help_option
+@app.command()
 def search(
     index: Annotated[Path, typer.Argument(metavar="INDEX", hidden=True, help="An index written by siglip embed: .npy (with its sidecars), .npz, .parquet or .jsonl.", show_default=False)],
     queries: Annotated[Optional[List[str]], typer.Argument(metavar="QUERY", hidden=True, help="Texts to search for; each gets its own ranking.", show_default=False)] = None,
@@ -635,8 +641,7 @@ def search(
 
 
 # ----------------------------------------------------------------------------- bench
-@app.command(add_help_option=False)
-@help_option
+@app.command()
 def bench(
     model: ModelOpt = None,
     attn: Annotated[str, typer.Option("--attn", metavar="BACKEND,...", help="A backend, several comma-separated, or all.")] = "all",
