@@ -189,7 +189,7 @@ def classify_table(results: list[ImageScores], console: Console, labels: Sequenc
         parts.append(table)
         for mark, result in enumerate(errors, 1):
             parts.append(Text(f"[{mark}] {display_path(result.path)}: {_cause(result.path, result.error)}", style="red"))
-    parts.append(Text("; ".join(notes), style="dim"))
+    parts.append(note_line("; ".join(notes)))
     return Group(*parts)
 
 
@@ -414,7 +414,7 @@ def search_table(results: list[SearchResult], console: Console) -> Group:
         else:
             parts.append(search_ranking(result, console))
     if any(h.score is not None for r in results for h in r.hits):
-        parts.append(Text("score: SigLIP's sigmoid probability that the image matches the text, each judged on its own", style="dim"))
+        parts.append(note_line("score: SigLIP's sigmoid probability that the image matches the text, each judged on its own"))
     return Group(*parts)
 
 
