@@ -267,21 +267,61 @@ def import_ray():
 @contextlib.contextmanager
 def connected() -> Iterator[list[dict]]:
     """Ray for the length of a run: the cluster at RAY_ADDRESS, else a local one started here
-    (and stopped at the end). Yields the alive nodes' resources."""
-    ray = import_ray()
-    address = os.environ.get("RAY_ADDRESS", "").strip()
-    options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
-    if not address:
-        options["include_dashboard"] = False  # a local run needs no web UI (and its CPU)
+    (and stopped at the end). Yields the alive nodes' resources.
+
+    stdout goes nowhere meanwhile: a Ray run writes its rows to --out, never to stdout, and Ray's
+    driver prints the raylet's messages there (`(raylet) Task ... submit failed`, as Ctrl-C kills
+    the actors)."""
+    with contextlib.redirect_stdout(open(os.devnull, "w")) as sink, sink:
+        with native_stderr_silenced():
+            ray = import_ray()
+            address = os.environ.get("RAY_ADDRESS", "").strip()
+            options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
+            if not address:
+                options["include_dashboard"] = False  # a local run needs no web UI (and its CPU)
+            try:
+                ray.init(address=address or "local", **options)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = f"RAY_ADDRESS={address}" if address else "a local Ray"
+                raise BackendUnavailable(f"--engine ray: cannot start or reach {where} ({str(exc).splitlines()[0]})") from None
+        try:
+            yield [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        finally:
+            with native_stderr_silenced():
+                ray.shutdown()
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Ray's C++ core writes to file descriptor 2 as it starts and stops (`logging.cc:303: Set
+    ray log level from environment variable RAY_BACKEND_LOG_LEVEL`, about the very setting that
+    quiets it). Meanwhile descriptor 2 points at /dev/null, and Python's sys.stderr (our notes, the
+    spinner) writes to the terminal through a copy of the real one."""
+    import sys
+
     try:
-        ray.init(address=address or "local", **options)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = f"RAY_ADDRESS={address}" if address else "a local Ray"
-        raise BackendUnavailable(f"--engine ray: cannot start or reach {where} ({str(exc).splitlines()[0]})") from None
+        sys.stderr.flush()
+        real = os.dup(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # no real descriptor (a test's captured stream)
+        yield
+        return
+    python_stderr = sys.stderr
+    sys.stderr = os.fdopen(os.dup(real), "w", buffering=1, encoding=getattr(python_stderr, "encoding", None) or "utf-8",
+                           errors="backslashreplace")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
     try:
-        yield [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        yield
     finally:
-        ray.shutdown()
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(real, 2)
+        os.close(real)
+        copy, sys.stderr = sys.stderr, python_stderr
+        copy.close()
 
 
 def quiet_ray_logs() -> None:

@@ -21,8 +21,13 @@ from .core.errors import ModelUnavailable
 
 DEFAULT_MODEL = "google/siglip-base-patch16-224"
 MODEL_FILES = ("config.json", "model.safetensors")
-# Read when present: preprocessing, tokenizer settings and special tokens.
-OPTIONAL_FILES = ("preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json")
+# Required too, after the tokenizer's files: its resize filter (bicubic for SigLIP, bilinear for
+# SigLIP 2 at a fixed resolution) cannot be told from config.json, whose model_type is "siglip" for
+# both, so a guess would silently give other pixels. transformers' own pipeline needs it as well.
+PREPROCESSOR_FILE = "preprocessor_config.json"
+# Read when present: tokenizer settings and special tokens. (The preprocessor file stays in this
+# list, which orders local_fingerprint, so that a folder's revision does not change with it.)
+OPTIONAL_FILES = (PREPROCESSOR_FILE, "tokenizer_config.json", "special_tokens_map.json")
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _TRUTHY = {"1", "true", "yes", "on"}
 
@@ -38,15 +43,20 @@ def offline_from_env() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY
 
 
-def required_files(folder: Path) -> tuple[str, ...]:
-    """config.json, the weights, and the files of the checkpoint's tokenizer family (decided by
-    the folder's config.json and tokenizer_config.json, once those are there)."""
+def _model_and_tokenizer_files(folder: Path) -> tuple[str, ...]:
     from .core.config import read_model_type
     from .core.tokenizer import tokenizer_family
 
     if not (folder / "config.json").is_file():
         return MODEL_FILES
     return MODEL_FILES + tokenizer_family(folder, read_model_type(folder)).files
+
+
+def required_files(folder: Path) -> tuple[str, ...]:
+    """config.json, the weights, the files of the checkpoint's tokenizer family (decided by the
+    folder's config.json and tokenizer_config.json, once those are there) and
+    preprocessor_config.json."""
+    return _model_and_tokenizer_files(folder) + (PREPROCESSOR_FILE,)
 
 
 def missing_files(folder: Path) -> list[str]:
@@ -57,7 +67,7 @@ def local_fingerprint(folder: Path) -> str:
     """Identity of a local checkpoint that changes when its files change, without reading
     gigabytes: the safetensors header (names, dtypes, offsets), sizes and modification times."""
     digest = hashlib.sha256()
-    for name in required_files(folder) + OPTIONAL_FILES:
+    for name in _model_and_tokenizer_files(folder) + OPTIONAL_FILES:  # this order: revisions stay as before
         path = folder / name
         if not path.is_file():
             continue
@@ -146,8 +156,8 @@ def _resolve_hub(repo_id: str, offline: bool, revision: str | None) -> ResolvedM
 def _not_cached_message(repo_id: str, why: str) -> str:
     return (
         f"{repo_id}: not in the local Hugging Face cache and {why}; download it once where the hub "
-        f"is reachable, or pass --model /path/to/folder holding {', '.join(MODEL_FILES)} and its "
-        "tokenizer (spiece.model for SigLIP, tokenizer.json for SigLIP 2)"
+        f"is reachable, or pass --model /path/to/folder holding {', '.join(MODEL_FILES)}, {PREPROCESSOR_FILE} and "
+        "the tokenizer (spiece.model for SigLIP, tokenizer.json for SigLIP 2)"
     )
 
 

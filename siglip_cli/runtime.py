@@ -91,8 +91,8 @@ def resolve_precision(name: str, device: torch.device, flags: frozenset[str] | N
         if device.type == "cpu":
             flag = native_bf16(cpu_flags() if flags is None else flags)
             if flag:
-                return Precision("bf16", torch.bfloat16, f"the CPU has native bf16 ({flag})")
-            return Precision("fp32", torch.float32, "no native bf16 on this CPU (no amx_bf16 or avx512_bf16)")
+                return Precision("bf16", torch.bfloat16, f"the CPU has native bf16: {flag}")
+            return Precision("fp32", torch.float32, "no native bf16 on this CPU: neither amx_bf16 nor avx512_bf16")
         return Precision("fp32", torch.float32, f"fp32 on {device.type}")
     if name not in PRECISIONS:
         raise UsageError(f"--dtype: unknown dtype {name!r} (use auto, {', '.join(PRECISIONS)})")

@@ -169,3 +169,40 @@ def test_compare_keeps_transformers_quiet(tiny_checkpoint, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert all(line.startswith("siglip:") for line in proc.stderr.splitlines()), proc.stderr
     assert {r["attn"] for r in json.loads(proc.stdout)} == {"sdpa", "transformers"}
+
+
+def test_bench_alone_runs_the_default_benchmark_and_says_first_how_long(tiny_checkpoint, tmp_path):
+    """Issue 18: `siglip bench` with no options used to print help. It runs the default now, and
+    its first line says roughly how long that takes; Ctrl-C stops it with one line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "SIGLIP_MODEL": str(tiny_checkpoint), "SIGLIP_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "siglip_cli", "bench"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        first = proc.stderr.readline()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert first.startswith("siglip: timing ") and " rows of " in first and "about " in first, first
+    assert "Usage" not in out
+    assert proc.returncode == 130 and rest.strip().splitlines()[-1] == "siglip: error: interrupted", rest
+
+
+def test_the_announced_time_is_the_right_size(tiny_checkpoint):
+    """The estimate counts the rows that really run (flash cannot on a CPU) and their budget."""
+    from siglip_cli.cli.bench import make_options, plan_line, timed_rows
+
+    options = make_options(str(tiny_checkpoint), "all", "fp32", "1,4", "vision,text,classify", 2.0, 10, "cpu", None, None)
+    assert timed_rows(options) == 1 * 3 * 2 * 2  # eager and sdpa
+    assert "timing 12 rows" in plan_line(options) and "about 35 s" in plan_line(options)
+    result = bench("--model", tiny_checkpoint, "--format", "json", "--seconds", "0.05", "--batch-sizes", "1",
+                   "--towers", "text", "--device", "cpu", "--dtype", "fp32")
+    rows = [r for r in json.loads(result.stdout) if r["status"] == "ok"]
+    assert len(rows) == 2 and "timing 2 rows" in result.stderr  # said = done (eager shows when asked for all)

@@ -76,7 +76,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "spiece.model"])
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "spiece.model", "preprocessor_config.json"])
 def test_missing_files_are_named(tiny_checkpoint, tmp_path, missing):
     folder = _copy(tiny_checkpoint, tmp_path / "ckpt")
     (folder / missing).unlink()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import pty
 import shutil
@@ -192,3 +193,39 @@ def test_no_bar_before_the_delay(image_dir, tiny_checkpoint, tmp_path):
     env = {**_env(tiny_checkpoint, tmp_path / "cache"), "SIGLIP_PROGRESS_DELAY": "1000"}
     proc, screen = _on_a_terminal(["classify", str(image_dir), "-r", "--labels", "a,b", "-b", "1", "-f", "json"], env)
     assert proc.returncode == 0 and "━" not in screen
+
+
+# ---------------------------------------------------------------------------- issue 18: runs that look stuck
+def test_a_spinner_says_what_the_run_is_doing_from_the_start(image_dir, tiny_checkpoint, tmp_path):
+    """On a terminal, something shows from the first moment (not after 4-6 s of silence), and
+    it says what is happening; it is gone when the result comes, and never reaches stdout."""
+    env = {**_env(tiny_checkpoint, tmp_path / "cache"), "SIGLIP_PROGRESS_DELAY": "1000"}
+    proc, screen = _on_a_terminal(["classify", str(image_dir / "a.jpg"), "--labels", "a,b", "-f", "jsonl"], env)
+    assert proc.returncode == 0
+    shown = [screen.index(words) for words in ("starting", "listing inputs", "loading the model", "warming up")]
+    assert shown == sorted(shown), screen  # in the order they happen
+    assert screen.rstrip().endswith("\x1b[2K")  # transient: erased before the exit
+    record = json.loads(proc.stdout)
+    assert record["path"].endswith("a.jpg") and b"starting" not in proc.stdout
+    piped = subprocess.run([sys.executable, "-m", "siglip_cli", "classify", str(image_dir / "a.jpg"), "--labels", "a,b"],
+                           capture_output=True, env=env, timeout=120)
+    assert piped.returncode == 0 and piped.stderr == b""  # not on a terminal: no spinner at all
+
+
+def test_the_first_bar_frames_claim_no_absurd_rate(tiny_checkpoint, tmp_path):
+    """A rate shows only over a second of work: the first frames used to divide one image by a
+    millisecond and claim thousands of images/s."""
+    from .conftest import random_image
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    count = 40
+    for i in range(count):
+        random_image(i).save(folder / f"p{i:03d}.png")
+    # batches of 8: a batch's images finish together, which made the first frame's rate absurd
+    proc, screen = _on_a_terminal(["embed", str(folder), "--format", "jsonl", "-b", "8"], _env(tiny_checkpoint, tmp_path / "cache"))
+    assert proc.returncode == 0 and len(proc.stdout.decode().splitlines()) == count
+    assert "━" in screen  # the bar was drawn
+    rates = [float(rate) for rate in re.findall(r"([\d.]+) images/s", screen)]
+    # shown after >= 1 s of work, a rate can never exceed the images there are
+    assert all(rate <= count for rate in rates), rates

@@ -107,7 +107,7 @@ def test_verbose_says_what_auto_picked_and_why(tiny_checkpoint, image_dir, tmp_p
     flag = _machine_bf16_flag()
     line = next(line for line in loud.stderr.splitlines() if "dtype" in line)
     if flag and torch.backends.mkldnn.is_available():
-        assert f"dtype bf16 (auto: the CPU has native bf16 ({flag}))" in line and "decode fast" in line
+        assert f"dtype bf16 (auto: the CPU has native bf16: {flag})" in line and "decode fast" in line
     else:
         assert "dtype fp32 (auto: no native bf16" in line and "decode exact" in line
     assert "attn sdpa" in line and "on cpu" in line

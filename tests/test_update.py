@@ -76,7 +76,7 @@ def test_update_after_adding_changing_renaming_and_deleting_equals_a_clean_run(e
     result = cli("embed", folder, "--out", out, "--update", env=env)
     assert result.exit_code == 0, result.stderr
     assert "--update: 4 new (or skipped before), 1 changed, 3 unchanged, 2 gone" in result.stderr
-    assert "(3 kept from before)" in result.stderr
+    assert "; 3 kept from before)" in result.stderr
 
     clean = tmp_path / f"clean{suffix}"
     _embed(env, folder, clean)

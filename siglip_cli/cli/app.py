@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Iterator, List, Optional
 
@@ -22,6 +22,11 @@ from .. import __version__
 from ..core.errors import BackendUnavailable, InputError, ModelUnavailable, OutputError, SiglipError, UsageError
 from .options import (
     DEFAULT_MODEL,
+    HelpOpt,
+    InstallCompletionOpt,
+    ShowCompletionOpt,
+    choices,
+    help_option,
     Attn,
     AttnOpt,
     CpusPerWorkerOpt,
@@ -51,12 +56,27 @@ from .options import (
     WorkersPerNodeOpt,
     model_options,
 )
-from .terminal import error_line, note, progress_bar, status, truncation_note
+from .terminal import activity, end_activity, error_line, note, progress_bar, status, truncation_note
 
 EXIT_CODES = {UsageError: 2, ModelUnavailable: 3, BackendUnavailable: 4, InputError: 1, OutputError: 1}
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT); SIGTERM gives 143, as a shell reports 128 + the signal
 _interrupted = False  # set by Ctrl-C or SIGTERM: whatever exception follows it is the interrupt's doing
 _interrupt_signal = 2  # which of them
+_command_started: float | None = None  # when the command began: `wrote ... in N s` is the whole run
+_process_started: float | None = None  # perf_counter() at the process's start, when run from the entry point
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (interpreter start-up and imports included), from
+    /proc on Linux; None elsewhere."""
+    try:
+        with open("/proc/self/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def on_interrupt(signum, frame) -> None:
@@ -79,11 +99,24 @@ def interrupted_exit_code() -> int:
 def _interruption() -> str:
     return "terminated (SIGTERM)" if _interrupt_signal == 15 else "interrupted"
 
-app = typer.Typer(
+
+class _Siglip(typer.Typer):
+    """Typer, with our --help/-h on every command (options.help_option): Typer's own shows a type
+    placeholder (<bool>) from 0.29 on. A command declared with plain @app.command() gets it."""
+
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("add_help_option", False)
+        register = super().command(*args, **kwargs)
+        return lambda function: register(help_option(function))
+
+
+app = _Siglip(
     name="siglip",
     help="Zero-shot image classification, embeddings, similarity and search with Google's SigLIP.",
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    add_help_option=False,  # ours, and the completion flags, are declared in main_callback (options.HelpOpt)
+    add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 
@@ -97,6 +130,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_callback(
     version: Annotated[bool, typer.Option("--version", metavar="", callback=_version, is_eager=True, help="Print the version.")] = False,
+    install_completion: InstallCompletionOpt = False,
+    show_completion: ShowCompletionOpt = False,
+    show_help: HelpOpt = False,
 ) -> None:
     """Zero-shot image classification, embeddings, similarity and search with Google's SigLIP.
 
@@ -120,9 +156,15 @@ class _Interrupted(Exception):
 
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
-    """User-fixable errors -> one line on stderr and their exit code; Ctrl-C -> 130, SIGTERM -> 143."""
+    """User-fixable errors -> one line on stderr and their exit code; Ctrl-C -> 130, SIGTERM -> 143. On a
+    terminal, a spinner says what the command is doing from its first moment (terminal.activity)."""
+    global _command_started
+    _command_started = _process_started if _process_started is not None else time.perf_counter()
+    activity("starting")
     try:
         yield
+    except typer.Exit:
+        raise  # a command's own exit code (130 after it said what Ctrl-C kept), not an error
     except KeyboardInterrupt:
         raise _Interrupted() from None
     except SiglipError as exc:
@@ -155,6 +197,8 @@ def handled() -> Iterator[None]:
             error_line(f"the device ran out of memory ({str(exc).splitlines()[0]}); try a smaller --batch-size")
             raise typer.Exit(4) from None
         raise
+    finally:
+        end_activity()
 
 
 def load_engine(options: ModelOptions, model: str | None = None):
@@ -177,6 +221,7 @@ def load_engine(options: ModelOptions, model: str | None = None):
             decode=options.decode,
             exact=options.exact,
         )
+    activity("warming up: the weights and the first batch")
     engine.on_truncated = lambda texts, length: note(truncation_note(texts, length))
     if options.verbose:
         note(describe_run(engine, options))
@@ -193,8 +238,12 @@ def describe_run(engine, options: ModelOptions) -> str:
     if options.decode == "auto" and not options.exact:
         decode += " (auto: exact with fp32, else fast)"
     threads = f"{engine.workers} decode thread{'s' if engine.workers != 1 else ''}"
+    budget = ""
+    if engine.config.vision.naflex:
+        why = "--max-patches" if options.max_patches is not None else "the checkpoint's max_num_patches"
+        budget = f"; patch budget {engine.config.preprocess.max_num_patches} ({why})"
     return (f"model {engine.resolved.name} (revision {engine.resolved.revision}) on {engine.device}; dtype {dtype}; "
-            f"decode {decode}; attn {engine.attn}; batch {engine.batch_size}; {threads}")
+            f"decode {decode}; attn {engine.attn}; batch {engine.batch_size}; {threads}{budget}")
 
 
 def output_format(fmt: Format, json_flag: bool, null: bool = False) -> str:
@@ -217,7 +266,10 @@ def list_inputs(arguments: list[str], recursive: bool):
     from ..sources import expand
 
     if "-" in arguments and sys.stdin.isatty():
+        end_activity()  # the user types here
         note("reading image paths from the terminal, one per line; end with Ctrl-D")
+    else:
+        activity("listing inputs")
     listing = expand(arguments, recursive=recursive)
     if listing.duplicates:
         note(f"{listing.duplicates} input(s) were named more than once; each is used once")
@@ -242,7 +294,7 @@ def _summarize_failures(failed: int, total: int) -> None:
 @app.command()
 @model_options()
 def classify(
-    images: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", help="Image files, folders, glob patterns, http(s) URLs, or - to read paths from stdin.", show_default=False)] = None,
+    images: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", hidden=True, help="Image files, folders, glob patterns, http(s) URLs, or - to read paths from stdin.", show_default=False)] = None,
     labels: Annotated[Optional[List[str]], typer.Option("--labels", "-l", metavar="LABELS", help='Comma-separated labels, e.g. "2 cats,2 dogs"; a label holding commas goes in double quotes.', rich_help_panel="Labels")] = None,
     label: Annotated[Optional[List[str]], typer.Option("--label", metavar="LABEL", help="One label, commas kept (repeatable).", rich_help_panel="Labels")] = None,
     labels_file: Annotated[Optional[List[Path]], typer.Option("--labels-file", metavar="FILE", help="A file with one label per line.", rich_help_panel="Labels")] = None,
@@ -258,6 +310,8 @@ def classify(
     options: ModelOptions = None,  # every model option: see options.model_options
 ) -> None:
     """Score images against labels (zero-shot).
+
+    IMAGE: image files, folders, glob patterns, http(s) URLs, or - to read paths from stdin.
 
     Scores are SigLIP's per-label sigmoid probabilities: each label is judged on its own, so they do NOT sum to 100% (an image can match several labels, or none). Use --softmax to force a choice among the labels. Labels go through "This is a photo of {}." unless --template or --no-template says otherwise.
 
@@ -313,10 +367,10 @@ def classify(
 @app.command()
 @model_options(exclude=("no_cache",))
 def embed(
-    inputs: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", help="Image files, folders (walked recursively, sorted), glob patterns, URLs, or - for paths on stdin.", show_default=False)] = None,
+    inputs: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", hidden=True, help="Image files, folders (walked recursively, sorted), glob patterns, URLs, or - for paths on stdin.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FILE", help="Output file: .npy (+ .paths.txt, .stamps.npy, .meta.json sidecars), .npz, .jsonl or .parquet.", rich_help_panel="Output")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", "-f", metavar="jsonl", help="jsonl: print {kind, path|text, embedding} lines to stdout instead of writing --out.", rich_help_panel="Output")] = None,
-    out_dtype: Annotated[Optional[OutDType], typer.Option("--out-dtype", help="float32 (default) or float16, which halves the file.", rich_help_panel="Output", show_default=False)] = None,
+    out_dtype: Annotated[Optional[OutDType], typer.Option("--out-dtype", metavar=choices(OutDType), help="float32 (default) or float16, which halves the file.", rich_help_panel="Output", show_default=False)] = None,
     no_normalize: Annotated[bool, typer.Option("--no-normalize", metavar="", help="Write the raw tower outputs instead of L2-normalised rows.", rich_help_panel="Output")] = False,
     text: Annotated[Optional[List[str]], typer.Option("--text", metavar="TEXT", help="Also embed this text (repeatable); its row has kind text.", rich_help_panel="Texts")] = None,
     texts_file: TextsFileOpt = None,
@@ -334,6 +388,8 @@ def embed(
     shard_size: ShardSizeOpt = None,
 ) -> None:
     """Embed images (and texts) into vectors on disk.
+
+    IMAGE: image files, folders (walked recursively, sorted), glob patterns, URLs, or - for paths on stdin.
 
     Rows are L2-normalised float32 in input order (images, then texts). Every output has a <out>.meta.json with the model, settings and every skipped input with its reason. Files appear atomically when the run completes; Ctrl-C keeps finished batches in <out>.partial and --resume carries on from there. Two runs never write one output at once.
 
@@ -470,9 +526,11 @@ def _finish_embed(report, out: Path) -> None:
     parts = [f"{meta['image_rows']} image{'s' if meta['image_rows'] != 1 else ''}"] if meta["image_rows"] or not meta["text_rows"] else []
     if meta["text_rows"]:
         parts.append(f"{meta['text_rows']} text{'s' if meta['text_rows'] != 1 else ''}")
-    reused = f" ({summary.reused} kept from before)" if summary.reused else ""
+    reused = f"; {summary.reused} kept from before" if summary.reused else ""
     skipped = f"; skipped {meta['skipped_count']}, listed in {out}.meta.json" if meta["skipped_count"] else ""
-    note(f"wrote {' and '.join(parts)}{reused} ({meta['dim']}-d {meta['dtype']}) to {out} in {summary.elapsed:.1f} s{rate}{skipped}")
+    # the whole time, from the command's start: model loading and a Ray cluster's start included
+    whole = time.perf_counter() - _command_started if _command_started is not None else summary.elapsed
+    note(f"wrote {' and '.join(parts)} ({meta['dim']}-d {meta['dtype']}{reused}) to {out} in {max(whole, summary.elapsed):.1f} s{rate}{skipped}")
     if meta["skipped_count"]:
         raise typer.Exit(1)
 
@@ -544,27 +602,29 @@ def similarity(
 # ----------------------------------------------------------------------------- search
 @app.command()
 def search(
-    index: Annotated[Path, typer.Argument(help="An index written by siglip embed: .npy (with its sidecars), .npz, .parquet or .jsonl.", show_default=False)],
-    queries: Annotated[Optional[List[str]], typer.Argument(help="Texts to search for; each gets its own ranking.", show_default=False)] = None,
-    image: Annotated[Optional[List[str]], typer.Option("--image", "-i", help="Search for images like this one (a file, folder, pattern or URL; repeatable).", rich_help_panel="Queries")] = None,
-    template: Annotated[Optional[List[str]], typer.Option("--template", "-t", help='Put each text query into this template ({} = the query; default "This is a photo of {}."); several make an ensemble.', rich_help_panel="Queries")] = None,
-    no_template: Annotated[bool, typer.Option("--no-template", help="Use the text queries as typed.", rich_help_panel="Queries")] = False,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Hits per query.", rich_help_panel="Results")] = 10,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", min=-1.0, max=1.0, help="Keep hits scoring at least this: SigLIP's probability for a text-image pair, the cosine for an image-image or text-text pair (which SigLIP gives no probability).", rich_help_panel="Results")] = None,
-    texts: Annotated[bool, typer.Option("--texts", help="Also search the index's text rows (from embed --text); by default only its images.", rich_help_panel="Results")] = False,
-    preview: Annotated[bool, typer.Option("--preview", help="Show thumbnails of the hits, in terminals that draw images (kitty graphics or sixel: kitty, iTerm2, WezTerm, foot, xterm -ti vt340...). Needs textual-image: pip install 'siglip-cli[preview]'.", rich_help_panel="Results")] = False,
+    index: Annotated[Path, typer.Argument(metavar="INDEX", hidden=True, help="An index written by siglip embed: .npy (with its sidecars), .npz, .parquet or .jsonl.", show_default=False)],
+    queries: Annotated[Optional[List[str]], typer.Argument(metavar="QUERY", hidden=True, help="Texts to search for; each gets its own ranking.", show_default=False)] = None,
+    image: Annotated[Optional[List[str]], typer.Option("--image", "-i", metavar="IMAGE", help="Search for images like this one (a file, folder, pattern or URL; repeatable).", rich_help_panel="Queries")] = None,
+    template: Annotated[Optional[List[str]], typer.Option("--template", "-t", metavar="TEMPLATE", help='Put each text query into this template ({} = the query; default "This is a photo of {}."); several make an ensemble.', rich_help_panel="Queries")] = None,
+    no_template: Annotated[bool, typer.Option("--no-template", metavar="", help="Use the text queries as typed.", rich_help_panel="Queries")] = False,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", metavar="K", min=1, help="Hits per query.", rich_help_panel="Results")] = 10,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="SCORE", min=-1.0, max=1.0, help="Keep hits scoring at least this: SigLIP's probability for a text-image pair, the cosine for an image-image or text-text pair (which SigLIP gives no probability).", rich_help_panel="Results")] = None,
+    texts: Annotated[bool, typer.Option("--texts", metavar="", help="Also search the index's text rows (from embed --text); by default only its images.", rich_help_panel="Results")] = False,
+    preview: Annotated[bool, typer.Option("--preview", metavar="", help="Show thumbnails of the hits, in terminals that draw images (kitty graphics or sixel: kitty, iTerm2, WezTerm, foot, xterm -ti vt340...). Needs textual-image: pip install 'siglip-cli\\[preview]'.", rich_help_panel="Results")] = False,
     fmt: ListFormatOpt = ListFormat.auto,
     json_flag: JsonOpt = False,
     null: NullOpt = False,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="The checkpoint that made the index, if it is not where the index's meta says (it must be the same revision).", rich_help_panel="Model", show_default=False)] = None,
-    device: Annotated[str, typer.Option("--device", help="Where queries are embedded: cpu (default: one query is one forward pass, faster than starting a GPU), auto, cuda or mps.", rich_help_panel="Model")] = "cpu",
-    dtype: Annotated[DType, typer.Option("--dtype", help="auto: the dtype that made the index.", rich_help_panel="Model")] = DType.auto,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="NAME|FOLDER", help="The checkpoint that made the index, if it is not where the index's meta says (it must be the same revision).", rich_help_panel="Model", show_default=False)] = None,
+    device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="Where queries are embedded: cpu (default: one query is one forward pass, faster than starting a GPU), auto, cuda or mps.", rich_help_panel="Model")] = "cpu",
+    dtype: Annotated[DType, typer.Option("--dtype", metavar=choices(DType), help="auto: the dtype that made the index.", rich_help_panel="Model")] = DType.auto,
     attn: AttnOpt = Attn.auto,
     offline: OfflineOpt = False,
     max_pixels: MaxPixelsOpt = 100_000_000,
     no_cache: NoCacheOpt = False,
 ) -> None:
     """Find the images of an index closest to texts or images.
+
+    INDEX: a file written by siglip embed (.npy with its sidecars, .npz, .parquet or .jsonl). QUERY: texts to search for; each gets its own ranking.
 
     Every row is compared with every query (exact search; fine to about 10 million rows). Queries are embedded by the model that made the index (its meta says which): text queries go through the template, like classify's labels, and come from the on-disk cache when they were asked before, so the model is not even loaded. A text query's hits are scored by SigLIP's probability that the image matches the text.
 
@@ -598,7 +658,9 @@ def search(
                  "for an index, embed to .npy, .npz or .parquet")
         listing = list_inputs(image, recursive=False) if image else None
         index_model = IndexModel(index, store.meta, model, device, dtype.value, attn.value, offline, not no_cache, max_pixels)
+        activity("searching")
         results = list(run_search(store, index_model, texts_given, templates, listing, top_k, threshold, texts))
+        end_activity()
         failed = [r for r in results if r.error is not None]
         for result in failed:
             error_line(result.error)
@@ -660,13 +722,15 @@ def bench(
 
     [bold]Examples[/bold]
 
+      siglip bench     # the default run; it says first roughly how long it takes
+
       siglip bench --attn sdpa --dtype fp16
 
       siglip bench --model ./my-checkpoint --compare transformers --batch-sizes 1,8 --format json
     """
     with handled():
         from . import render
-        from .bench import make_options, run_bench
+        from .bench import make_options, plan_line, run_bench
         from ..runtime import keep_freed_memory
 
         if fmt not in ("table", "json", "csv"):
@@ -674,7 +738,9 @@ def bench(
         options = make_options(model or DEFAULT_MODEL, attn, dtype, batch_sizes, towers, seconds, repeats, device, peak_tflops,
                                compare, max_patches)
         keep_freed_memory()
+        note(plan_line(options))
         rows = run_bench(options, note)
+        end_activity()
         render.emit(rows, fmt, render.BENCH_VIEW)
 
 
@@ -683,12 +749,13 @@ _COMMANDS = ("classify", "embed", "similarity", "search", "info", "bench")
 
 
 def normalize_argv(args: list[str]) -> list[str]:
-    """`siglip` or `siglip CMD` alone shows help; `--update` alone means `--update=mtime` (an
-    option whose value is optional, which Typer's public API cannot declare). So `--update hash`
+    """`siglip` or `siglip CMD` alone shows help, but `siglip bench` alone runs the default
+    benchmark (every option has a default); `--update` alone means `--update=mtime` (an option
+    whose value is optional, which Typer's public API cannot declare). So `--update hash`
     would embed a file named `hash`: it is refused, pointing at `--update=hash`."""
     if not args:
         return ["--help"]
-    if len(args) == 1 and args[0] in _COMMANDS:
+    if len(args) == 1 and args[0] in _COMMANDS and args[0] != "bench":
         return [args[0], "--help"]
     options_end = args.index("--") if "--" in args else len(args)
     for position, arg in enumerate(args[: options_end - 1]):
@@ -708,13 +775,31 @@ def _click_error(exc: Exception) -> int | None:
     code, format_message = getattr(exc, "exit_code", None), getattr(exc, "format_message", None)
     if not isinstance(code, int) or not callable(format_message):
         return None
-    message = " ".join(str(format_message()).split())
-    # Typer 0.26's vendored Click prints its suggestions as a tuple's repr: ('(Possible options: --x)',)
-    message = re.sub(r"\('\((Possible options: [^)]*)\)',\)", r"(\1)", message)
     context = getattr(exc, "ctx", None)
+    typed = getattr(exc, "option_name", None)
+    if isinstance(typed, str) and hasattr(exc, "possibilities"):  # No such option: ours, not Click's loose guesses
+        message = f"No such option: {typed}"
+        close = close_options(typed, getattr(getattr(context, "command", None), "params", []))
+        if close:
+            message += f"; did you mean {' or '.join(close)}?"
+    else:
+        message = " ".join(str(format_message()).split())
     hint = f" (see '{context.command_path} --help')" if getattr(context, "command_path", None) else ""
     error_line(message + hint)
     return code
+
+
+def close_options(typed: str, params) -> list[str]:
+    """The options `typed` was probably meant to be: a near spelling (--verbos, --top_k) or the
+    start of one (--thresh), never a distant one (Click offers --verbose for --bogus)."""
+    import difflib
+
+    names = sorted({name for param in params for name in getattr(param, "opts", []) if name.startswith("--")})
+    wanted = typed.split("=", 1)[0]
+    close = [name for name in names if difflib.SequenceMatcher(None, wanted, name).ratio() >= 0.8]
+    if not close and len(wanted) >= 5:
+        close = [name for name in names if name.startswith(wanted)]
+    return close[:3]
 
 
 def _silence_stdout() -> None:
@@ -733,6 +818,8 @@ def _quiet_exit(code: int) -> None:
 
 
 def run(args: list[str] | None = None) -> None:
+    global _process_started
+    _process_started = time.perf_counter() - (process_age() or 0.0)
     # File names that are not valid UTF-8 must neither crash output nor be lost when read back.
     for stream, errors in ((sys.stdout, "backslashreplace"), (sys.stdin, "surrogateescape")):
         if hasattr(stream, "reconfigure"):

@@ -32,6 +32,7 @@ from ..hub import ResolvedModel, resolve_model
 from ..pipeline import PatchBatch
 from ..results import BenchRow
 from ..runtime import PRECISIONS, Precision, cpu_features, native_bf16, cpu_flags, resolve_device, resolve_precision
+from .terminal import activity
 
 TOWERS = ("vision", "text", "classify")
 CLASSIFY_LABELS = 10  # label embeddings an end-to-end classify call scores against
@@ -94,6 +95,31 @@ def make_options(model, attn, dtype, batch_sizes, towers, seconds, repeats, devi
     return BenchOptions(model, backends, show_eager, dtypes, parse_batch_sizes(batch_sizes, torch_device),
                         parse_list(towers, TOWERS, "towers"), seconds, repeats, str(torch_device), peak_tflops, compare,
                         max_patches, auto)
+
+
+def timed_rows(options: BenchOptions) -> int:
+    """How many rows run timed: every backend this kind of device can run (eager too, as the
+    hidden reference), plus transformers' model with --compare, for each dtype, tower and batch."""
+    runnable = [b for b in options.backends if b != "flash" or options.device.startswith("cuda")]
+    per_group = len(runnable) + (1 if options.compare else 0)
+    return len(options.dtypes) * len(options.towers) * len(options.batch_sizes) * per_group
+
+
+def plan_line(options: BenchOptions) -> str:
+    """Said before anything runs: what will be timed and roughly how long it takes. Each row takes
+    its --seconds budget plus warm-up, at most; each dtype builds the model once (seconds)."""
+    rows = timed_rows(options)
+    estimate = rows * (options.seconds + 0.5) + len(options.dtypes) * 4
+    if estimate < 90:
+        roughly = f"{max(5, round(estimate / 5) * 5):.0f} s"
+    else:
+        roughly = f"{round(estimate / 60):.0f} minute{'s' if round(estimate / 60) != 1 else ''}"
+    shape = " x ".join(f"{len(values)} {name}" for name, values in (
+        ("dtypes" if len(options.dtypes) != 1 else "dtype", options.dtypes),
+        ("towers" if len(options.towers) != 1 else "tower", options.towers),
+        ("batch sizes" if len(options.batch_sizes) != 1 else "batch size", options.batch_sizes)))
+    return (f"timing {rows} rows of {options.model} ({shape}, each backend) for up to {options.seconds:g} s each: "
+            f"about {roughly} on an idle machine; --seconds, --towers and --batch-sizes make it shorter, Ctrl-C stops")
 
 
 def bench_dtypes(text: str, device: torch.device, auto: Precision) -> list[str]:
@@ -406,6 +432,7 @@ def run_bench(options: BenchOptions, note: Callable[[str], None]) -> list[BenchR
             continue
         towers = tuple(t for t in ("text", "vision") if t in options.towers or (t == "vision" and "classify" in options.towers))
         precision = resolve_precision(dtype_name, device)
+        activity(f"building the model in {dtype_name}")
         engine, weights = open_engine(options.model, device, precision.dtype, None if noted else note, options.max_patches,
                                       towers, precision.quantize)
         noted = True
@@ -457,6 +484,8 @@ def _backend_rows(engine: Engine, calls: _Calls, tower: str, base: dict, options
             rows.append(row)
             continue
         engine.set_attention(backend)
+        activity(f"timing {tower}, {base['dtype']}, batch {base['batch_size']}, {backend}: "
+                 f"checking against eager, warming up, then up to {options.seconds:g} s")
         output = measure(row, lambda: calls.ours(tower), device, options, flops, eager_output)
         if backend == "eager":
             eager_output, eager_median = output, row.ms_per_batch
@@ -474,6 +503,7 @@ def _reference_row(reference, calls: _Calls, tower: str, base: dict, options: Be
     engine = calls.engine
     device = engine.device
     row = BenchRow(attn="transformers", **base)
+    activity(f"timing {tower}, {base['dtype']}, batch {base['batch_size']}, transformers' model")
     reference.to(device)  # on the device only for its own rows: it must not inflate ours
     try:
         measure(row, lambda: calls.reference(reference, tower), device, options, flops, eager_output)

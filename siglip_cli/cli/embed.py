@@ -8,6 +8,7 @@ exit codes (app.py does, from the report).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -21,6 +22,7 @@ from ..results import EmbeddingRow
 from ..safefiles import remove_stale_temporaries
 from ..store import OutputLock, embedding_values, is_store, open_store, output_files
 from .render import display_path
+from .terminal import activity
 
 
 @dataclass
@@ -167,7 +169,11 @@ def embed_on_ray(options, plan: EmbedPlan, out: Path, out_dtype: str, normalized
     from ..cluster import ClusterRun, WorkerSettings, connected, plan_layout
     from ..engine import load, resolve_exactness
 
+    activity("starting Ray")
+    started = time.perf_counter()
     with connected() as nodes:
+        ray_start = time.perf_counter() - started
+        activity("loading the model's description")
         layout = plan_layout(nodes, cluster, options.device)
         # Resolved once, here, for the workers' device: every worker computes alike (an `auto`
         # that each node resolved for itself could mix bf16 and fp32 rows in one output).
@@ -189,7 +195,9 @@ def embed_on_ray(options, plan: EmbedPlan, out: Path, out_dtype: str, normalized
             out=str(out), out_dtype=out_dtype,
         )
         gpus = f" and {layout.gpus:g} GPU" if layout.gpus else ""
-        note(f"Ray: {len(nodes)} node(s), {layout.workers} worker(s) with {layout.cpus:g} CPU{gpus} each")
+        note(f"Ray: {len(nodes)} node(s), {layout.workers} worker(s) with {layout.cpus:g} CPU{gpus} each; "
+             f"{'started' if not os.environ.get('RAY_ADDRESS') else 'reached'} in {ray_start:.1f} s")
+        activity("warming up: the workers load the model")
         make_run = functools.partial(ClusterRun, settings=settings, layout=layout, shard_size=cluster.shard_size)
         return embed_to_store(handle, plan, out, out_dtype, normalized, templates, resume, None, False, progress_bar, note, make_run)
 

@@ -65,10 +65,16 @@ class OutDType(str, Enum):
     float16 = "float16"
 
 
+def choices(kind: type[Enum]) -> str:
+    """An Enum option's placeholder in help, written like every other choice: a|b|c."""
+    return "|".join(member.value for member in kind)
+
+
 MODEL_HELP = (
-    "Local checkpoint folder (config.json, model.safetensors and the tokenizer: spiece.model for SigLIP, "
-    "tokenizer.json for SigLIP 2) or Hugging Face hub id. "
-    "Hub models download once into the Hugging Face cache (HF_HOME) and are used from there."
+    "Local checkpoint folder (config.json, model.safetensors, preprocessor_config.json and the tokenizer: "
+    "spiece.model for SigLIP, tokenizer.json for SigLIP 2) or Hugging Face hub id. "
+    "Hub models download once into the Hugging Face cache (HF_HOME) and are used from there. "
+    f"\\[default: {DEFAULT_MODEL}]"  # in the help, not show_default=, which Typer prints in parentheses
 )
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."
 DTYPE_HELP = (
@@ -82,12 +88,12 @@ FORMAT_HELP = "auto: a table on a terminal, JSON lines when piped."
 
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", metavar="NAME|FOLDER", envvar="SIGLIP_MODEL", help=MODEL_HELP, show_default=DEFAULT_MODEL, rich_help_panel="Model"),
+    typer.Option("--model", "-m", metavar="NAME|FOLDER", envvar="SIGLIP_MODEL", help=MODEL_HELP, show_default=False, rich_help_panel="Model"),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help=DEVICE_HELP, rich_help_panel="Model")]
-DTypeOpt = Annotated[DType, typer.Option("--dtype", help=DTYPE_HELP, rich_help_panel="Model")]
-AttnOpt = Annotated[Attn, typer.Option("--attn", help=ATTN_HELP, rich_help_panel="Model")]
-DecodeOpt = Annotated[Decode, typer.Option("--decode", help=DECODE_HELP, rich_help_panel="Model")]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", metavar=choices(DType), help=DTYPE_HELP, rich_help_panel="Model")]
+AttnOpt = Annotated[Attn, typer.Option("--attn", metavar=choices(Attn), help=ATTN_HELP, rich_help_panel="Model")]
+DecodeOpt = Annotated[Decode, typer.Option("--decode", metavar=choices(Decode), help=DECODE_HELP, rich_help_panel="Model")]
 ExactOpt = Annotated[bool, typer.Option("--exact", metavar="", help=EXACT_HELP, rich_help_panel="Model")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", metavar="", help="Say on stderr how the model runs: device, dtype (and why auto chose it), decoding, attention.", rich_help_panel="Model")]
 BatchOpt = Annotated[
@@ -119,8 +125,8 @@ MaxPixelsOpt = Annotated[
     typer.Option("--max-pixels", metavar="PIXELS", min=1, help="Refuse images with more pixels than this (decompression bombs).", rich_help_panel="Input"),
 ]
 RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", metavar="", help="Also take images from sub-folders.", rich_help_panel="Input")]
-FormatOpt = Annotated[Format, typer.Option("--format", "-f", help=FORMAT_HELP, rich_help_panel="Output")]
-ListFormatOpt = Annotated[ListFormat, typer.Option("--format", "-f", help=FORMAT_HELP + " paths: one path per line, for xargs and image viewers (see --null).", rich_help_panel="Output")]
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", metavar=choices(Format), help=FORMAT_HELP, rich_help_panel="Output")]
+ListFormatOpt = Annotated[ListFormat, typer.Option("--format", "-f", metavar=choices(ListFormat), help=FORMAT_HELP + " paths: one path per line, for xargs and image viewers (see --null).", rich_help_panel="Output")]
 NullOpt = Annotated[bool, typer.Option("--null", "-0", metavar="", help="--format paths with each path ended by a NUL byte instead of a newline (xargs -0), so any file name passes.", rich_help_panel="Output")]
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Short for --format json.", rich_help_panel="Output")]
 TemplateOpt = Annotated[
@@ -133,24 +139,24 @@ TextsFileOpt = Annotated[Optional[List[Path]], typer.Option("--texts-file", meta
 RAY_PANEL = "Scale out (--engine ray)"
 
 
-def _ray_option(flag: str, help: str, **limits):
-    return typer.Option(flag, help=help, rich_help_panel=RAY_PANEL, **limits)
+def _ray_option(flag: str, metavar: str, help: str, **limits):
+    return typer.Option(flag, metavar=metavar, help=help, rich_help_panel=RAY_PANEL, **limits)
 
 
 EngineOpt = Annotated[EngineKind, _ray_option(
-    "--engine", "local: this process. ray: a Ray cluster (RAY_ADDRESS, else a local one started for the run); "
+    "--engine", choices(EngineKind), "local: this process. ray: a Ray cluster (RAY_ADDRESS, else a local one started for the run); "
     "input paths must be readable on every node. Needs pip install 'siglip-cli\\[ray]'.")]  # \\[ so Rich does not read [ray] as markup
 WorkersPerNodeOpt = Annotated[Optional[int], _ray_option(
-    "--workers-per-node", "Actors per node, each loading the model once (default: one per GPU; one per CPU-only node, "
+    "--workers-per-node", "N", "Actors per node, each loading the model once (default: one per GPU; one per CPU-only node, "
     "using all its cores).", min=1)]
 GpusPerWorkerOpt = Annotated[Optional[float], _ray_option(
-    "--gpus-per-worker", "GPUs per actor (default 1 where the cluster has GPUs; 0.5 puts two actors on a GPU; "
+    "--gpus-per-worker", "GPUS", "GPUs per actor (default 1 where the cluster has GPUs; 0.5 puts two actors on a GPU; "
     "0 runs on CPUs).", min=0.0)]
 CpusPerWorkerOpt = Annotated[Optional[float], _ray_option(
-    "--cpus-per-worker", "CPU cores per actor (default: a node's cores shared among its actors; on GPU actors they "
+    "--cpus-per-worker", "CORES", "CPU cores per actor (default: a node's cores shared among its actors; on GPU actors they "
     "decode images).", min=0.5)]
 ShardSizeOpt = Annotated[Optional[int], _ray_option(
-    "--shard-size", "Inputs per shard, the unit of work, retry and --resume (default: about 1/256 of the inputs, "
+    "--shard-size", "N", "Inputs per shard, the unit of work, retry and --resume (default: about 1/256 of the inputs, "
     "16 to 4096).", min=1)]
 
 
@@ -213,3 +219,46 @@ def model_options(exclude: tuple[str, ...] = ()):
         return wrapper
 
     return decorate
+
+
+# ----------------------------------------------------------------------------- --help, completion
+# Typer >= 0.29 prints a type placeholder (<bool>) beside its own --help and completion flags; ours
+# are declared like every other flag (metavar="") and do what Typer's own do.
+def _show_help(ctx: typer.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        typer.echo(ctx.get_help(), color=ctx.color)
+        raise typer.Exit()
+
+
+HelpOpt = Annotated[bool, typer.Option("--help", "-h", metavar="", is_eager=True, expose_value=False, callback=_show_help,
+                                       help="Show this message and exit.")]
+
+
+def _completion_option(flag: str, action: str):
+    from typer import completion
+
+    callback = completion.install_callback if action == "install" else completion.show_callback
+    help = ("Install completion for the current shell." if action == "install"
+            else "Show completion for the current shell, to copy it or customize the installation.")
+    return typer.Option(flag, metavar="", is_eager=True, expose_value=False, callback=callback, help=help)
+
+
+InstallCompletionOpt = Annotated[bool, _completion_option("--install-completion", "install")]
+ShowCompletionOpt = Annotated[bool, _completion_option("--show-completion", "show")]
+
+
+def help_option(command):
+    """Give a Typer command our --help/-h (declare the command with add_help_option=False)."""
+    own = list(inspect.signature(command, eval_str=True).parameters.values())
+    added = inspect.Parameter("show_help", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=HelpOpt)
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        kwargs.pop("show_help", None)
+        return command(**kwargs)
+
+    wrapper.__signature__ = inspect.Signature([*own, added])
+    wrapper.__annotations__ = {p.name: p.annotation for p in (*own, added)}
+    if hasattr(wrapper, "__wrapped__"):
+        del wrapper.__wrapped__  # Typer must see the wrapper's signature
+    return wrapper

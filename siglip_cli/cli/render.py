@@ -31,9 +31,15 @@ TOP_LABELS = 3
 # ============================================================================ plumbing
 def stdout_console(file: IO[str] | None = None, width: int | None = None) -> Console:
     console = Console(file=file, highlight=False, soft_wrap=False, width=width)
-    if width is None and not console.is_terminal:
-        console.width = max(console.width, 120)  # a saved report keeps its columns
+    if width is None and not console.is_terminal and not os.environ.get("COLUMNS", "").strip().isdigit():
+        console.width = max(console.width, 120)  # a saved report keeps its columns; COLUMNS still rules
     return console
+
+
+def note_line(text: str, style: str = "dim") -> Text:
+    """A footnote or warning as one line, however long: the terminal wraps it where it must, and
+    a pipe or a saved report gets the sentence whole (never broken after `--attn`)."""
+    return Text(text, style=style, no_wrap=True, overflow="ignore")
 
 
 def resolve_format(name: str, stream: IO[str] | None = None) -> str:
@@ -151,7 +157,7 @@ def emit(results: Iterable[Any], fmt: str, view: View, out: IO[str] | None = Non
                 writer.writerow(["" if v is None else clean(v) for v in row])
     else:
         console = console or stdout_console(out if out is not sys.stdout else None)
-        console.print(view.table(results, console))
+        console.print(view.table(results, console), crop=False)  # crop=False: a note_line stays whole
     out.flush()
     return results
 
@@ -210,8 +216,10 @@ def classify_table(results: list[ImageScores], console: Console, labels: Sequenc
     ]
     parts: list[Any] = []
     if len(results) == 1 and good:
-        parts.append(_single_table(good[0], console))
-        if not good[0].labels:
+        if good[0].labels:
+            parts.append(_single_table(good[0], console))
+        else:  # a header over no rows would only show an empty bar column
+            parts.append(Text(ellipsize(display_path(good[0].path), console.width - 2)))
             notes.insert(0, "no label reached the --threshold")
     else:
         errors = [r for r in results if r.error is not None]
@@ -229,7 +237,7 @@ def classify_table(results: list[ImageScores], console: Console, labels: Sequenc
         parts.append(table)
         for mark, result in enumerate(errors, 1):
             parts.append(Text(f"[{mark}] {display_path(result.path)}: {_cause(result.path, result.error)}", style="red"))
-    parts.append(Text("; ".join(notes), style="dim"))
+    parts.append(note_line("; ".join(notes)))
     return Group(*parts)
 
 
@@ -330,15 +338,36 @@ def classify_view(labels: Sequence[str], mode: str) -> View:
 
 # ============================================================================ similarity
 def _matrix(title: str, row_names: Sequence[str], col_names: Sequence[str], values, fmt: Callable[[float], str], console: Console) -> Group:
-    """A titled matrix; the title is a line of its own, so a narrow table does not fold it."""
-    budget = max(12, console.width // (len(col_names) + 2))
-    table = Table()
-    table.add_column("", no_wrap=True)
-    for name in col_names:
-        table.add_column(Text(ellipsize(name, max(budget, 9))), justify="right", no_wrap=True)
-    for i, name in enumerate(row_names):
-        table.add_row(Text(ellipsize(name, max(16, console.width // 3))), *[fmt(values[i][j]) for j in range(len(col_names))])
-    return Group(Text(title, style="bold"), table)
+    """A titled matrix; the title is a line of its own, so a narrow table does not fold it. Numbers
+    are never cut: columns that do not fit the terminal go on to a next block of the same rows."""
+    cells = [[fmt(values[i][j]) for j in range(len(col_names))] for i in range(len(row_names))]
+    number_width = max((len(cell) for row in cells for cell in row), default=1)
+    col_widths = [max(number_width, min(len(name), 14)) for name in col_names]
+    row_width = min(max((len(name) for name in row_names), default=1), max(12, console.width // 3))
+
+    def block(columns: range, row_width: int) -> Table:
+        table = Table()
+        table.add_column("", no_wrap=True)
+        for j in columns:
+            table.add_column(Text(ellipsize(col_names[j], col_widths[j])), justify="right", no_wrap=True, min_width=col_widths[j])
+        for i, name in enumerate(row_names):
+            table.add_row(Text(ellipsize(name, row_width)), *[cells[i][j] for j in columns])
+        return table
+
+    parts: list[Any] = []
+    start = 0
+    while start < len(col_names):
+        end = start + 1
+        while end < len(col_names) and _natural_width(block(range(start, end + 1), row_width), console) <= console.width:
+            end += 1
+        width = row_width
+        if end == start + 1:  # one column: the row names give way to the numbers
+            width = max(5, min(row_width, console.width - col_widths[start] - 7))
+        parts.append(block(range(start, end), width))
+        start = end
+    if len(parts) > 1:
+        title += f" (in {len(parts)} blocks of columns, to fit the terminal)"
+    return Group(Text(title, style="bold"), *parts)
 
 
 def _item_label(item) -> str:
@@ -434,7 +463,7 @@ def search_table(results: list[SearchResult], console: Console) -> Group:
         else:
             parts.append(search_ranking(result, console))
     if any(h.score is not None for r in results for h in r.hits):
-        parts.append(Text("score: SigLIP's sigmoid probability that the image matches the text, each judged on its own", style="dim"))
+        parts.append(note_line("score: SigLIP's sigmoid probability that the image matches the text, each judged on its own"))
     return Group(*parts)
 
 
@@ -614,15 +643,15 @@ def bench_table(rows: list[BenchRow], console: Console) -> Group:
         dropped.update(gone)
         parts.append(table)
     for reason, mark in marks.items():
-        parts.append(Text(f"[{mark}] {reason}", style="yellow"))
+        parts.append(note_line(f"[{mark}] {reason}", style="yellow"))
     noisy = [r for r in rows if r.status == "ok" and r.ms_min and r.ms_max and r.ms_max > 1.5 * r.ms_min and r.runs >= 3]
     if noisy:
-        parts.append(Text(f"warning: {len(noisy)} row(s) varied by more than 1.5x between runs (min vs max): "
-                          "the machine is busy or throttling; compare ratios from one run only", style="yellow"))
+        parts.append(note_line(f"warning: {len(noisy)} row(s) varied by more than 1.5x between runs (min vs max): "
+                               "the machine is busy or throttling; compare ratios from one run only", style="yellow"))
     for row in rows:
         if row.ours_sdpa_speedup:
-            parts.append(Text(f"{row.tower} {row.dtype} batch {row.batch_size}: ours (sdpa) is {row.ours_sdpa_speedup:.2f}x "
-                              "the speed of transformers' model (sdpa) on the same weights and inputs"))
+            parts.append(note_line(f"{row.tower} {row.dtype} batch {row.batch_size}: ours (sdpa) is {row.ours_sdpa_speedup:.2f}x "
+                                   "the speed of transformers' model (sdpa) on the same weights and inputs", style=""))
     kinds = sorted({r.peak_mem_kind for r in rows if r.peak_mem_kind})
     legend = ["max|Δ| = largest absolute output difference from eager on the same inputs"]
     if any(r.tower == "classify" for r in rows):
@@ -631,7 +660,7 @@ def bench_table(rows: list[BenchRow], console: Console) -> Group:
         legend.append(f"peak MB: {', '.join(kinds)}")
     if dropped:
         legend.append(f"columns left out to fit the terminal: {', '.join(sorted(dropped))} (--format json has all)")
-    parts.append(Text(". ".join(legend) + ".", style="dim"))
+    parts.append(note_line(". ".join(legend) + "."))
     return Group(*parts)
 
 

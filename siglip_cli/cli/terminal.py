@@ -13,6 +13,7 @@ import time
 from typing import Callable, Iterator
 
 _live = None  # the Rich Progress on screen, if any
+_spinner = None  # (Live, Spinner) saying what the run is doing, until a progress bar or a result takes over
 
 # Code points a terminal acts on instead of showing: C0 controls (ESC starts escape sequences,
 # BEL ends OSC 8 hyperlinks, CR and BS overwrite what was shown), DEL, C1 controls (0x9b is a
@@ -57,8 +58,9 @@ def stderr_console():
 def _line(text: str) -> None:
     """One line on stderr: names and messages in it are shown with `printable`."""
     text = printable(text)
-    if _live is not None:
-        _live.console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
+    screen = _live if _live is not None else (_spinner[0] if _spinner is not None else None)
+    if screen is not None:
+        screen.console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
         return
     try:
         sys.stderr.write(text + "\n")
@@ -91,17 +93,51 @@ def stderr_is_terminal() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
+def activity(message: str) -> None:
+    """Say on the terminal what the run is doing now: a spinner with `message` (starting, listing
+    inputs, loading the model, warming up...) from a command's first moment, so that no run looks
+    stuck, until the next activity, a progress bar, a result, or the end of the command. Only when
+    stderr is a terminal; stdout is never touched."""
+    global _spinner
+    if _live is not None or not stderr_is_terminal():
+        return
+    message = printable(message)
+    if _spinner is None:
+        from rich.live import Live
+        from rich.spinner import Spinner
+
+        spinner = Spinner("dots", text=message, style="cyan")
+        live = Live(spinner, console=stderr_console(), transient=True, refresh_per_second=12.5,
+                    redirect_stdout=False, redirect_stderr=False)
+        live.start(refresh=True)
+        _spinner = (live, spinner)
+        return
+    live, spinner = _spinner
+    spinner.update(text=message)
+    live.refresh()  # drawn now, however short the step
+
+
+def end_activity() -> None:
+    """Take the spinner off the screen (before results, a progress bar, or the exit)."""
+    global _spinner
+    if _spinner is not None:
+        live, _ = _spinner
+        _spinner = None
+        try:
+            live.stop()
+        except (OSError, ValueError):
+            pass
+
+
 @contextlib.contextmanager
 def status(message: str) -> Iterator[None]:
-    """A spinner with `message` while something slow happens (e.g. the model loads); only on a
-    terminal."""
-    if not stderr_is_terminal():
-        yield
-        return
-    from rich.text import Text
+    """The spinner says `message` while something slow happens (e.g. the model loads); the next
+    activity replaces it."""
+    activity(message)
+    yield
 
-    with stderr_console().status(Text(printable(message)), spinner="dots"):
-        yield
+
+RATE_AFTER_S = 1.0
 
 
 def _bar_delay() -> float:
@@ -122,7 +158,10 @@ def progress_bar(total: int, unit: str, enabled: bool = True) -> Iterator[Callab
     finished item, so model loading before it does not drag the figure down."""
     global _live
     if not enabled or total < 2 or not stderr_is_terminal():
-        yield lambda n=1: None
+        try:
+            yield lambda n=1: end_activity()  # the first finished item ends the warm-up spinner
+        finally:
+            end_activity()
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -146,10 +185,14 @@ def progress_bar(total: int, unit: str, enabled: bool = True) -> Iterator[Callab
         nonlocal done
         now = time.perf_counter()
         if not first:
-            first.append(now)
+            first.extend((now, n))
+            end_activity()  # warmed up: the bar (or nothing, for a short run) takes over
         done += n
         elapsed = now - first[0]
-        rate = f"{(done - 1) / elapsed:.1f} {unit}/s" if elapsed > 0 and done > 1 else ""
+        # Items finished since the first one(s), over a second of work at least: a batch's images
+        # finish together, and one image over a microsecond is no measure of anything (the first
+        # frame used to claim thousands of images/s).
+        rate = f"{(done - first[1]) / elapsed:.1f} {unit}/s" if elapsed >= RATE_AFTER_S and done > first[1] else ""
         bar.update(task, completed=done, rate=rate)
         if _live is None and now - started >= delay and done < total:
             bar.start()
@@ -158,6 +201,7 @@ def progress_bar(total: int, unit: str, enabled: bool = True) -> Iterator[Callab
     try:
         yield advance
     finally:
+        end_activity()
         if _live is bar:
             bar.stop()
         _live = None
