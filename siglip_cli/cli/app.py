@@ -678,11 +678,13 @@ def search(
 # ----------------------------------------------------------------------------- info
 @app.command()
 def info(
-    index: Annotated[Path, typer.Argument(metavar="INDEX", help="An index written by siglip embed: .npy (with its sidecars), .npz, .jsonl or .parquet.", show_default=False)],
+    index: Annotated[Path, typer.Argument(metavar="INDEX", hidden=True, help="An index written by siglip embed: .npy (with its sidecars), .npz, .jsonl or .parquet.", show_default=False)],
     fmt: FormatOpt = Format.auto,
     json_flag: JsonOpt = False,
 ) -> None:
     """What an index holds and how it was made.
+
+    INDEX: a file written by siglip embed (.npy with its sidecars, .npz, .parquet or .jsonl).
 
     Model and revision, model dtype, decoding, patch budget (SigLIP 2 NaFlex), rows by kind, vector size and dtype, whether paths are absolute, skipped inputs, when it was made, and its files with their sizes. Reads only the index, never the model.
 
