@@ -26,6 +26,7 @@ import math
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -47,6 +48,7 @@ from .sources import Source
 from .urls import DEFAULT_URL_MAX_BYTES, DEFAULT_URL_TIMEOUT, fetch_url, is_url
 
 DEFAULT_BATCH = {"cuda": 128, "mps": 32, "cpu": 16}
+DECODER_STOP_WAIT = 5.0  # seconds an abandoned run waits for its decoders to finish the image in hand
 
 
 def default_workers(device: torch.device) -> int:
@@ -260,8 +262,15 @@ class ImagePipeline:
                     todo.put(ahead)
                 yield item
         finally:
+            # Stop the decoders, and wait (briefly) for those still decoding: a daemon thread
+            # that is inside Pillow or numpy when the interpreter shuts down is ended with
+            # pthread_exit, which aborts the process through C++ frames (exit 134). A decoder
+            # stuck on a slow URL is not waited for: its read times out on its own.
             for _ in threads:
                 todo.put(None)
+            deadline = time.monotonic() + DECODER_STOP_WAIT
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     # ------------------------------------------------------------------ device side
     def _normalization_table(self) -> torch.Tensor:

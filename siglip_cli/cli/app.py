@@ -62,6 +62,7 @@ EXIT_CODES = {UsageError: 2, ModelUnavailable: 3, BackendUnavailable: 4, InputEr
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT); SIGTERM gives 143, as a shell reports 128 + the signal
 _interrupted = False  # set by Ctrl-C or SIGTERM: whatever exception follows it is the interrupt's doing
 _interrupt_signal = 2  # which of them
+_stdout_gone = False  # set when stdout's reader left (a closed pipe) or stdout failed
 _command_started: float | None = None  # when the command began: `wrote ... in N s` is the whole run
 _process_started: float | None = None  # perf_counter() at the process's start, when run from the entry point
 
@@ -806,7 +807,11 @@ def close_options(typed: str, params) -> list[str]:
 
 def _silence_stdout() -> None:
     """Point stdout at /dev/null, so that nothing complains about a stdout that can no longer
-    be flushed (a closed pipe, a full disk) when the process exits."""
+    be flushed (a closed pipe, a full disk) when the process exits. Also marks the run as one
+    whose reader is gone: `run` then leaves without the interpreter's shutdown (see
+    _quiet_exit)."""
+    global _stdout_gone
+    _stdout_gone = True
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -815,8 +820,21 @@ def _silence_stdout() -> None:
 
 
 def _quiet_exit(code: int) -> None:
+    """Leave at once with `code` after stdout went away (`siglip classify ... | head -1`).
+
+    Not through the interpreter's shutdown: results stopped mid-stream, so decode threads may
+    still be inside Pillow or numpy with the GIL released. When such a daemon thread wants the
+    GIL back during shutdown, Python 3.11-3.13 ends it with pthread_exit, whose forced unwind
+    through numpy's C++ (noexcept) frames calls std::terminate: "terminate called without an
+    active exception", exit 134, seen once under load. Our own files are closed or committed by
+    now (each command's finally blocks have run); stderr is flushed here."""
     _silence_stdout()
-    sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def run(args: list[str] | None = None) -> None:
@@ -849,6 +867,8 @@ def run(args: list[str] | None = None) -> None:
             raise
     if _interrupted:
         _exit_interrupted(announce=code != interrupted_exit_code())  # (a command that said so itself)
+    if _stdout_gone:
+        _quiet_exit(code if isinstance(code, int) else 0)
     sys.exit(code if isinstance(code, int) else 0)
 
 
