@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .store import RowFile, Store, check_rows
+from .store_meta import NORM_TOLERANCE
 
 READ_BYTES = 8 << 20  # one window: large enough that Python's and the syscalls' share is nil
 BLOCK_ROWS = 1 << 16  # rows scored before they are merged into the running top-K
@@ -75,7 +76,16 @@ def top_k(store: Store, queries: np.ndarray, k: int, start: int = 0, stop: int |
         cosines = np.concatenate([part[q][1] for part in found])
         order = np.lexsort((rows, -cosines))[:k]  # best first; equal cosines by row number
         rankings.append(Ranking(rows[order], cosines[order]))
+    _check_hits(store, rankings)
     return rankings
+
+
+def _check_hits(store: Store, rankings: list[Ranking]) -> None:
+    """The hits' rows read again through the store's checked reader: a normalized store's row
+    of the wrong length is refused before its cosine is shown (a few rows: nothing to pay)."""
+    hits = np.unique(np.concatenate([ranking.rows for ranking in rankings])) if rankings else []
+    if len(hits):
+        store.row_source[hits]
 
 
 def _scan(store: Store, queries: np.ndarray, k: int, start: int, stop: int, normalized: bool) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -116,19 +126,29 @@ def _best(scores: np.ndarray, k: int) -> np.ndarray:
 
 def _cosines(store: Store, first: int, block: np.ndarray, queries: np.ndarray, normalized: bool) -> np.ndarray:
     """(rows, queries) cosines. float16 rows are widened first: numpy's float16 dot products
-    have no fast kernel. Each row's length is checked as it is read (store.check_rows: NaN,
-    or a normalized store's row that is not of length 1, is damage), and divides the scores of
-    a store that is not normalized."""
+    have no fast kernel.
+
+    Damage shows here (store.check_rows names the row): a row that is not numbers, and in a
+    normalized store a row whose cosine is not one (|cosine| > 1). Checking every row's length
+    would cost a second dot product per row (measured 1.4x the search, benchmarks/
+    row_check_cost.py); a row too short to show here is caught among the hits (top_k checks
+    their lengths), and `Store.chunks()` / `row_source` check every row they read."""
     rows = block if block.dtype == np.float32 else block.astype(np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):
-        squares = np.vecdot(rows, rows)
-    check_rows(store.path, store.meta, first, block, squares)
     if len(queries) == 1:
         scores = np.vecdot(rows, queries[0])[:, None]
     else:
         scores = np.vecdot(rows[:, None, :], queries[None, :, :])
     if not normalized:
+        with np.errstate(over="ignore", invalid="ignore"):
+            squares = np.vecdot(rows, rows)
+        check_rows(store.path, store.meta, first, block, squares)
         scores /= np.sqrt(squares)[:, None]
+        return scores
+    bound = 1 + 2 * NORM_TOLERANCE[store.meta["dtype"]]
+    suspect = ~(np.abs(scores) <= bound).all(axis=1)  # NaN too
+    if suspect.any():
+        for position in np.flatnonzero(suspect).tolist():
+            check_rows(store.path, store.meta, first + position, block[position : position + 1])
     return scores
 
 
