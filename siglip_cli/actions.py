@@ -384,17 +384,23 @@ class Journal:
 
     def _open_log(self) -> int:
         try:
-            fd = os.open(self.manifest_name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644, dir_fd=self._root_fd)
+            fd = os.open(self.manifest_name, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644, dir_fd=self._root_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise OutputError(f"{self.manifest}: is a symbolic link; remove it (siglip never writes through one)") from None
             raise _cannot_write(self.manifest, exc) from None
         size = os.fstat(fd).st_size
         if size:
-            with open(self.manifest, "rb") as fh:
-                fh.seek(size - 1)
-                if fh.read(1) != b"\n":  # a line cut short by a crash: end it, so ours start clean
-                    os.write(fd, b"\n")
+            # A last line without its newline is a record a crash cut short; its step never
+            # began (records are durable before their step acts), so it is dropped.
+            tail = os.pread(fd, min(size, 1 << 16), max(0, size - (1 << 16)))
+            if not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= len(tail) else None)
+                if keep is None:
+                    raise OutputError(f"{self.manifest}: its last line is not a siglip record; the manifest was edited or damaged")
+                os.ftruncate(fd, keep)
+                os.fsync(fd)
         return fd
 
     def close(self) -> None:
@@ -498,8 +504,8 @@ class Journal:
             return Outcome(op, source, skipped=checked)
         source_stat, size, sha = checked
         folder_parts = wanted.parts[:-1]
-        folder = self.folder_fd(folder_parts)
-        name = self._free_name(folder, wanted.name)
+        folder = self.folder_fd(folder_parts, create=False)
+        name = self._free_name(folder, wanted.name) if folder is not None else wanted.name
         final = PurePosixPath(*folder_parts, name)
         temporary = PurePosixPath(*folder_parts, f".{name}.{secrets.token_hex(4)}.siglip-tmp")
         if len(os.fsencode(temporary.name)) > _MAX_NAME_BYTES:
@@ -509,6 +515,8 @@ class Journal:
         self.record(event="begin", step=step, op=op, source=str(source), destination=str(final),
                     temporary=str(temporary), size=size, sha256=sha)
         try:
+            if folder is None:  # made after the record, so that undo knows to remove it
+                folder = self.folder_fd(folder_parts)
             method = getattr(self, f"_{op}")(source, source_stat, folder, name, temporary.name, size, sha)
         except _Skip as skip:
             self.record(event="failed", step=step, reason=str(skip))
@@ -516,6 +524,9 @@ class Journal:
         except OSError as exc:
             self.record(event="failed", step=step, reason=exc.strerror or str(exc))
             raise _cannot_write(self.root / final, exc) from None
+        except OutputError as exc:
+            self.record(event="failed", step=step, reason=str(exc))
+            raise
         self.record(event="done", step=step, method=method)
         return Outcome(op, source, self.root / final, method)
 
