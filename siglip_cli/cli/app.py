@@ -42,6 +42,7 @@ from .options import (
     OfflineOpt,
     OutDType,
     RecursiveOpt,
+    SortAction,
     ShardSizeOpt,
     TemplateOpt,
     TextsFileOpt,
@@ -233,6 +234,11 @@ def classify(
     recursive: RecursiveOpt = False,
     fmt: FormatOpt = Format.auto,
     json_flag: JsonOpt = False,
+    sort_into: Annotated[Optional[Path], typer.Option("--sort-into", metavar="DIR", help="Put each image into DIR/<best label>/ (DIR/_unsorted/ when no label passes --threshold). Never overwrites; every step is recorded in DIR/siglip-sort.jsonl first.", rich_help_panel="Act on the labels")] = None,
+    multi: Annotated[bool, typer.Option("--multi", metavar="", help="With --sort-into: into the folder of every label that passes --threshold.", rich_help_panel="Act on the labels")] = False,
+    action: Annotated[SortAction, typer.Option("--action", help="With --sort-into: copy, link (a hard link; a symbolic link where impossible, and says so) or move.", rich_help_panel="Act on the labels")] = SortAction.copy,
+    dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="With --sort-into: print the plan, change nothing.", rich_help_panel="Act on the labels")] = False,
+    undo: Annotated[Optional[Path], typer.Option("--undo", metavar="DIR", help="Put back what --sort-into DIR did: moved files return, copies and links that still match are removed.", rich_help_panel="Act on the labels")] = None,
     options: ModelOptions = None,  # every model option: see options.model_options
 ) -> None:
     """Score images against labels (zero-shot).
@@ -244,42 +250,19 @@ def classify(
       siglip classify cat.jpg --labels "2 cats,2 dogs"
 
       find . -name '*.jpg' | siglip classify - --labels-file labels.txt --top-k 1
+
+      siglip classify photos/ --labels "cat,dog" --threshold 0.1 --sort-into sorted/
+
+      siglip classify --undo sorted/
     """
     with handled():
-        from ..prompts import collect_labels, resolve_templates
-        from . import render
-        from .classify import classify as run_classify
+        from .classify import ClassifyRequest, run as run_classify
 
-        if not images:
-            raise UsageError("no images given: name files, folders, patterns or URLs (see 'siglip classify --help')")
-        label_set = collect_labels(labels or [], label or [], labels_file or [])
-        for duplicate in label_set.duplicates:
-            note(f"label {duplicate!r} given more than once; scored once")
-        templates = resolve_templates(template, use_template=not no_template)
-        fmt_name = output_format(fmt, json_flag)
-        listing = list_inputs(images, recursive)
-        if not listing.sources and not listing.failures:
-            raise UsageError("no images given (stdin was empty)")
-        engine = load_engine(options) if listing.sources else None
-        total = len(listing.sources) + len(listing.failures)
-        failed = 0
-
-        def reported(results):
-            nonlocal failed
-            for result in results:
-                if result.error is not None:
-                    failed += 1
-                    error_line(result.error)
-                yield result
-
-        streaming_to_terminal = fmt_name == "jsonl" and sys.stdout.isatty()
-        with progress_bar(len(listing.sources), "images", enabled=not streaming_to_terminal) as advance:
-            results = reported(run_classify(engine, listing, label_set.labels, templates, softmax, top_k, threshold, advance))
-            view = render.classify_view(label_set.labels, "softmax" if softmax else "sigmoid")
-            collected = render.emit(results, fmt_name, view) if fmt_name == "jsonl" else list(results)
-        if fmt_name != "jsonl":  # printed once the progress bar is gone
-            render.emit(collected, fmt_name, view)
-        _summarize_failures(failed, total)
+        failed = run_classify(ClassifyRequest(
+            images or [], labels or [], label or [], labels_file or [], template, no_template, softmax, top_k, threshold,
+            recursive, fmt, json_flag, options, sort_into=sort_into, multi=multi, action=action.value, dry_run=dry_run,
+            undo=undo,
+        ))
     if failed:
         raise typer.Exit(1)
 
