@@ -239,6 +239,9 @@ def classify(
     action: Annotated[SortAction, typer.Option("--action", help="With --sort-into: copy, link (a hard link; a symbolic link where impossible, and says so) or move.", rich_help_panel="Act on the labels")] = SortAction.copy,
     dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="With --sort-into: print the plan, change nothing.", rich_help_panel="Act on the labels")] = False,
     undo: Annotated[Optional[Path], typer.Option("--undo", metavar="DIR", help="Put back what --sort-into DIR did: moved files return, copies and links that still match are removed.", rich_help_panel="Act on the labels")] = None,
+    write_xmp: Annotated[bool, typer.Option("--write-xmp", metavar="", help="Write the labels that pass --threshold (or --top-k) as keywords into XMP sidecars beside the images (photo.jpg.xmp), merged into any sidecar already there; the images are never modified.", rich_help_panel="Act on the labels")] = False,
+    xmp_prefix: Annotated[str, typer.Option("--xmp-prefix", metavar="PREFIX", help="With --write-xmp: the parent of the hierarchical keywords (lr:hierarchicalSubject PREFIX|label).", rich_help_panel="Act on the labels")] = "siglip",
+    xmp_stem: Annotated[bool, typer.Option("--xmp-stem", metavar="", help="With --write-xmp: name sidecars photo.xmp (Lightroom, Capture One) instead of photo.jpg.xmp (darktable, digiKam, Immich).", rich_help_panel="Act on the labels")] = False,
     options: ModelOptions = None,  # every model option: see options.model_options
 ) -> None:
     """Score images against labels (zero-shot).
@@ -254,6 +257,8 @@ def classify(
       siglip classify photos/ --labels "cat,dog" --threshold 0.1 --sort-into sorted/
 
       siglip classify --undo sorted/
+
+      siglip classify photos/ --labels "beach,snow,city" --threshold 0.3 --write-xmp
     """
     with handled():
         from .classify import ClassifyRequest, run as run_classify
@@ -261,7 +266,7 @@ def classify(
         failed = run_classify(ClassifyRequest(
             images or [], labels or [], label or [], labels_file or [], template, no_template, softmax, top_k, threshold,
             recursive, fmt, json_flag, options, sort_into=sort_into, multi=multi, action=action.value, dry_run=dry_run,
-            undo=undo,
+            undo=undo, write_xmp=write_xmp, xmp_prefix=xmp_prefix, xmp_stem=xmp_stem,
         ))
     if failed:
         raise typer.Exit(1)

@@ -209,6 +209,37 @@ class Sorter:
         return line + f"; undo with: siglip classify --undo {plan.folder}"
 
 
+class Tagger:
+    """--write-xmp: each image's passing labels as keywords in its XMP sidecar."""
+
+    def __init__(self, prefix: str, stem: bool):
+        self.prefix, self.stem = prefix, stem
+        self.model = ""
+        self.counts: dict[str, int] = {}
+        self.failed = 0
+
+    def tag(self, result: ImageScores, source: Source) -> list[FileAction]:
+        from ..xmp import Keywords, write_keywords
+
+        if not isinstance(source.value, str) or "://" in source.value:
+            self.failed += 1
+            return [FileAction("xmp", skipped="not a local file; sidecars go beside files")]
+        keywords = Keywords([item.label for item in result.labels], self.prefix, self.model,
+                            {item.label: item.score for item in result.labels})
+        try:
+            path, how = write_keywords(source.value, keywords, self.stem)
+        except SiglipError as exc:
+            self.failed += 1
+            return [FileAction("xmp", skipped=str(exc))]
+        self.counts[how] = self.counts.get(how, 0) + 1
+        return [FileAction("xmp", str(path), how)]
+
+    def summary(self) -> str:
+        done = ", ".join(f"{count} {how}" for how, count in sorted(self.counts.items())) or "none written"
+        failed = f"; {self.failed} could not be written" if self.failed else ""
+        return f"XMP sidecars: {done}{failed}"
+
+
 def act_on(results: Iterable[ImageScores], listing: Listing, sorter: Sorter | None, tagger, report) -> Iterator[ImageScores]:
     """Each result, after its file actions ran (sorting, sidecars); skipped actions go to `report`."""
     by_name = {source.name: source for source in listing.sources}
@@ -261,15 +292,29 @@ class ClassifyRequest:
     action: str = "copy"
     dry_run: bool = False
     undo: Path | None = None
+    write_xmp: bool = False
+    xmp_prefix: str = "siglip"
+    xmp_stem: bool = False
 
 
 def check_action_options(request: ClassifyRequest) -> None:
     """Option combinations that cannot work, refused before the model loads."""
     sorting = request.sort_into is not None
     if request.undo is not None:
-        if request.images or sorting or request.dry_run:
+        if request.images or sorting or request.dry_run or request.write_xmp:
             raise UsageError("--undo DIR works alone: siglip classify --undo sorted/")
         return
+    if request.write_xmp:
+        if request.threshold is None and request.top_k is None:
+            raise UsageError("--write-xmp needs --threshold SCORE (or --top-k K): the labels that pass become keywords")
+        if sorting and request.action == "move":
+            raise UsageError("--write-xmp writes sidecars beside the originals, so it cannot go with --action move; tag first, then sort")
+        if sorting and request.dry_run:
+            raise UsageError("--dry-run plans --sort-into only; leave out --write-xmp for the dry run")
+        if "|" in request.xmp_prefix or _XML_UNSAFE(request.xmp_prefix):
+            raise UsageError(f"--xmp-prefix {request.xmp_prefix!r}: no '|' (it separates levels) or control characters")
+    elif request.xmp_prefix != "siglip" or request.xmp_stem:
+        raise UsageError("--xmp-prefix and --xmp-stem go with --write-xmp")
     if not sorting:
         for flag, given in (("--multi", request.multi), ("--dry-run", request.dry_run), ("--action", request.action != "copy")):
             if given:
@@ -279,6 +324,10 @@ def check_action_options(request: ClassifyRequest) -> None:
         raise UsageError("--multi needs --threshold SCORE: without one every label would pass")
     if request.multi and request.action == "move":
         raise UsageError("--multi cannot --action move: a file moved into one folder is not in the others; use copy or link")
+
+
+def _XML_UNSAFE(text: str) -> bool:
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
 def run(request: ClassifyRequest) -> int:
@@ -307,6 +356,7 @@ def run(request: ClassifyRequest) -> int:
     if request.sort_into is not None:
         target = check_sort_folder(request.sort_into, request.images, listing)
         sorter = Sorter(SortPlan(target, request.action, request.multi, request.dry_run, folders))
+    tagger = Tagger(request.xmp_prefix, request.xmp_stem) if request.write_xmp else None
     total = len(listing.sources) + len(listing.failures)
     failed = 0
 
@@ -320,20 +370,24 @@ def run(request: ClassifyRequest) -> int:
 
     with sorter if sorter is not None else _nothing():  # the journal is locked before the model loads
         engine = load_engine(request.options) if listing.sources else None
+        if tagger is not None and engine is not None:
+            tagger.model = f"{engine.resolved.name}@{engine.resolved.revision}" if engine.resolved.revision else engine.resolved.name
         streaming_to_terminal = fmt_name == "jsonl" and sys.stdout.isatty()
         with progress_bar(len(listing.sources), "images", enabled=not streaming_to_terminal) as advance:
             results = reported(classify(engine, listing, label_set.labels, templates, request.softmax, request.top_k,
                                         request.threshold, advance))
-            if sorter is not None:
-                results = act_on(results, listing, sorter, None, note)
+            if sorter is not None or tagger is not None:
+                results = act_on(results, listing, sorter, tagger, error_line)
             view = render.classify_view(label_set.labels, "softmax" if request.softmax else "sigmoid")
             collected = render.emit(results, fmt_name, view) if fmt_name == "jsonl" else list(results)
     if fmt_name != "jsonl":  # printed once the progress bar is gone
         render.emit(collected, fmt_name, view)
+    if tagger is not None:
+        note(tagger.summary())
     if sorter is not None:
         note(sorter.summary())
     _summarize_failures(failed, total)
-    return failed
+    return failed + (tagger.failed if tagger else 0) + (sorter.plan.skipped if sorter else 0)
 
 
 class _nothing:
