@@ -2,7 +2,7 @@
 
 We write the labels that pass as keywords where darktable, digiKam, Lightroom, Immich and
 exiftool look for them: `dc:subject` (flat keywords) and `lr:hierarchicalSubject` (`siglip|cat`
-under a prefix), plus what produced them in our own namespace (`siglip:model`, the scores, and
+under a prefix), plus what produced them in our own namespace (`siglip:modelId`, the scores, and
 the keywords we added, so that a later run replaces exactly ours).
 
 An existing sidecar is edited, not rewritten: it is parsed (to find things, and to refuse what
@@ -203,12 +203,10 @@ def _hierarchical_xml(values: Sequence[str], indent: str, scope: dict) -> str:
 def _ours_xml(keywords: Keywords, added: Sequence[str], added_hierarchical: Sequence[str], indent: str, scope: dict) -> str:
     scores = [f"{label}: {score:.4f}" for label, score in keywords.scores.items()]
     bags = _declare(scope, "siglip", "rdf")
-    parts = [
-        f"<siglip:modelId{_declare(scope, 'siglip')}>{_clean(keywords.model)}</siglip:modelId>",
-        _bag("siglip:keywords", added, indent, bags),
-        _bag("siglip:hierarchicalKeywords", added_hierarchical, indent, bags),
-        _bag("siglip:scores", scores, indent, bags, kind="Seq"),
-    ]
+    parts = [f"<siglip:modelId{_declare(scope, 'siglip')}>{_clean(keywords.model)}</siglip:modelId>"]
+    for name, values, kind in (("keywords", added, "Bag"), ("hierarchicalKeywords", added_hierarchical, "Bag"), ("scores", scores, "Seq")):
+        if values:  # an empty bag reads back as whitespace in some readers: left out instead
+            parts.append(_bag(f"siglip:{name}", values, indent, bags, kind=kind))
     return f"\n{indent}".join(parts)
 
 
