@@ -226,6 +226,7 @@ def classify(
     labels: Annotated[Optional[List[str]], typer.Option("--labels", "-l", metavar="LABELS", help='Comma-separated labels, e.g. "2 cats,2 dogs"; a label holding commas goes in double quotes.', rich_help_panel="Labels")] = None,
     label: Annotated[Optional[List[str]], typer.Option("--label", metavar="LABEL", help="One label, commas kept (repeatable).", rich_help_panel="Labels")] = None,
     labels_file: Annotated[Optional[List[Path]], typer.Option("--labels-file", metavar="FILE", help="A file with one label per line.", rich_help_panel="Labels")] = None,
+    examples: Annotated[Optional[Path], typer.Option("--examples", metavar="DIR", help="A folder with one sub-folder of example images per label (2 or more each): each label's score adds the examples' vote to the text's (Tip-Adapter, weights chosen by leave-one-out on the examples, reported on stderr). Without --labels, the sub-folders are the labels.", rich_help_panel="Labels")] = None,
     template: TemplateOpt = None,
     no_template: NoTemplateOpt = False,
     softmax: Annotated[bool, typer.Option("--softmax", metavar="", help="Single-label mode: a softmax over the given labels (sums to 1) instead of SigLIP's independent sigmoid scores.", rich_help_panel="Scores")] = False,
@@ -259,6 +260,8 @@ def classify(
       siglip classify --undo sorted/
 
       siglip classify photos/ --labels "beach,snow,city" --threshold 0.3 --write-xmp
+
+      siglip classify photos/ --examples my-examples/     # my-examples/<label>/*.jpg
     """
     with handled():
         from .classify import ClassifyRequest, run as run_classify
@@ -266,7 +269,7 @@ def classify(
         failed = run_classify(ClassifyRequest(
             images or [], labels or [], label or [], labels_file or [], template, no_template, softmax, top_k, threshold,
             recursive, fmt, json_flag, options, sort_into=sort_into, multi=multi, action=action.value, dry_run=dry_run,
-            undo=undo, write_xmp=write_xmp, xmp_prefix=xmp_prefix, xmp_stem=xmp_stem,
+            undo=undo, write_xmp=write_xmp, xmp_prefix=xmp_prefix, xmp_stem=xmp_stem, examples=examples,
         ))
     if failed:
         raise typer.Exit(1)

@@ -32,12 +32,14 @@ def classify(
     top_k: int | None = None,
     threshold: float | None = None,
     on_progress: Callable[[int], None] | None = None,
+    scorer: Callable | None = None,
 ) -> Iterator[ImageScores]:
     """One ImageScores per input, in input order: labels best first (cut by top-k and
-    threshold), or the error that kept the input out."""
+    threshold), or the error that kept the input out. `scorer` (image embeddings -> logits)
+    replaces the zero-shot logits, e.g. with a TipAdapter's (--examples)."""
     from ..core.scoring import rank
 
-    text = engine.label_embeddings(labels, templates) if listing.sources else None
+    text = engine.label_embeddings(labels, templates) if listing.sources and scorer is None else None
     images = engine.iter_image_features(listing.sources, on_progress=on_progress) if listing.sources else []
     for failure, item in listing.in_order(images):
         if failure is not None:
@@ -46,7 +48,7 @@ def classify(
         if item.error is not None:
             yield ImageScores(path=item.name, error=item.error)
             continue
-        logit_row = engine.logits(item.vector[None, :], text)
+        logit_row = scorer(item.vector[None, :]) if scorer is not None else engine.logits(item.vector[None, :], text)
         probs = engine.probabilities(logit_row, use_softmax)[0]
         yield ImageScores(
             path=item.name,
@@ -295,6 +297,7 @@ class ClassifyRequest:
     write_xmp: bool = False
     xmp_prefix: str = "siglip"
     xmp_stem: bool = False
+    examples: Path | None = None
 
 
 def check_action_options(request: ClassifyRequest) -> None:
@@ -343,9 +346,23 @@ def run(request: ClassifyRequest) -> int:
         return 0
     if not request.images:
         raise UsageError("no images given: name files, folders, patterns or URLs (see 'siglip classify --help')")
-    label_set = collect_labels(request.labels, request.label, request.labels_file)
+    example_set = None
+    if request.examples is not None and not (request.labels or request.label or request.labels_file):
+        from ..examples import read_examples
+        from ..prompts import dedupe
+
+        example_set = read_examples(request.examples)  # the labels are its folder names
+        label_set = dedupe(example_set.labels)
+    else:
+        label_set = collect_labels(request.labels, request.label, request.labels_file)
+        if request.examples is not None:
+            from ..examples import read_examples
+
+            example_set = read_examples(request.examples, label_set.labels)
     for duplicate in label_set.duplicates:
         note(f"label {duplicate!r} given more than once; scored once")
+    if example_set is not None and example_set.ignored:
+        note(f"--examples {request.examples}: {len(example_set.ignored)} file(s) outside the label folders ignored")
     templates = resolve_templates(request.template, use_template=not request.no_template)
     fmt_name = output_format(request.fmt, request.json_flag)
     folders = label_folders(label_set.labels) if request.sort_into is not None else None
@@ -370,12 +387,15 @@ def run(request: ClassifyRequest) -> int:
 
     with sorter if sorter is not None else _nothing():  # the journal is locked before the model loads
         engine = load_engine(request.options) if listing.sources else None
+        scorer = None
+        if example_set is not None and engine is not None:
+            scorer = _adapter(engine, example_set, label_set.labels, templates, note, error_line)
         if tagger is not None and engine is not None:
             tagger.model = f"{engine.resolved.name}@{engine.resolved.revision}" if engine.resolved.revision else engine.resolved.name
         streaming_to_terminal = fmt_name == "jsonl" and sys.stdout.isatty()
         with progress_bar(len(listing.sources), "images", enabled=not streaming_to_terminal) as advance:
             results = reported(classify(engine, listing, label_set.labels, templates, request.softmax, request.top_k,
-                                        request.threshold, advance))
+                                        request.threshold, advance, scorer))
             if sorter is not None or tagger is not None:
                 results = act_on(results, listing, sorter, tagger, error_line)
             view = render.classify_view(label_set.labels, "softmax" if request.softmax else "sigmoid")
@@ -388,6 +408,24 @@ def run(request: ClassifyRequest) -> int:
         note(sorter.summary())
     _summarize_failures(failed, total)
     return failed + (tagger.failed if tagger else 0) + (sorter.plan.skipped if sorter else 0)
+
+
+def _adapter(engine, example_set, labels, templates, note, error_line):
+    """The examples' Tip-Adapter: embedded (cached), weights chosen by leave-one-out, reported."""
+    from ..examples import TipAdapter, embed_examples
+
+    with _status("embedding the examples"):
+        keys, key_labels = embed_examples(engine, example_set, error_line)
+    adapter = TipAdapter(engine.label_embeddings(labels, templates), keys, key_labels, engine.logit_scale, engine.logit_bias)
+    adapter.choose()
+    note(adapter.describe())
+    return adapter.logits
+
+
+def _status(message):
+    from .terminal import status
+
+    return status(message)
 
 
 class _nothing:
