@@ -300,3 +300,17 @@ def test_sigkill_mid_sort_then_undo_restores_everything(tiny_checkpoint, tmp_pat
     result = CliRunner().invoke(app, ["classify", "--undo", str(out)])
     assert result.exit_code == 0, result.stderr
     assert tree(photos) == before and only_manifest(out)
+
+
+def test_a_file_name_with_an_escape_sequence_is_shown_escaped(run, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    random_image(7, (32, 32)).save(photos / "evil\x1b[2J.png")
+    out = tmp_path / "sorted"
+    result = run("classify", photos, "-l", LABELS, "--format", "table", "--sort-into", out)
+    assert result.exit_code == 0, result.stderr
+    written = result.stdout[result.stdout.index("files written"):]  # the scores table is render's own
+    assert "\x1b" not in written and "\x1b" not in result.stderr
+    assert "evil\\x1b[2J.png" in written
+    json_result = run("classify", photos, "-l", LABELS, "--json", "--sort-into", tmp_path / "again")
+    assert json.loads(json_result.stdout)[0]["actions"][0]["destination"].endswith("evil\x1b[2J.png")  # JSON stays exact
