@@ -204,12 +204,31 @@ def test_a_file_as_the_folder_is_refused(run, photos, tmp_path):
     assert result.exit_code == 2 and "is a file" in result.stderr
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_an_unwritable_folder_is_refused(run, photos, tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o555)
-    result = run("classify", photos, "-l", LABELS, "--sort-into", locked / "sorted")
-    assert result.exit_code == 2 and "not writable" in result.stderr
+    from .test_actions import read_only_folder
+
+    with read_only_folder(tmp_path / "locked", lambda folder: None) as locked:
+        result = run("classify", photos, "-l", LABELS, "--sort-into", locked / "sorted")
+        assert result.exit_code == 2 and "not writable" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_moving_out_of_a_read_only_image_folder_is_one_line_per_image(run, tmp_path):
+    from .test_actions import read_only_folder
+
+    def fill(folder):
+        for i in range(2):
+            random_image(600 + i, (32, 32)).save(folder / f"r{i}.jpg")
+
+    out = tmp_path / "sorted"
+    with read_only_folder(tmp_path / "ro", fill) as folder:
+        before = tree(folder)
+        result = run("classify", folder, "-l", LABELS, "--sort-into", out, "--action", "move")
+        assert result.exit_code == 1
+        errors = [line for line in result.stderr.splitlines() if "error" in line]
+        assert len(errors) == 2 and all("read-only" in line for line in errors), result.stderr
+        assert tree(folder) == before
+    assert not [p for p in out.rglob("*.jpg")]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -248,15 +248,20 @@ def test_a_bad_sidecar_is_one_line_left_untouched_and_the_others_are_written(run
         assert sidecar.is_symlink()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_image_folder_is_one_line_per_image(run, photos):
-    photos.chmod(0o555)
-    try:
-        result = run("classify", photos, "-l", LABELS, "--top-k", "1", "--write-xmp")
-    finally:
-        photos.chmod(0o755)
-    assert result.exit_code == 1 and "read-only" in result.stderr
-    assert not list(photos.glob("*.xmp"))
+def test_a_read_only_image_folder_is_one_line_per_image(run, tmp_path):
+    from .test_actions import read_only_folder
+
+    def fill(folder):
+        for i in range(2):
+            random_image(500 + i, (32, 32)).save(folder / f"r{i}.jpg")
+
+    with read_only_folder(tmp_path / "ro", fill) as folder:
+        before = digests(folder)
+        result = run("classify", folder, "-l", LABELS, "--top-k", "1", "--write-xmp")
+        assert result.exit_code == 1
+        errors = [line for line in result.stderr.splitlines() if "error" in line]
+        assert len(errors) == 2 and all("read-only" in line and ".jpg.xmp" in line for line in errors), result.stderr
+        assert not list(folder.glob("*.xmp")) and digests(folder) == before
 
 
 @pytest.mark.parametrize("args, message", [
