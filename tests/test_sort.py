@@ -333,3 +333,32 @@ def test_a_file_name_with_an_escape_sequence_is_shown_escaped(run, tmp_path):
     assert "evil\\x1b[2J.png" in written
     json_result = run("classify", photos, "-l", LABELS, "--json", "--sort-into", tmp_path / "again")
     assert json.loads(json_result.stdout)[0]["actions"][0]["destination"].endswith("evil\x1b[2J.png")  # JSON stays exact
+
+
+def test_a_full_disk_mid_sort_is_one_line_and_every_copy_is_whole(run, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    import numpy as np
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):  # noise compresses badly: ~30 kB each, 240 kB in all
+        Image.fromarray(rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)).save(photos / f"n{i}.png")
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], check=True)
+    try:
+        out = disk / "sorted"
+        result = run("classify", photos, "-l", LABELS, "--sort-into", out)
+        assert result.exit_code == 1
+        errors = [line for line in result.stderr.splitlines() if "error" in line]
+        assert len(errors) == 1 and "no space left" in errors[0] and "Traceback" not in result.stderr
+        copies = [p for p in out.rglob("*") if p.is_file() and p.parent != out]
+        assert 0 < len(copies) < 8
+        for copy in copies:  # whole copies only, no temporaries
+            assert copy.read_bytes() == (photos / copy.name).read_bytes()
+        assert len(list(photos.iterdir())) == 8
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
