@@ -35,8 +35,11 @@ def _safe(part: str) -> str:
 
 
 class TextCache:
+    kind = "text"
+
     def __init__(self, root: Path, revision: str, variant: str, dim: int | None = None):
-        self.folder = root / "text" / _safe(revision) / _safe(variant)
+        self.root, self.revision = root, revision
+        self.folder = root / self.kind / _safe(revision) / _safe(variant)
         self.dim = dim
 
     def _path(self, prompt: str) -> Path:
@@ -69,3 +72,12 @@ class TextCache:
             atomic_write_bytes(self._path(prompt), buffer.getvalue())
         except OSError:  # a read-only or full disk (or a hostile folder) only costs speed, never results
             pass
+
+
+class ImageCache(TextCache):
+    """Normalised embeddings of example images (`classify --examples`) in
+    <cache dir>/images/<revision>/<variant>/, keyed by the file's SHA-256: renaming or moving an
+    example costs nothing, editing it makes a new entry. The variant holds the device, the
+    precision and everything else that changes the pixels the model sees (decoding, patch budget)."""
+
+    kind = "images"

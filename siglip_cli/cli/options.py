@@ -55,6 +55,12 @@ class ListFormat(str, Enum):
     paths = "paths"
 
 
+class SortAction(str, Enum):
+    copy = "copy"
+    link = "link"
+    move = "move"
+
+
 class EngineKind(str, Enum):
     local = "local"
     ray = "ray"
