@@ -199,3 +199,37 @@ class SearchResult:
         if self.error is not None:
             return {"query": self.query, "error": self.error}
         return {"query": self.query, "results": [h.to_record() for h in self.hits]}
+
+
+@dataclass
+class Duplicate:
+    path: str
+    level: str  # exact | near | similar
+    cosine: float  # with the group's kept image
+    size: int = -1  # bytes; -1 when unknown
+
+    def to_record(self) -> dict:
+        return {"path": self.path, "level": self.level, "cosine": self.cosine}
+
+
+@dataclass
+class DuplicateGroup:
+    """`dedupe`: one kept image and its duplicates (exact first, then by cosine)."""
+
+    group: int
+    keep: str
+    duplicates: list[Duplicate] = field(default_factory=list)
+    keep_bytes: int = -1
+
+    def to_record(self) -> dict:
+        return {"group": self.group, "keep": self.keep, "duplicates": [d.to_record() for d in self.duplicates]}
+
+
+@dataclass
+class NeighbourHistogram:
+    """`dedupe --histogram`: every image's nearest-neighbour cosine, counted in bins."""
+
+    edges: list[float]  # bins + 1 edges, ascending
+    counts: list[int]
+    thresholds: dict[str, float]  # level -> cosine
+    images: int
