@@ -14,11 +14,13 @@ Cache dir: $SIGLIP_CACHE_DIR, else $XDG_CACHE_HOME/siglip-cli, else ~/.cache/sig
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .safefiles import atomic_write_bytes, make_directory, open_regular
 
 
 def default_cache_dir() -> Path:
@@ -33,8 +35,11 @@ def _safe(part: str) -> str:
 
 
 class TextCache:
+    kind = "text"
+
     def __init__(self, root: Path, revision: str, variant: str, dim: int | None = None):
-        self.folder = root / "text" / _safe(revision) / _safe(variant)
+        self.root, self.revision = root, revision
+        self.folder = root / self.kind / _safe(revision) / _safe(variant)
         self.dim = dim
 
     def _path(self, prompt: str) -> Path:
@@ -44,7 +49,9 @@ class TextCache:
         """The cached vector, or None when there is none or it is damaged (wrong shape or dtype,
         not a plain array, non-finite or zero): the caller recomputes it and `put` repairs it."""
         try:
-            vector = np.load(self._path(prompt), allow_pickle=False)
+            # our own entry: a FIFO or a planted link there is refused at once (never a hang)
+            with open_regular(self._path(prompt), follow_symlinks=False) as fh:
+                vector = np.load(fh, allow_pickle=False)
         except (OSError, ValueError, EOFError):
             return None
         if not isinstance(vector, np.ndarray) or vector.ndim != 1 or vector.dtype != np.float32:
@@ -56,16 +63,21 @@ class TextCache:
         return vector
 
     def put(self, prompt: str, vector: np.ndarray) -> None:
-        tmp = None
+        """Store `vector` atomically (a planted link at the entry is replaced, never followed)."""
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(vector, dtype=np.float32))
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, np.asarray(vector, dtype=np.float32))
-            os.replace(tmp, self._path(prompt))
-        except OSError:  # a read-only or full disk only costs speed, never results
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+            make_directory(self.folder)
+            atomic_write_bytes(self._path(prompt), buffer.getvalue())
+        except OSError:  # a read-only or full disk (or a hostile folder) only costs speed, never results
+            pass
+
+
+class ImageCache(TextCache):
+    """Normalised embeddings of example images (`classify --examples`) in
+    <cache dir>/images/<revision>/<variant>/, keyed by the file's SHA-256: renaming or moving an
+    example costs nothing, editing it makes a new entry. The variant holds the device, the
+    precision and everything else that changes the pixels the model sees (decoding, patch budget)."""
+
+    kind = "images"

@@ -35,6 +35,7 @@ import numpy as np
 
 from .core.errors import BackendUnavailable, ModelUnavailable, SiglipError, UsageError
 from .embedding import EmbedPlan, EmbedRun, image_results, stamp_of
+from .safefiles import cannot_write, make_directory
 from .sources import Source
 from .store import NO_STAMP, Entry, open_store, write_store
 from .urls import is_url
@@ -345,7 +346,10 @@ class ClusterRun(EmbedRun):
         self.layout = layout
         self._shard_skipped: list[dict] = []
         super().__init__(engine, plan, out, out_dtype, normalized, templates, resume)
-        (self.partial.folder / "shards").mkdir(exist_ok=True)
+        try:
+            make_directory(self.partial.folder / "shards")
+        except OSError as exc:
+            raise cannot_write(self.partial.folder / "shards", exc) from None
 
     def state(self) -> dict:
         return {**super().state(), "engine": "ray", "shard_size": self.shard_size}

@@ -23,11 +23,15 @@ class ImageScores:
     path: str
     labels: list[LabelScore] = field(default_factory=list)
     error: str | None = None
+    actions: list["FileAction"] = field(default_factory=list)  # --sort-into, --write-xmp
 
     def to_record(self) -> dict:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
-        return {"path": self.path, "labels": [vars(s) for s in self.labels]}
+        record = {"path": self.path, "labels": [vars(s) for s in self.labels]}
+        if self.actions:
+            record["actions"] = [a.to_record() for a in self.actions]
+        return record
 
 
 @dataclass
@@ -199,6 +203,29 @@ class SearchResult:
         if self.error is not None:
             return {"query": self.query, "error": self.error}
         return {"query": self.query, "results": [h.to_record() for h in self.hits]}
+
+
+@dataclass
+class FileAction:
+    """What `classify --sort-into` / `--write-xmp` did (or, with `planned`, would do) for one image:
+    `action` copy, move, link or xmp; `destination` the file written; `method` how (rename,
+    copy+delete, hardlink, symlink; merged or new for a sidecar); `skipped` why nothing was done."""
+
+    action: str
+    destination: str | None = None
+    method: str = ""
+    planned: bool = False
+    skipped: str | None = None
+
+    def to_record(self) -> dict:
+        record = {"action": self.action, "destination": self.destination}
+        if self.method:
+            record["method"] = self.method
+        if self.planned:
+            record["planned"] = True
+        if self.skipped is not None:
+            record["skipped"] = self.skipped
+        return record
 
 
 @dataclass

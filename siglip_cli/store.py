@@ -49,6 +49,20 @@ from typing import Any, Iterator, Sequence, Sized
 import numpy as np
 
 from .core.errors import OutputError, UsageError
+from .safefiles import (  # noqa: F401  (OutputLock, atomic_write_text, temporary_beside: importable from here too)
+    OutputLock,
+    atomic_write_text,
+    cannot_write,
+    fsync_directory,
+    make_directory,
+    open_append,
+    read_regular,
+    remove_file,
+    replace_into_place,
+    reserve_space,
+    temporary_beside,
+    text_temporary,
+)
 
 FORMAT_NAME = "siglip-embeddings"
 FORMAT_VERSION = 1
@@ -85,153 +99,16 @@ def check_output_path(out: Path) -> None:
             raise UsageError(f"--out {out}: {path} is a folder")
 
 
-def _cannot_write(path, exc: OSError) -> OutputError:
-    if exc.errno == errno.ENOSPC:
-        return OutputError(f"{path}: no space left on the device; free some space and run again (with --resume to keep finished rows)")
-    if exc.errno == errno.EDQUOT:
-        return OutputError(f"{path}: disk quota exceeded; free some space and run again (with --resume to keep finished rows)")
-    return OutputError(f"{path}: cannot write ({exc.strerror or exc})")
-
-
-def _remove(path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def temporary_beside(path: Path) -> str:
-    """A new empty file next to `path` (same filesystem, so os.replace is atomic), with the
-    permissions a plain open() would give it (mkstemp alone makes it private)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_umask())
-    os.close(fd)
-    return tmp
-
-
-def _reserve(fh, size: int) -> None:
-    """Claim the disk space a file will need before writing it, so a full disk fails at once
-    with ENOSPC instead of half-way (or, through a memory map, with SIGBUS)."""
-    if size > 0 and hasattr(os, "posix_fallocate"):
-        try:
-            os.posix_fallocate(fh.fileno(), 0, size)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            # EINVAL/EOPNOTSUPP: the filesystem cannot reserve; plain writes still fail cleanly
-
-
-def text_temporary(path: Path, text: str) -> str:
-    """`text` written and flushed in a new temporary file beside `path`; returns its name."""
-    tmp = temporary_beside(path)
-    try:
-        data = text.encode("utf-8", "surrogateescape")  # non-UTF-8 file names round-trip
-        with open(tmp, "wb") as fh:
-            _reserve(fh, len(data))
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        _remove(tmp)
-        raise
-    return tmp
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = text_temporary(path, text)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
+_cannot_write = cannot_write
+_remove = remove_file
+_fsync_dir = fsync_directory
+_reserve = reserve_space
 
 
 def has_line_break(name: str) -> bool:
     """Only "\\n" separates lines in paths.txt; other line-break characters (U+2028, U+0085,
     "\\r") are kept as they are."""
     return "\n" in name
-
-
-# ============================================================================ the lock
-class OutputLock:
-    """An exclusive lock on an output, held for a whole run: `.<name>.lock` beside it holds an
-    `fcntl` lock and the owner's pid. The lock goes with the process on any exit (even SIGKILL);
-    the file is removed on a clean release."""
-
-    def __init__(self, out: Path):
-        self.path = out.with_name(f".{out.name}.lock")
-        self.out = out
-        self._fd: int | None = None
-
-    def acquire(self) -> "OutputLock":
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise _cannot_write(self.path, exc) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = _read_owner(fd)
-                os.close(fd)
-                raise UsageError(
-                    f"--out {self.out}: another siglip run is writing it ({owner}); "
-                    "wait for it to finish, or stop it first"
-                ) from None
-            # The file may have been removed (and recreated) by the previous owner between our
-            # open and our lock: then we hold a lock on an orphan, so try again.
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        _remove(self.path)  # while still holding the lock: a waiting run then retries on a new file
-        os.close(self._fd)
-        self._fd = None
-
-    def __enter__(self) -> "OutputLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _read_owner(fd: int) -> str:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        owner = json.loads(os.read(fd, 4096) or b"{}")
-        return f"pid {owner['pid']}, started {owner['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
 
 
 # ============================================================================ reading
@@ -721,31 +598,34 @@ class PartialRows:
         self.records: list[dict] = []  # one per row: kind, name, size, mtime_ns[, sha256]
         self.skipped: list[dict] = []
         try:
-            if folder.exists():
+            # lexists: a symbolic link planted at the folder's name counts as there, and
+            # make_directory refuses it (files written inside would land where it points).
+            if os.path.lexists(folder):
+                make_directory(folder)
                 if not resume:
                     raise UsageError(
                         f"{folder} holds an interrupted run; add --resume to continue it, or delete it to start over"
                     )
                 self._load()
             else:
-                folder.mkdir()
+                make_directory(folder)
                 atomic_write_text(folder / "state.json", json.dumps(self.settings, indent=2))
-            self._rows = open(folder / "rows.bin", "ab")
-            self._index = open(folder / "rows.jsonl", "ab")
-            self._skipped = open(folder / "skipped.jsonl", "ab")
+            self._rows = open_append(folder / "rows.bin")
+            self._index = open_append(folder / "rows.jsonl")
+            self._skipped = open_append(folder / "skipped.jsonl")
         except OSError as exc:
             raise _cannot_write(exc.filename or folder, exc) from None
 
     def _lines(self, name: str) -> list[str]:
         """Complete lines only: the text after the last newline is a half-written line."""
         path = self.folder / name
-        if not path.exists():
+        if not os.path.lexists(path):
             return []
-        return path.read_bytes().decode("utf-8", "surrogateescape").split("\n")[:-1]
+        return read_regular(path, follow_symlinks=False).decode("utf-8", "surrogateescape").split("\n")[:-1]
 
     def _load(self) -> None:
         try:
-            state = json.loads((self.folder / "state.json").read_text(encoding="utf-8"))
+            state = json.loads(read_regular(self.folder / "state.json", follow_symlinks=False).decode("utf-8"))
         except (OSError, ValueError):
             raise UsageError(f"{self.folder}: unreadable state.json; delete the folder to start over") from None
         changed = sorted(k for k in set(state) | set(self.settings) if state.get(k) != self.settings.get(k))
@@ -768,11 +648,11 @@ class PartialRows:
             except ValueError:
                 break
         rows_path = self.folder / "rows.bin"
-        rows = rows_path.stat().st_size // self.row_bytes if rows_path.exists() else 0
-        count = min(rows, len(records))
-        self.records = records[:count]
-        with open(rows_path, "ab") as fh:
+        with open_append(rows_path) as fh:
+            rows = os.fstat(fh.fileno()).st_size // self.row_bytes
+            count = min(rows, len(records))
             fh.truncate(count * self.row_bytes)
+        self.records = records[:count]
         atomic_write_text(self.folder / "rows.jsonl", "".join(_json_line(r) for r in self.records))
         for line in self._lines("skipped.jsonl"):
             try:

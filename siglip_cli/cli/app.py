@@ -43,6 +43,7 @@ from .options import (
     OfflineOpt,
     OutDType,
     RecursiveOpt,
+    SortAction,
     ShardSizeOpt,
     TemplateOpt,
     TextsFileOpt,
@@ -226,6 +227,7 @@ def classify(
     labels: Annotated[Optional[List[str]], typer.Option("--labels", "-l", metavar="LABELS", help='Comma-separated labels, e.g. "2 cats,2 dogs"; a label holding commas goes in double quotes.', rich_help_panel="Labels")] = None,
     label: Annotated[Optional[List[str]], typer.Option("--label", metavar="LABEL", help="One label, commas kept (repeatable).", rich_help_panel="Labels")] = None,
     labels_file: Annotated[Optional[List[Path]], typer.Option("--labels-file", metavar="FILE", help="A file with one label per line.", rich_help_panel="Labels")] = None,
+    examples: Annotated[Optional[Path], typer.Option("--examples", metavar="DIR", help="A folder with one sub-folder of example images per label (2 or more each): each label's score adds the examples' vote to the text's (Tip-Adapter, weights chosen by leave-one-out on the examples, reported on stderr). Without --labels, the sub-folders are the labels.", rich_help_panel="Labels")] = None,
     template: TemplateOpt = None,
     no_template: NoTemplateOpt = False,
     softmax: Annotated[bool, typer.Option("--softmax", metavar="", help="Single-label mode: a softmax over the given labels (sums to 1) instead of SigLIP's independent sigmoid scores.", rich_help_panel="Scores")] = False,
@@ -234,6 +236,14 @@ def classify(
     recursive: RecursiveOpt = False,
     fmt: FormatOpt = Format.auto,
     json_flag: JsonOpt = False,
+    sort_into: Annotated[Optional[Path], typer.Option("--sort-into", metavar="DIR", help="Put each image into DIR/<best label>/ (DIR/_unsorted/ when no label passes --threshold). Never overwrites; every step is recorded in DIR/siglip-sort.jsonl first.", rich_help_panel="Act on the labels")] = None,
+    multi: Annotated[bool, typer.Option("--multi", metavar="", help="With --sort-into: into the folder of every label that passes --threshold.", rich_help_panel="Act on the labels")] = False,
+    action: Annotated[SortAction, typer.Option("--action", help="With --sort-into: copy, link (a hard link; a symbolic link where impossible, and says so) or move.", rich_help_panel="Act on the labels")] = SortAction.copy,
+    dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="With --sort-into: print the plan, change nothing.", rich_help_panel="Act on the labels")] = False,
+    undo: Annotated[Optional[Path], typer.Option("--undo", metavar="DIR", help="Put back what --sort-into DIR did: moved files return, copies and links that still match are removed.", rich_help_panel="Act on the labels")] = None,
+    write_xmp: Annotated[bool, typer.Option("--write-xmp", metavar="", help="Write the labels that pass --threshold (or --top-k) as keywords into XMP sidecars beside the images (photo.jpg.xmp), merged into any sidecar already there; the images are never modified.", rich_help_panel="Act on the labels")] = False,
+    xmp_prefix: Annotated[str, typer.Option("--xmp-prefix", metavar="PREFIX", help="With --write-xmp: the parent of the hierarchical keywords (lr:hierarchicalSubject PREFIX|label).", rich_help_panel="Act on the labels")] = "siglip",
+    xmp_stem: Annotated[bool, typer.Option("--xmp-stem", metavar="", help="With --write-xmp: name sidecars photo.xmp (Lightroom, Capture One) instead of photo.jpg.xmp (darktable, digiKam, Immich).", rich_help_panel="Act on the labels")] = False,
     options: ModelOptions = None,  # every model option: see options.model_options
 ) -> None:
     """Score images against labels (zero-shot).
@@ -245,42 +255,23 @@ def classify(
       siglip classify cat.jpg --labels "2 cats,2 dogs"
 
       find . -name '*.jpg' | siglip classify - --labels-file labels.txt --top-k 1
+
+      siglip classify photos/ --labels "cat,dog" --threshold 0.1 --sort-into sorted/
+
+      siglip classify --undo sorted/
+
+      siglip classify photos/ --labels "beach,snow,city" --threshold 0.3 --write-xmp
+
+      siglip classify photos/ --examples my-examples/     # my-examples/<label>/*.jpg
     """
     with handled():
-        from ..prompts import collect_labels, resolve_templates
-        from . import render
-        from .classify import classify as run_classify
+        from .classify import ClassifyRequest, run as run_classify
 
-        if not images:
-            raise UsageError("no images given: name files, folders, patterns or URLs (see 'siglip classify --help')")
-        label_set = collect_labels(labels or [], label or [], labels_file or [])
-        for duplicate in label_set.duplicates:
-            note(f"label {duplicate!r} given more than once; scored once")
-        templates = resolve_templates(template, use_template=not no_template)
-        fmt_name = output_format(fmt, json_flag)
-        listing = list_inputs(images, recursive)
-        if not listing.sources and not listing.failures:
-            raise UsageError("no images given (stdin was empty)")
-        engine = load_engine(options) if listing.sources else None
-        total = len(listing.sources) + len(listing.failures)
-        failed = 0
-
-        def reported(results):
-            nonlocal failed
-            for result in results:
-                if result.error is not None:
-                    failed += 1
-                    error_line(result.error)
-                yield result
-
-        streaming_to_terminal = fmt_name == "jsonl" and sys.stdout.isatty()
-        with progress_bar(len(listing.sources), "images", enabled=not streaming_to_terminal) as advance:
-            results = reported(run_classify(engine, listing, label_set.labels, templates, softmax, top_k, threshold, advance))
-            view = render.classify_view(label_set.labels, "softmax" if softmax else "sigmoid")
-            collected = render.emit(results, fmt_name, view) if fmt_name == "jsonl" else list(results)
-        if fmt_name != "jsonl":  # printed once the progress bar is gone
-            render.emit(collected, fmt_name, view)
-        _summarize_failures(failed, total)
+        failed = run_classify(ClassifyRequest(
+            images or [], labels or [], label or [], labels_file or [], template, no_template, softmax, top_k, threshold,
+            recursive, fmt, json_flag, options, sort_into=sort_into, multi=multi, action=action.value, dry_run=dry_run,
+            undo=undo, write_xmp=write_xmp, xmp_prefix=xmp_prefix, xmp_stem=xmp_stem, examples=examples,
+        ))
     if failed:
         raise typer.Exit(1)
 

@@ -44,6 +44,12 @@ class Format(str, Enum):
     csv = "csv"
 
 
+class SortAction(str, Enum):
+    copy = "copy"
+    link = "link"
+    move = "move"
+
+
 class EngineKind(str, Enum):
     local = "local"
     ray = "ray"

@@ -181,8 +181,25 @@ def classify_table(results: list[ImageScores], console: Console, labels: Sequenc
         parts.append(table)
         for mark, result in enumerate(errors, 1):
             parts.append(Text(f"[{mark}] {display_path(result.path)}: {_cause(result.path, result.error)}", style="red"))
+    if any(r.actions for r in results):
+        parts.append(_actions_table(results, console))
     parts.append(Text("; ".join(notes), style="dim"))
     return Group(*parts)
+
+
+def _actions_table(results: list[ImageScores], console: Console) -> Table:
+    """--sort-into / --write-xmp: what was done (or, in a dry run, would be) with each image."""
+    planned = any(a.planned for r in results for a in r.actions)
+    table = Table(title="plan (dry run: nothing was changed)" if planned else "files written", title_justify="left")
+    table.add_column("image", overflow="fold")
+    table.add_column("action", no_wrap=True)
+    table.add_column("to", overflow="fold")
+    for result in results:
+        for action in result.actions:
+            what = action.action + (f" ({action.method})" if action.method and action.method != action.action else "")
+            where = Text(display_path(action.destination)) if action.destination else Text(action.skipped or "", style="red")
+            table.add_row(Text(display_path(result.path)), what, where)
+    return table
 
 
 def _bar(score: float, width: int = 20) -> str:
