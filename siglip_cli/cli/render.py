@@ -594,6 +594,7 @@ def histogram_text(histogram: NeighbourHistogram, width: int = 80) -> Text:
             if low <= value < high or (high == edges[-1] and value == high):
                 out.append(f"{'':>14}{'─' * 4} {name} threshold {value:.3f} {'─' * 4}\n", style="yellow")
         bar = "█" * (round(count / top * bar_width) if count else 0)
-        out.append(f"{low:6.3f}–{high:6.3f} {count:>{count_width}} ")
+        label = f"{low:.3f}–{high:.3f}"
+        out.append(f"{label:>13} {count:>{count_width}} ")
         out.append(bar + "\n", style="cyan")
     return out
