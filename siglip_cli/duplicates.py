@@ -101,6 +101,7 @@ class FileFacts:
     pixels: int  # width x height; 0 when the header cannot be read
     size: int  # bytes
     taken: float  # EXIF DateTimeOriginal as a POSIX time, else the modification time
+    stamp: tuple[int, int] = (-1, -1)  # (size, mtime_ns) when scanned: a move skips a file changed since
 
 
 def _exif_time(image) -> float | None:
@@ -130,7 +131,7 @@ def file_facts(path: str) -> FileFacts:
             taken = _exif_time(image)
     except Exception:  # not readable as an image any more: bytes and time still count
         pass
-    return FileFacts(pixels, st.st_size, taken if taken is not None else st.st_mtime)
+    return FileFacts(pixels, st.st_size, taken if taken is not None else st.st_mtime, (st.st_size, st.st_mtime_ns))
 
 
 def keep_order(rule: str, candidates: Sequence[int], facts: dict[int, FileFacts]) -> list[int]:

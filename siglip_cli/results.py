@@ -234,9 +234,14 @@ class Duplicate:
     level: str  # exact | near | similar
     cosine: float  # with the group's kept image
     size: int = -1  # bytes; -1 when unknown
+    destination: str | None = None  # --move-to: where it went (or, with `planned`, would go)
+    planned: bool = False  # --dry-run
 
     def to_record(self) -> dict:
-        return {"path": self.path, "level": self.level, "cosine": self.cosine}
+        record = {"path": self.path, "level": self.level, "cosine": self.cosine}
+        if self.destination is not None:
+            record["would_move_to" if self.planned else "moved_to"] = self.destination
+        return record
 
 
 @dataclass

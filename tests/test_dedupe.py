@@ -101,7 +101,7 @@ def test_the_summary_counts_the_bytes_the_duplicates_take(env, tmp_path):
     result = cli("dedupe", folder, "--format", "csv", "--exact", env=env)
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[0] == "group,keep,path,level,cosine"
+    assert lines[0] == "group,keep,path,level,cosine,move_to,planned"
     paths = [line.split(",")[2] for line in lines[1:]]
     total = sum(os.path.getsize(p) for p in paths)
     summary = [line for line in result.stderr.splitlines() if "duplicates taking" in line][0]

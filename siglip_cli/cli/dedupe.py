@@ -38,6 +38,7 @@ class DedupeReport:
     histogram: NeighbourHistogram | None
     method: str
     skipped: list[str]
+    stamps: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (size, mtime_ns) when scanned
 
 
 # ============================================================================ inputs
@@ -142,7 +143,7 @@ def find_duplicates(inputs: DedupeInputs, thresholds: Thresholds, keep: str, met
     order = keep_order(keep, list(links), facts)
     groups = form_groups(order, links, rows, classes, thresholds, names, {i: facts[i].size for i in facts})
     shown = nearest_histogram(neighbours.nearest, thresholds) if histogram else None
-    return DedupeReport(groups, shown, neighbours.method, inputs.skipped)
+    return DedupeReport(groups, shown, neighbours.method, inputs.skipped, {names[i]: facts[i].stamp for i in facts})
 
 
 def check_thresholds(level: str, threshold: float | None) -> Thresholds:
@@ -163,3 +164,97 @@ def check_thresholds(level: str, threshold: float | None) -> Thresholds:
 def no_inputs(listing) -> None:
     if not listing.sources:
         raise InputError("nothing to compare: no readable images among the inputs")
+
+
+# ============================================================================ moves
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def common_root(paths: list[str]) -> Path:
+    folders = [os.path.dirname(os.path.realpath(p)) for p in paths]
+    return Path(os.path.commonpath(folders)) if folders else Path.cwd()
+
+
+def check_move_folder(folder: Path, arguments: list[str], names: list[str]) -> Path:
+    """The resolved DIR, refused when it lies inside the inputs (moved files would be listed
+    again next run) or cannot be made."""
+    target = Path(os.path.realpath(folder))
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"--move-to {folder}: is a file, not a folder")
+    roots = [Path(os.path.realpath(a)) for a in arguments if a != "-" and "://" not in a and os.path.isdir(a)]
+    local = [n for n in names if "://" not in n]
+    if local:
+        roots.append(common_root(local))
+    for root in roots:
+        if _inside(target, root):
+            raise UsageError(f"--move-to {folder}: is inside the input folder {root}; choose a folder outside the inputs")
+    parent = target
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--move-to {folder}: {parent} is not writable")
+    return target
+
+
+def move_duplicates(groups: list[DuplicateGroup], folder: Path, dry_run: bool, stamps: dict[str, tuple[int, int]],
+                    note: Callable[[str], None]) -> tuple[int, int]:
+    """Every duplicate (never a kept image) into `folder`, at its path relative to the common
+    root of the grouped files, one at a time through the journal (actions.py): each move is
+    recorded in DIR/siglip-dedupe.jsonl before it happens, nothing is overwritten (a numbered
+    name instead), a file changed or gone since the scan is skipped with a note. Returns
+    (moved, skipped); with `dry_run` nothing changes and each planned move is set on its record."""
+    from pathlib import PurePosixPath
+
+    from ..actions import DEDUPE_MANIFEST, Journal, numbered
+
+    everything = [g.keep for g in groups] + [d.path for g in groups for d in g.duplicates]
+    root = common_root(everything)
+    moved = skipped = 0
+    claimed: set[str] = set()
+    journal = None if dry_run else Journal(folder, DEDUPE_MANIFEST, command="siglip dedupe --move-to")
+    if journal is not None:
+        journal.open()
+        journal.start_run(root=str(root))
+    try:
+        for group in groups:
+            for duplicate in group.duplicates:
+                wanted = PurePosixPath(*Path(os.path.relpath(os.path.realpath(duplicate.path), root)).parts)
+                if dry_run:
+                    number = 1
+                    while True:
+                        candidate = wanted.with_name(numbered(wanted.name, number))
+                        if str(candidate) not in claimed and not os.path.lexists(folder / candidate):
+                            break
+                        number += 1
+                    claimed.add(str(candidate))
+                    duplicate.destination, duplicate.planned = str(folder / candidate), True
+                    continue
+                outcome = journal.move(Path(os.path.realpath(duplicate.path)), wanted, expected=stamps.get(duplicate.path))
+                if outcome.done:
+                    duplicate.destination = str(outcome.destination)
+                    moved += 1
+                else:
+                    note(f"{duplicate.path}: {outcome.skipped}")
+                    skipped += 1
+    finally:
+        if journal is not None:
+            journal.close()
+    return moved, skipped
+
+
+def undo_moves(folder: Path, note: Callable[[str], None]) -> int:
+    """`dedupe --undo DIR`: every move DIR's manifest records, put back. Returns how many
+    files could not be (each named)."""
+    from ..actions import DEDUPE_MANIFEST, undo, undo_summary
+
+    outcomes = undo(folder, DEDUPE_MANIFEST)
+    kept = 0
+    for outcome in outcomes:
+        if outcome.result == "kept":
+            kept += 1
+            note(f"kept {outcome.destination}: {outcome.note}")
+        elif outcome.note and outcome.result == "restored":
+            note(f"{outcome.source}: {outcome.note}")
+    note(undo_summary(outcomes))
+    return kept

@@ -551,22 +551,28 @@ def dedupe_table(groups: list[DuplicateGroup], console: Console) -> Any:
     table.add_column("cosine", justify="right", no_wrap=True)
     table.add_column("size", justify="right", no_wrap=True)
     table.add_column("path", no_wrap=True)
-    budget = max(16, console.width - 40)
+    moves = [d for g in groups for d in g.duplicates if d.destination is not None]
+    if moves:
+        table.add_column("would move to" if moves[0].planned else "moved to", no_wrap=True)
+    budget = max(16, (console.width - 40) // (2 if moves else 1))
     for number, group in enumerate(groups):
+        extra = [""] if moves else []
         table.add_row(str(group.group), Text("keep", style="bold green"), "", format_bytes(group.keep_bytes),
-                      Text(ellipsize(display_path(group.keep), budget), style="bold"), end_section=False)
+                      Text(ellipsize(display_path(group.keep), budget), style="bold"), *extra, end_section=False)
         for i, duplicate in enumerate(group.duplicates):
+            if moves:
+                extra = [Text(ellipsize(display_path(duplicate.destination), budget)) if duplicate.destination else Text("not moved", style="yellow")]
             table.add_row("", duplicate.level, f"{duplicate.cosine:.4f}", format_bytes(duplicate.size),
-                          Text(ellipsize(display_path(duplicate.path), budget)),
+                          Text(ellipsize(display_path(duplicate.path), budget)), *extra,
                           end_section=i == len(group.duplicates) - 1 and number < len(groups) - 1)
     return table
 
 
 def _dedupe_csv(group: DuplicateGroup) -> Iterable[Sequence]:
-    return [[group.group, group.keep, d.path, d.level, d.cosine] for d in group.duplicates]
+    return [[group.group, group.keep, d.path, d.level, d.cosine, d.destination, "yes" if d.planned else ""] for d in group.duplicates]
 
 
-DEDUPE_VIEW = View(table=dedupe_table, csv_header=["group", "keep", "path", "level", "cosine"], csv_rows=_dedupe_csv)
+DEDUPE_VIEW = View(table=dedupe_table, csv_header=["group", "keep", "path", "level", "cosine", "move_to", "planned"], csv_rows=_dedupe_csv)
 
 
 def dedupe_summary(groups: list[DuplicateGroup]) -> str:
