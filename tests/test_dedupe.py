@@ -314,3 +314,165 @@ def test_histogram_counts_every_image_and_marks_the_thresholds(tmp_path):
     assert bars[-1][0].endswith("1.000") and int(bars[-1][1]) >= 4
     table = cli("dedupe", "--index", index, "--format", "table", "--histogram")
     assert "near threshold" in table.stdout
+
+
+# ============================================================================ --move-to, --undo
+def _tree(folder: Path) -> dict[str, str]:
+    """relative path -> SHA-256 of every file under `folder`."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _planted_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """photos/a/keep.png (largest) with near copies in photos/b/ and photos/b/deep/, and a second
+    group in photos/c/. Returns (photos folder, store)."""
+    photos = tmp_path / "photos"
+    one, two = _unit(1.0), _unit(0, 1.0)
+    vectors = {"a/keep.png": one, "b/copy1.png": _at_cosine(one, 0.995, 3), "b/deep/copy2.png": _at_cosine(one, 0.99, 4),
+               "c/keep2.png": two, "c/copy3.png": _at_cosine(two, 0.999, 5), "a/alone.png": _unit(0, 0, 1.0)}
+    for name in vectors:
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+    index = plant(photos, vectors, sizes={"a/keep.png": (64, 48), "c/keep2.png": (64, 48)})
+    return photos, index
+
+
+def test_move_to_then_undo_restores_the_tree_byte_for_byte(tmp_path):
+    photos, index = _planted_tree(tmp_path)
+    before = _tree(photos)
+    dest = tmp_path / "duplicates"
+    dry = cli("dedupe", "--index", index, "--move-to", dest, "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.stderr
+    assert _tree(photos) == before and not dest.exists()
+    planned = {d["path"]: d["would_move_to"] for g in _groups(dry.stdout) for d in g["duplicates"]}
+    assert planned == {str(photos / "b/copy1.png"): str(dest.resolve() / "b/copy1.png"),
+                       str(photos / "b/deep/copy2.png"): str(dest.resolve() / "b/deep/copy2.png"),
+                       str(photos / "c/copy3.png"): str(dest.resolve() / "c/copy3.png")}
+    moved = cli("dedupe", "--index", index, "--move-to", dest, "--json")
+    assert moved.exit_code == 0, moved.stderr
+    assert "moved 3 duplicates" in moved.stderr and "siglip dedupe --undo" in moved.stderr
+    after = _tree(photos)
+    assert set(after) == {"a/keep.png", "a/alone.png", "c/keep2.png"}  # kept images never move
+    assert {k: v for k, v in _tree(dest).items() if not k.startswith("siglip-dedupe") and not k.startswith(".")} == \
+        {k: before[k] for k in ("b/copy1.png", "b/deep/copy2.png", "c/copy3.png")}
+    undone = cli("dedupe", "--undo", dest)
+    assert undone.exit_code == 0, undone.stderr
+    assert "3 moved back" in undone.stderr
+    assert _tree(photos) == before
+    again = cli("dedupe", "--undo", dest)  # a second undo does nothing
+    assert again.exit_code == 0 and _tree(photos) == before
+
+
+def test_move_never_overwrites_what_is_in_the_folder(tmp_path):
+    photos, index = _planted_tree(tmp_path)
+    dest = tmp_path / "duplicates"
+    (dest / "b").mkdir(parents=True)
+    (dest / "b" / "copy1.png").write_bytes(b"someone else's file")
+    result = cli("dedupe", "--index", index, "--move-to", dest, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert (dest / "b" / "copy1.png").read_bytes() == b"someone else's file"
+    moved_to = {Path(d["path"]).name: d["moved_to"] for g in _groups(result.stdout) for d in g["duplicates"]}
+    assert Path(moved_to["copy1.png"]).name == "copy1 (2).png"
+
+
+def test_a_destination_inside_the_inputs_is_refused_and_nothing_moves(tmp_path, env):
+    photos, index = _planted_tree(tmp_path)
+    before = _tree(photos)
+    result = cli("dedupe", "--index", index, "--move-to", photos / "dups", "--json")
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "--move-to", "inside the input folder")
+    assert _tree(photos) == before
+    result = cli("dedupe", photos, "--move-to", photos / "a" / "x", env=env)
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "inside the input folder")
+
+
+def test_a_file_changed_after_the_scan_is_skipped_not_moved(tmp_path, monkeypatch):
+    import siglip_cli.duplicates as duplicates
+
+    photos, index = _planted_tree(tmp_path)
+    real = duplicates.file_facts
+
+    def then_changed(path):
+        facts = real(path)
+        if path.endswith("copy1.png"):
+            with open(path, "ab") as fh:
+                fh.write(b"edited after the scan")
+        return facts
+
+    monkeypatch.setattr(duplicates, "file_facts", then_changed)
+    monkeypatch.setattr("siglip_cli.cli.dedupe.file_facts", then_changed)
+    result = cli("dedupe", "--index", index, "--move-to", tmp_path / "dups", "--json")
+    assert result.exit_code == 1
+    assert (photos / "b" / "copy1.png").read_bytes().endswith(b"edited after the scan")
+    assert "copy1.png" in result.stderr and "1 skipped" in result.stderr
+    assert not (tmp_path / "dups" / "b" / "copy1.png").exists()
+    assert (tmp_path / "dups" / "c" / "copy3.png").exists()
+
+
+def test_an_edited_manifest_is_refused_in_one_line_and_nothing_moves_back(tmp_path):
+    photos, index = _planted_tree(tmp_path)
+    dest = tmp_path / "duplicates"
+    assert cli("dedupe", "--index", index, "--move-to", dest).exit_code == 0
+    moved = _tree(dest)
+    with open(dest / "siglip-dedupe.jsonl", "a") as fh:
+        fh.write("this is not json\n")
+    result = cli("dedupe", "--undo", dest)
+    assert result.exit_code == 1
+    one_error_line(result.stderr, "siglip-dedupe.jsonl", "edited or damaged")
+    assert {k: v for k, v in _tree(dest).items() if k != "siglip-dedupe.jsonl"} == {k: v for k, v in moved.items() if k != "siglip-dedupe.jsonl"}
+
+
+KILLED_CHILD = """
+import os, signal, sys
+calls = 0
+kill_at = int(sys.argv[1])
+def counting(real):
+    def wrapper(*args, **kwargs):
+        global calls
+        calls += 1
+        if calls == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return wrapper
+import siglip_cli.cli.dedupe, siglip_cli.actions  # imported before the count starts
+from siglip_cli.cli.app import run
+for name in ("link", "unlink", "rename", "replace", "write", "fsync", "mkdir", "open"):
+    setattr(os, name, counting(getattr(os, name)))
+try:
+    run(sys.argv[2:])
+finally:
+    sys.stderr.write(f"calls {calls}\\n")
+"""
+
+
+def test_undo_after_sigkill_in_the_middle_of_the_moves_restores_everything(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from .search_fixtures import ROOT
+
+    photos, index = _planted_tree(tmp_path)
+    before = _tree(photos)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def child(kill_at: int, dest: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", KILLED_CHILD, str(kill_at), "dedupe", "--index", str(index), "--move-to", str(dest),
+                               "--format", "json"], env=env, capture_output=True, text=True, timeout=120)
+
+    total = int(child(10**9, tmp_path / "count").stderr.rsplit("calls ", 1)[1])
+    assert cli("dedupe", "--undo", tmp_path / "count").exit_code == 0 and _tree(photos) == before
+    killed = 0
+    for kill_at in range(1, total + 1, max(1, total // 12)):
+        dest = tmp_path / f"k{kill_at}"
+        result = child(kill_at, dest)
+        if result.returncode != -signal.SIGKILL:
+            continue
+        killed += 1
+        if (dest / "siglip-dedupe.jsonl").exists():
+            undone = cli("dedupe", "--undo", dest)
+            assert undone.exit_code == 0, (kill_at, undone.stderr)
+        assert _tree(photos) == before, kill_at
+    assert killed >= 6
