@@ -133,9 +133,16 @@ def test_index_is_made_then_only_changes_are_embedded(env, tmp_path):
     assert _members(_groups(second.stdout))["d3_again.png"] == ("d3.png", "exact")
     assert open_store(index).image_count == 14
     # --index alone: the store as it is, the same groups
-    alone = cli("dedupe", "--index", index, "--json", env=env)
+    alone = cli("dedupe", "--index", index, "--json", "--neighbours", "exact", env=env)
     assert alone.exit_code == 0, alone.stderr
     assert _groups(alone.stdout) == _groups(second.stdout)
+    pytest.importorskip("usearch", reason="the approximate index needs usearch: pip install 'siglip-cli[ann]'")
+    for _ in range(2):  # built and saved beside the store, then reused: the same groups
+        approximate = cli("dedupe", "--index", index, "--json", "--neighbours", "approximate", env=env)
+        assert approximate.exit_code == 0, approximate.stderr
+        assert _groups(approximate.stdout) == _groups(second.stdout)
+    assert "building the approximate neighbour index" not in approximate.stderr and "reusing" in approximate.stderr
+    assert (tmp_path / "vecs.npy.usearch").is_file()
 
 
 def test_usage_errors_are_one_line(env, tmp_path):
