@@ -34,6 +34,7 @@ EXACT_MAX_ROWS = 25_000  # above this, the approximate index (when usearch is in
 QUERY_BLOCK = 512
 COLUMN_BLOCK = 16_384  # 512 x 16,384 float32 scores = 32 MB
 REFINE_BLOCK = 256  # saturated rows asked again this many at a time
+SEARCH_BLOCK = 2048  # index queries per call: their neighbours' rows are gathered (2048 x 17 x D floats)
 INDEX_SUFFIX = ".usearch"
 INDEX_VERSION = 1
 METHODS = ("auto", "exact", "approximate")
@@ -268,8 +269,8 @@ def approximate_neighbours(rows: np.ndarray, k: int, floor: float, index_path: P
     indices = np.full((count, k), -1, np.int64)
     cosines = np.full((count, k), -np.inf, np.float32)
     nearest = np.full(count, -np.inf, np.float32)
-    for start in range(0, count, COLUMN_BLOCK):
-        block = _as_float32(rows[start : start + COLUMN_BLOCK])
+    for start in range(0, count, SEARCH_BLOCK):
+        block = _as_float32(rows[start : start + SEARCH_BLOCK])
         matches = index.search(block, min(k + 1, count), threads=0)
         keys = np.asarray(matches.keys).astype(np.int64).reshape(len(block), -1)
         # cosines from the float32 rows, not the index's float16 distances: exact values for
