@@ -30,6 +30,7 @@ from .core.errors import InputError, OutputError
 
 RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
 DC = "http://purl.org/dc/elements/1.1/"
+DIGIKAM = "http://www.digikam.org/ns/1.0/"
 LR = "http://ns.adobe.com/lightroom/1.0/"
 X = "adobe:ns:meta/"
 OURS = "https://github.com/siglip-cli/siglip-cli/xmp/1.0/"
@@ -91,15 +92,33 @@ def _tag_end(data: bytes, start: int) -> int:
     raise NotXmp("a tag never ends")
 
 
+@dataclass(frozen=True)
+class _Managed:
+    """A keyword list we keep: where it lives, and the element of ours that records what we added."""
+
+    uri: str
+    name: str
+    prefix: str
+    kind: str  # Bag or Seq
+    record: str  # siglip:<record> lists the values we added here
+    create: bool  # written when missing (else only merged into where the file already has it)
+
+
+MANAGED = (
+    _Managed(DC, "subject", "dc", "Bag", "keywords", True),
+    _Managed(LR, "hierarchicalSubject", "lr", "Bag", "hierarchicalKeywords", True),
+    # digiKam and Immich read digiKam:TagsList first and ignore the others when it is there
+    _Managed(DIGIKAM, "TagsList", "digiKam", "Seq", "digiKamTags", False),
+)
+
+
 @dataclass
 class _Found:
     descriptions: list[_Element] = field(default_factory=list)
     rdf_end: int = -1  # where the rdf:RDF end tag starts
-    subject: _Element | None = None
-    hierarchical: _Element | None = None
+    lists: dict[str, _Element] = field(default_factory=dict)  # managed record name -> its element
     ours: list[_Element] = field(default_factory=list)  # our elements, each with its li values
-    our_keywords: list[str] = field(default_factory=list)
-    our_hierarchical: list[str] = field(default_factory=list)
+    recorded: dict[str, list[str]] = field(default_factory=dict)  # record name -> values we added before
 
 
 def _parse(data: bytes) -> _Found:
@@ -143,17 +162,12 @@ def _parse(data: bytes) -> _Found:
             found.rdf_end = parser.CurrentByteIndex
         parent = stack[-1] if stack else None
         if parent is not None and (parent.uri, parent.name) == (RDF, "Description"):
-            key = (element.uri, element.name)
-            if key == (DC, "subject") and found.subject is None:
-                found.subject = element
-            elif key == (LR, "hierarchicalSubject") and found.hierarchical is None:
-                found.hierarchical = element
-            elif element.uri == OURS:
+            for managed in MANAGED:
+                if (element.uri, element.name) == (managed.uri, managed.name) and managed.record not in found.lists:
+                    found.lists[managed.record] = element
+            if element.uri == OURS:
                 found.ours.append(element)
-                if element.name == "keywords":
-                    found.our_keywords += element.values
-                elif element.name == "hierarchicalKeywords":
-                    found.our_hierarchical += element.values
+                found.recorded.setdefault(element.name, []).extend(element.values)
         text.clear()
 
     parser.StartNamespaceDeclHandler = declare
@@ -183,7 +197,7 @@ def _bag(qname: str, values: Sequence[str], indent: str, declare: str, kind: str
     return f"<{qname}{declare}>\n{indent} <rdf:{kind}>\n{inner}{indent} </rdf:{kind}>\n{indent}</{qname}>"
 
 
-_PREFIXES = {"rdf": RDF, "dc": DC, "lr": LR, "siglip": OURS}
+_PREFIXES = {"rdf": RDF, "dc": DC, "lr": LR, "digiKam": DIGIKAM, "siglip": OURS}
 _RDF_NS = f' xmlns:rdf="{RDF}"'
 
 
@@ -192,21 +206,19 @@ def _declare(scope: dict, *prefixes: str) -> str:
     return "".join(f' xmlns:{p}="{_PREFIXES[p]}"' for p in prefixes if scope.get(p) != _PREFIXES[p])
 
 
-def _subject_xml(values: Sequence[str], indent: str, scope: dict) -> str:
-    return _bag("dc:subject", values, indent, _declare(scope, "dc", "rdf"))
+def _list_xml(managed: _Managed, values: Sequence[str], indent: str, scope: dict) -> str:
+    return _bag(f"{managed.prefix}:{managed.name}", values, indent, _declare(scope, managed.prefix, "rdf"), managed.kind)
 
 
-def _hierarchical_xml(values: Sequence[str], indent: str, scope: dict) -> str:
-    return _bag("lr:hierarchicalSubject", values, indent, _declare(scope, "lr", "rdf"))
-
-
-def _ours_xml(keywords: Keywords, added: Sequence[str], added_hierarchical: Sequence[str], indent: str, scope: dict) -> str:
+def _ours_xml(keywords: Keywords, added: dict[str, list[str]], indent: str, scope: dict) -> str:
     scores = [f"{label}: {score:.4f}" for label, score in keywords.scores.items()]
     bags = _declare(scope, "siglip", "rdf")
     parts = [f"<siglip:modelId{_declare(scope, 'siglip')}>{_clean(keywords.model)}</siglip:modelId>"]
-    for name, values, kind in (("keywords", added, "Bag"), ("hierarchicalKeywords", added_hierarchical, "Bag"), ("scores", scores, "Seq")):
-        if values:  # an empty bag reads back as whitespace in some readers: left out instead
-            parts.append(_bag(f"siglip:{name}", values, indent, bags, kind=kind))
+    for managed in MANAGED:
+        if added.get(managed.record):  # an empty bag reads back as whitespace in some readers: left out
+            parts.append(_bag(f"siglip:{managed.record}", added[managed.record], indent, bags))
+    if scores:
+        parts.append(_bag("siglip:scores", scores, indent, bags, kind="Seq"))
     return f"\n{indent}".join(parts)
 
 
@@ -252,58 +264,58 @@ def merge(data: bytes | None, keywords: Keywords) -> bytes:
     if data is None:
         data = NEW_SIDECAR.encode("utf-8")
     found = _parse(data)
-    # Ours from before go; keywords the file had before we ever wrote are never ours to remove.
-    previous, previous_h = set(found.our_keywords), set(found.our_hierarchical)
-    theirs = [v for v in (found.subject.values if found.subject else []) if v not in previous]
-    theirs_h = [v for v in (found.hierarchical.values if found.hierarchical else []) if v not in previous_h]
-    added = [k for k in dict.fromkeys(keywords.labels) if k not in theirs]
-    added_h = [k for k in dict.fromkeys(keywords.hierarchical()) if k not in theirs_h]
-    subject, hierarchical = theirs + added, theirs_h + added_h
+    wanted = {"keywords": keywords.labels, "hierarchicalKeywords": keywords.hierarchical(),
+              "digiKamTags": [f"{keywords.prefix}/{label}" if keywords.prefix else label for label in keywords.labels]}
+    final: dict[str, list[str]] = {}
+    added: dict[str, list[str]] = {}
+    for managed in MANAGED:
+        element = found.lists.get(managed.record)
+        if element is None and not managed.create:
+            continue
+        # Ours from before go; values the file had before we ever wrote are never ours to remove.
+        previous = set(found.recorded.get(managed.record, []))
+        theirs = [v for v in (element.values if element else []) if v not in previous]
+        added[managed.record] = [v for v in dict.fromkeys(wanted[managed.record]) if v not in theirs]
+        final[managed.record] = theirs + added[managed.record]
 
     edits: list[tuple[int, int, bytes]] = []
     target = found.descriptions[0] if found.descriptions else None
-    if target is None:  # an rdf:RDF without a Description: add one
-        indent = _indent_of(data, found.rdf_end) + " "
-        block = _new_elements(subject, hierarchical, keywords, added, added_h, indent + " ", True, True, {})
-        edits.append((found.rdf_end, found.rdf_end,
-                       f' <rdf:Description rdf:about=""{_RDF_NS}>\n{indent} {block}\n{indent}</rdf:Description>\n{indent[:-1]}'.encode()))
-        return _apply(data, edits)
-    inner_indent = _indent_of(data, target.start) + " "
-    for element, values, render in ((found.subject, subject, _subject_xml), (found.hierarchical, hierarchical, _hierarchical_xml)):
+    scope = target.scope if target is not None else {}
+    indent = (_indent_of(data, target.start) if target is not None else _indent_of(data, found.rdf_end) + " ") + " "
+    missing = [m for m in MANAGED if m.record in final and m.record not in found.lists and final[m.record]]
+    parts = [_list_xml(m, final[m.record], indent, scope) for m in missing]
+    parts.append(_ours_xml(keywords, added, indent, scope))
+    block = f"\n{indent}".join(parts)
+    for managed in MANAGED:
+        element = found.lists.get(managed.record)
         if element is None:
             continue
-        if values:
-            indent = _indent_of(data, element.start)
-            edits.append((element.start, element.end, render(values, indent, element.parent_scope).encode("utf-8")))
+        if final[managed.record]:
+            edits.append((element.start, element.end,
+                          _list_xml(managed, final[managed.record], _indent_of(data, element.start), element.parent_scope).encode("utf-8")))
         else:
             edits.append(_removal(data, element))
     for element in found.ours:
         edits.append(_removal(data, element))
-    block = _new_elements(subject, hierarchical, keywords, added, added_h, inner_indent,
-                          found.subject is None, found.hierarchical is None, target.scope)
-    if target.self_closing:
+    if target is None:  # an rdf:RDF without a Description: add one
+        outer = indent[:-1]
+        edits.append(_insert_lines(data, found.rdf_end,
+                                   f'{outer}<rdf:Description rdf:about=""{_RDF_NS}>\n{indent}{block}\n{outer}</rdf:Description>', outer))
+    elif target.self_closing:
         qname = data[target.start + 1:target.open_end].split()[0].rstrip(b"/>").decode("utf-8")
-        outer = _indent_of(data, target.start)
         edits.append((target.open_end - 2, target.open_end,
-                       f">\n{inner_indent}{block}\n{outer}</{qname}>".encode("utf-8")))
+                      f">\n{indent}{block}\n{_indent_of(data, target.start)}</{qname}>".encode("utf-8")))
     else:
-        close = data.rindex(b"</", target.start, target.end)
-        where = _line_start(data, close)
-        if where != close:  # the end tag stands on its own line: ours go on lines before it
-            edits.append((where, where, f"{inner_indent}{block}\n".encode("utf-8")))
-        else:
-            edits.append((close, close, f"\n{inner_indent}{block}\n".encode("utf-8")))
+        edits.append(_insert_lines(data, data.rindex(b"</", target.start, target.end), f"{indent}{block}", indent))
     return _apply(data, edits)
 
 
-def _new_elements(subject, hierarchical, keywords, added, added_h, indent, with_subject, with_hierarchical, scope) -> str:
-    parts = []
-    if with_subject and subject:
-        parts.append(_subject_xml(subject, indent, scope))
-    if with_hierarchical and hierarchical:
-        parts.append(_hierarchical_xml(hierarchical, indent, scope))
-    parts.append(_ours_xml(keywords, added, added_h, indent, scope))
-    return f"\n{indent}".join(parts)
+def _insert_lines(data: bytes, close: int, lines: str, indent: str) -> tuple[int, int, bytes]:
+    """`lines` (already indented) just before the end tag at `close`, on lines of their own."""
+    where = _line_start(data, close)
+    if where != close:  # the end tag stands on its own line: ours go on lines before it
+        return where, where, f"{lines}\n".encode("utf-8")
+    return close, close, f"\n{lines}\n".encode("utf-8")
 
 
 def _apply(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:

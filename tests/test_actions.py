@@ -5,6 +5,7 @@ Crashes are real: a child process is killed with SIGKILL at a chosen point of a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -130,17 +131,37 @@ def test_a_source_changed_or_gone_since_listing_is_skipped(tmp_path):
     assert not (tmp_path / "out" / "a" / "changed.jpg").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
-def test_a_source_in_a_read_only_folder_is_not_moved(tmp_path):
-    [source] = make_inputs(tmp_path / "in", 1)
-    (tmp_path / "in").chmod(0o555)
+@contextlib.contextmanager
+def read_only_folder(folder: Path, fill):
+    """`folder`, filled by `fill(folder)`, then made read-only: a tmpfs remounted read-only when
+    we are root (root ignores permission bits, not a read-only mount), else chmod 555."""
+    folder.mkdir(parents=True)
+    if os.geteuid() != 0:
+        fill(folder)
+        folder.chmod(0o555)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
+        return
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to make a read-only folder: {made.stderr.strip()}")
     try:
+        fill(folder)
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_source_in_a_read_only_folder_is_not_moved(tmp_path):
+    with read_only_folder(tmp_path / "in", lambda f: make_inputs(f, 1)) as folder:
+        source = folder / "img0.jpg"
         with Journal(tmp_path / "out") as journal:
             outcome = journal.move(source, "a/img0.jpg")
-    finally:
-        (tmp_path / "in").chmod(0o755)
-    assert "read-only" in outcome.skipped and source.exists()
-    assert not (tmp_path / "out" / "a" / "img0.jpg").exists()
+        assert "read-only" in outcome.skipped and source.exists()
+        assert not (tmp_path / "out" / "a" / "img0.jpg").exists()
 
 
 # ----------------------------------------------------------------------------- undo

@@ -204,12 +204,31 @@ def test_a_file_as_the_folder_is_refused(run, photos, tmp_path):
     assert result.exit_code == 2 and "is a file" in result.stderr
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_an_unwritable_folder_is_refused(run, photos, tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o555)
-    result = run("classify", photos, "-l", LABELS, "--sort-into", locked / "sorted")
-    assert result.exit_code == 2 and "not writable" in result.stderr
+    from .test_actions import read_only_folder
+
+    with read_only_folder(tmp_path / "locked", lambda folder: None) as locked:
+        result = run("classify", photos, "-l", LABELS, "--sort-into", locked / "sorted")
+        assert result.exit_code == 2 and "not writable" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_moving_out_of_a_read_only_image_folder_is_one_line_per_image(run, tmp_path):
+    from .test_actions import read_only_folder
+
+    def fill(folder):
+        for i in range(2):
+            random_image(600 + i, (32, 32)).save(folder / f"r{i}.jpg")
+
+    out = tmp_path / "sorted"
+    with read_only_folder(tmp_path / "ro", fill) as folder:
+        before = tree(folder)
+        result = run("classify", folder, "-l", LABELS, "--sort-into", out, "--action", "move")
+        assert result.exit_code == 1
+        errors = [line for line in result.stderr.splitlines() if "error" in line]
+        assert len(errors) == 2 and all("read-only" in line for line in errors), result.stderr
+        assert tree(folder) == before
+    assert not [p for p in out.rglob("*.jpg")]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -300,3 +319,46 @@ def test_sigkill_mid_sort_then_undo_restores_everything(tiny_checkpoint, tmp_pat
     result = CliRunner().invoke(app, ["classify", "--undo", str(out)])
     assert result.exit_code == 0, result.stderr
     assert tree(photos) == before and only_manifest(out)
+
+
+def test_a_file_name_with_an_escape_sequence_is_shown_escaped(run, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    random_image(7, (32, 32)).save(photos / "evil\x1b[2J.png")
+    out = tmp_path / "sorted"
+    result = run("classify", photos, "-l", LABELS, "--format", "table", "--sort-into", out)
+    assert result.exit_code == 0, result.stderr
+    written = result.stdout[result.stdout.index("files written"):]  # the scores table is render's own
+    assert "\x1b" not in written and "\x1b" not in result.stderr
+    assert "evil\\x1b[2J.png" in written
+    json_result = run("classify", photos, "-l", LABELS, "--json", "--sort-into", tmp_path / "again")
+    assert json.loads(json_result.stdout)[0]["actions"][0]["destination"].endswith("evil\x1b[2J.png")  # JSON stays exact
+
+
+def test_a_full_disk_mid_sort_is_one_line_and_every_copy_is_whole(run, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    import numpy as np
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):  # noise compresses badly: ~30 kB each, 240 kB in all
+        Image.fromarray(rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)).save(photos / f"n{i}.png")
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], check=True)
+    try:
+        out = disk / "sorted"
+        result = run("classify", photos, "-l", LABELS, "--sort-into", out)
+        assert result.exit_code == 1
+        errors = [line for line in result.stderr.splitlines() if "error" in line]
+        assert len(errors) == 1 and "no space left" in errors[0] and "Traceback" not in result.stderr
+        copies = [p for p in out.rglob("*") if p.is_file() and p.parent != out]
+        assert 0 < len(copies) < 8
+        for copy in copies:  # whole copies only, no temporaries
+            assert copy.read_bytes() == (photos / copy.name).read_bytes()
+        assert len(list(photos.iterdir())) == 8
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -248,15 +248,20 @@ def test_a_bad_sidecar_is_one_line_left_untouched_and_the_others_are_written(run
         assert sidecar.is_symlink()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_image_folder_is_one_line_per_image(run, photos):
-    photos.chmod(0o555)
-    try:
-        result = run("classify", photos, "-l", LABELS, "--top-k", "1", "--write-xmp")
-    finally:
-        photos.chmod(0o755)
-    assert result.exit_code == 1 and "read-only" in result.stderr
-    assert not list(photos.glob("*.xmp"))
+def test_a_read_only_image_folder_is_one_line_per_image(run, tmp_path):
+    from .test_actions import read_only_folder
+
+    def fill(folder):
+        for i in range(2):
+            random_image(500 + i, (32, 32)).save(folder / f"r{i}.jpg")
+
+    with read_only_folder(tmp_path / "ro", fill) as folder:
+        before = digests(folder)
+        result = run("classify", folder, "-l", LABELS, "--top-k", "1", "--write-xmp")
+        assert result.exit_code == 1
+        errors = [line for line in result.stderr.splitlines() if "error" in line]
+        assert len(errors) == 2 and all("read-only" in line and ".jpg.xmp" in line for line in errors), result.stderr
+        assert not list(folder.glob("*.xmp")) and digests(folder) == before
 
 
 @pytest.mark.parametrize("args, message", [
@@ -270,3 +275,43 @@ def test_option_mistakes(run, photos, tmp_path, args, message):
     result = run("classify", photos, "-l", LABELS, *args)
     assert result.exit_code == 2 and message in result.stderr
     assert not list(photos.glob("*.xmp"))
+
+
+DIGIKAM = """<?xml version="1.0" encoding="UTF-8"?>
+<x:xmpmeta xmlns:x="adobe:ns:meta/" x:xmptk="XMP Core 4.4.0-Exiv2">
+ <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+  <rdf:Description rdf:about=""
+    xmlns:digiKam="http://www.digikam.org/ns/1.0/"
+    xmlns:xmp="http://ns.adobe.com/xap/1.0/"
+   xmp:Rating="5">
+   <digiKam:TagsList>
+    <rdf:Seq>
+     <rdf:li>People/Anna</rdf:li>
+    </rdf:Seq>
+   </digiKam:TagsList>
+  </rdf:Description>
+ </rdf:RDF>
+</x:xmpmeta>
+"""
+
+
+@needs_exiftool
+def test_digikam_tags_list_gets_ours_too_when_it_is_there(tmp_path):
+    """digiKam and Immich read digiKam:TagsList first (and then ignore lr:hierarchicalSubject)."""
+    sidecar = tmp_path / "a.jpg.xmp"
+    sidecar.write_bytes(merge(DIGIKAM.encode(), Keywords(["cat"], "auto")))
+    tags = exif(sidecar, "-XMP:all")
+    assert listed(tags["TagsList"]) == ["People/Anna", "auto/cat"]
+    assert listed(tags["Subject"]) == ["cat"] and tags["Rating"] == 5
+    sidecar.write_bytes(merge(sidecar.read_bytes(), Keywords(["dog"], "auto")))
+    assert listed(exif(sidecar, "-XMP:all")["TagsList"]) == ["People/Anna", "auto/dog"]
+    # a new sidecar does not start a TagsList of its own
+    assert b"TagsList" not in merge(None, Keywords(["cat"]))
+
+
+@needs_exiftool
+def test_an_rdf_without_a_description_gets_one(tmp_path):
+    sidecar = tmp_path / "a.jpg.xmp"
+    sidecar.write_bytes(merge(b'<x:xmpmeta xmlns:x="adobe:ns:meta/">\n <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
+                              b' </rdf:RDF>\n</x:xmpmeta>\n', Keywords(["cat"])))
+    assert listed(exif(sidecar, "-XMP:all")["Subject"]) == ["cat"]

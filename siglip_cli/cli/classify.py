@@ -56,6 +56,14 @@ def classify(
         )
 
 
+def printable(text: str) -> str:
+    """A message for a terminal: control characters in file names (escape sequences, line
+    breaks) written as Python escapes, so a name cannot move the cursor or fake a line."""
+    if all(ch.isprintable() for ch in text):
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 # ============================================================================ folder names
 def folder_name(label: str) -> str:
     """A label as a folder name that works on every common file system: NFC, control and
@@ -254,7 +262,7 @@ def act_on(results: Iterable[ImageScores], listing: Listing, sorter: Sorter | No
                 result.actions += sorter.place(result, source)
             for action in result.actions:
                 if action.skipped:
-                    report(action.skipped if action.skipped.startswith(result.path) else f"{result.path}: {action.skipped}")
+                    report(printable(action.skipped if action.skipped.startswith(result.path) else f"{result.path}: {action.skipped}"))
         yield result
 
 
@@ -265,9 +273,9 @@ def undo_sort(folder: Path, note) -> None:
     outcomes = undo(folder, SORT_MANIFEST)
     for outcome in outcomes:
         if outcome.result == "kept":
-            note(f"kept {outcome.destination}: {outcome.note}")
+            note(printable(f"kept {outcome.destination}: {outcome.note}"))
         elif outcome.note and outcome.result == "restored":
-            note(f"{outcome.source}: {outcome.note}")
+            note(printable(f"{outcome.source}: {outcome.note}"))
     note(undo_summary(outcomes))
 
 
@@ -405,7 +413,7 @@ def run(request: ClassifyRequest) -> int:
     if tagger is not None:
         note(tagger.summary())
     if sorter is not None:
-        note(sorter.summary())
+        note(printable(sorter.summary()))
     _summarize_failures(failed, total)
     return failed + (tagger.failed if tagger else 0) + (sorter.plan.skipped if sorter else 0)
 

@@ -197,9 +197,14 @@ def _actions_table(results: list[ImageScores], console: Console) -> Table:
     for result in results:
         for action in result.actions:
             what = action.action + (f" ({action.method})" if action.method and action.method != action.action else "")
-            where = Text(display_path(action.destination)) if action.destination else Text(action.skipped or "", style="red")
-            table.add_row(Text(display_path(result.path)), what, where)
+            where = Text(_printable(display_path(action.destination))) if action.destination else Text(_printable(action.skipped or ""), style="red")
+            table.add_row(Text(_printable(display_path(result.path))), what, where)
     return table
+
+
+def _printable(text: str) -> str:
+    """Control characters in a file name written as Python escapes, so it cannot move the cursor."""
+    return text if text.isprintable() else "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def _bar(score: float, width: int = 20) -> str:
