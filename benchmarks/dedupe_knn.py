@@ -31,6 +31,7 @@ from common import ROOT, cpu_flags, load_average, machine  # noqa: E402
 
 FLOOR = 0.95
 K = 16
+REUSE_CHECK_MAX_ROWS = 200_000  # above this the second run (saved index reused) is skipped: it costs the whole search again
 
 CHILD = """
 import json, resource, sys, time
@@ -120,7 +121,7 @@ def main() -> None:
         planted_found = sum(1 for a, b in planted if b in neighbours[a] or a in neighbours[b])
         sample_found = sum(1 for a, b in truth if b in neighbours[a] or a in neighbours[b])
         reused = None
-        if method == "approximate":  # the second run reuses the saved index
+        if method == "approximate" and args.rows <= REUSE_CHECK_MAX_ROWS:  # a second run reuses the saved index
             again = subprocess.run(argv, capture_output=True, text=True)
             reused = json.loads(again.stdout.strip().splitlines()[-1])["seconds"] if again.returncode == 0 else None
         print(json.dumps({
