@@ -483,3 +483,14 @@ def test_undo_after_sigkill_in_the_middle_of_the_moves_restores_everything(tmp_p
             assert undone.exit_code == 0, (kill_at, undone.stderr)
         assert _tree(photos) == before, kill_at
     assert killed >= 6
+
+
+def test_level_exact_reports_only_the_same_bytes(tmp_path):
+    one = _unit(1.0)
+    folder = tmp_path / "bytes"
+    index = plant(folder, {"a.png": one, "b.png": one, "c.png": _at_cosine(one, 0.999, 2)})
+    shutil.copyfile(folder / "a.png", folder / "b.png")  # b: a's bytes; c: only its embedding is close
+    exact = _groups(cli("dedupe", "--index", index, "--json", "--level", "exact").stdout)
+    assert _members(exact) == {"b.png": ("a.png", "exact")}
+    near = _groups(cli("dedupe", "--index", index, "--json").stdout)
+    assert _members(near) == {"b.png": ("a.png", "exact"), "c.png": ("a.png", "near")}
