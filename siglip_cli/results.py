@@ -264,3 +264,42 @@ class FileAction:
         if self.skipped is not None:
             record["skipped"] = self.skipped
         return record
+
+
+@dataclass
+class Duplicate:
+    path: str
+    level: str  # exact | near | similar
+    cosine: float  # with the group's kept image
+    size: int = -1  # bytes; -1 when unknown
+    destination: str | None = None  # --move-to: where it went (or, with `planned`, would go)
+    planned: bool = False  # --dry-run
+
+    def to_record(self) -> dict:
+        record = {"path": self.path, "level": self.level, "cosine": self.cosine}
+        if self.destination is not None:
+            record["would_move_to" if self.planned else "moved_to"] = self.destination
+        return record
+
+
+@dataclass
+class DuplicateGroup:
+    """`dedupe`: one kept image and its duplicates (exact first, then by cosine)."""
+
+    group: int
+    keep: str
+    duplicates: list[Duplicate] = field(default_factory=list)
+    keep_bytes: int = -1
+
+    def to_record(self) -> dict:
+        return {"group": self.group, "keep": self.keep, "duplicates": [d.to_record() for d in self.duplicates]}
+
+
+@dataclass
+class NeighbourHistogram:
+    """`dedupe --histogram`: every image's nearest-neighbour cosine, counted in bins."""
+
+    edges: list[float]  # bins + 1 edges, ascending
+    counts: list[int]
+    thresholds: dict[str, float]  # level -> cosine
+    images: int

@@ -13,6 +13,7 @@ import errno
 import os
 import sys
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Iterator, List, Optional
 
@@ -691,6 +692,118 @@ def info(
         render.emit([index_info(index)], fmt_name, render.INFO_VIEW)
 
 
+# ----------------------------------------------------------------------------- dedupe
+class DedupeLevel(str, Enum):
+    exact = "exact"
+    near = "near"
+    similar = "similar"
+
+
+class KeepRule(str, Enum):
+    largest = "largest"
+    oldest = "oldest"
+    newest = "newest"
+    first = "first"
+
+
+class NeighbourMethod(str, Enum):
+    auto = "auto"
+    exact = "exact"
+    approximate = "approximate"
+
+
+@app.command()
+@model_options()
+def dedupe(
+    inputs: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", help="Image files, folders (walked recursively, sorted), glob patterns, or - for paths on stdin. Optional with --index.", show_default=False)] = None,
+    index: Annotated[Optional[Path], typer.Option("--index", metavar="FILE", help="An embedding store (.npy, .npz, .jsonl, .parquet). With IMAGEs it is made, or brought up to date first exactly as embed --update would; alone, it is used as it is.", rich_help_panel="Input", show_default=False)] = None,
+    level: Annotated[DedupeLevel, typer.Option("--level", help="How alike images must be: exact (the same bytes), near (the same picture re-encoded, resized, lightly edited; the default) or similar (also the same scene, e.g. burst shots).", rich_help_panel="Duplicates")] = DedupeLevel.near,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="COSINE", help="The cosine (with the kept image) that the chosen level needs, instead of its default (near 0.98, similar 0.90; see --histogram).", rich_help_panel="Duplicates", show_default=False)] = None,
+    keep: Annotated[KeepRule, typer.Option("--keep", help="Which image of a group is kept: largest (pixels, then bytes), oldest or newest (EXIF DateTimeOriginal, else modification time), or first (input order).", rich_help_panel="Duplicates")] = KeepRule.largest,
+    histogram: Annotated[bool, typer.Option("--histogram", metavar="", help="Also print a histogram of every image's nearest-neighbour cosine with the thresholds marked, to pick a threshold for your library.", rich_help_panel="Output")] = False,
+    neighbours: Annotated[NeighbourMethod, typer.Option("--neighbours", help="How neighbours are found: exact (every pair), approximate (a usearch index saved beside --index; pip install 'siglip-cli\\[ann]'), or auto (approximate above 25,000 images when usearch is installed).", rich_help_panel="Duplicates")] = NeighbourMethod.auto,
+    move_to: Annotated[Optional[Path], typer.Option("--move-to", metavar="DIR", help="Move every duplicate (never a kept image) into DIR, at its path relative to the grouped files' common root. One file at a time, never overwriting (a numbered name instead), each move recorded in DIR/siglip-dedupe.jsonl before it happens. Nothing is ever deleted.", rich_help_panel="Act on the duplicates", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="With --move-to: print where each duplicate would go; change nothing.", rich_help_panel="Act on the duplicates")] = False,
+    undo: Annotated[Optional[Path], typer.Option("--undo", metavar="DIR", help="Put every file that --move-to DIR moved back where it was (also after an interrupted run).", rich_help_panel="Act on the duplicates", show_default=False)] = None,
+    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", metavar="", help="Walk sub-folders.", rich_help_panel="Input")] = True,
+    fmt: FormatOpt = Format.auto,
+    json_flag: JsonOpt = False,
+    options: ModelOptions = None,  # every model option: see options.model_options
+) -> None:
+    """Find duplicate and near-duplicate images; a report unless --move-to says otherwise.
+
+    Each group is one kept image and its duplicates, each with its level (exact, near, similar) and its cosine with the kept image. An image joins a group only when it is within the threshold of that group's kept image, so chains (A like B, B like C) never glue A and C together. A summary line (groups, duplicates, the bytes they take) goes to stderr.
+
+    [bold]Examples[/bold]
+
+      siglip dedupe ./photos
+
+      siglip dedupe ./photos --index photos.npy --keep oldest --json
+
+      siglip dedupe --index photos.npy --level similar --histogram
+
+      siglip dedupe ./photos --move-to ./duplicates --dry-run
+
+      siglip dedupe --undo ./duplicates
+    """
+    with handled():
+        from . import render
+        from .dedupe import (check_move_folder, check_thresholds, embed_in_memory, find_duplicates, move_duplicates, no_inputs,
+                             read_store, undo_moves, update_store)
+
+        if undo is not None:
+            if inputs or index is not None or move_to is not None or dry_run:
+                raise UsageError("--undo DIR works alone: siglip dedupe --undo duplicates/")
+            if undo_moves(undo, note):
+                raise typer.Exit(1)
+            return
+        if dry_run and move_to is None:
+            raise UsageError("--dry-run goes with --move-to DIR (a plain dedupe changes nothing anyway)")
+        thresholds = check_thresholds(level.value, threshold)
+        fmt_name = output_format(fmt, json_flag)
+        if not inputs and index is None:
+            raise UsageError("nothing to compare: give image paths or folders, or --index FILE (see 'siglip dedupe --help')")
+        if move_to is not None:
+            check_move_folder(move_to, list(inputs or []), [])
+        skipped: list[str] = []
+        if inputs:
+            listing = list_inputs(inputs, recursive)
+            no_inputs(listing)
+            if index is not None:
+                skipped = update_store(options, listing, index, load_engine, progress_bar, note)
+            else:
+                found = embed_in_memory(load_engine(options), listing, progress_bar, note)
+        if index is not None:
+            found = read_store(index)
+        found.skipped = skipped or found.skipped
+        for error in found.skipped:
+            error_line(error)
+        report = find_duplicates(found, thresholds, keep.value, neighbours.value, histogram, note)
+        moves_skipped = 0
+        if move_to is not None and report.groups:
+            folder = check_move_folder(move_to, list(inputs or []), [g.keep for g in report.groups] + [d.path for g in report.groups for d in g.duplicates])
+            moved, moves_skipped = move_duplicates(report.groups, folder, dry_run, report.stamps, note)
+        render.emit(report.groups, fmt_name, render.DEDUPE_VIEW)
+        if report.histogram is not None:
+            text = render.histogram_text(report.histogram)
+            if fmt_name == "table":
+                render.stdout_console().print(text)
+            else:
+                from .terminal import stderr_console
+
+                stderr_console().print(text)
+        note(render.dedupe_summary(report.groups))
+        if move_to is not None and report.groups:
+            if dry_run:
+                note(f"dry run: nothing was moved; without --dry-run the duplicates go into {move_to}")
+            else:
+                skipped_moves = f"; {moves_skipped} skipped" if moves_skipped else ""
+                note(f"moved {moved} duplicate{'s' if moved != 1 else ''} into {move_to}{skipped_moves}; undo with: siglip dedupe --undo {move_to}")
+        _summarize_failures(len(found.skipped), len(found.names) + len(found.skipped))
+    if found.skipped or moves_skipped:
+        raise typer.Exit(1)
+
+
 # ----------------------------------------------------------------------------- bench
 @app.command()
 def bench(
@@ -736,7 +849,7 @@ def bench(
 
 
 # ----------------------------------------------------------------------------- entry point
-_COMMANDS = ("classify", "embed", "similarity", "search", "info", "bench")
+_COMMANDS = ("classify", "embed", "similarity", "search", "info", "dedupe", "bench")
 
 
 def normalize_argv(args: list[str]) -> list[str]:

@@ -20,7 +20,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ..results import BenchRow, ImageScores, IndexInfo, InputFailure, SearchHit, SearchResult, SimilarityMatrix
+from ..results import BenchRow, DuplicateGroup, ImageScores, IndexInfo, InputFailure, NeighbourHistogram, SearchHit, SearchResult, SimilarityMatrix
 from .terminal import printable
 
 FORMATS = ("table", "json", "jsonl", "csv", "paths", "paths0")
@@ -691,3 +691,82 @@ BENCH_VIEW = View(
     csv_header=list(BenchRow.__dataclass_fields__),
     csv_rows=lambda row: [[" ".join(v) if isinstance(v, list) else v for v in row.to_record().values()]],
 )
+
+
+# ============================================================================ dedupe
+def format_bytes(size: int) -> str:
+    if size < 0:
+        return "?"
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} B"
+
+
+def dedupe_table(groups: list[DuplicateGroup], console: Console) -> Any:
+    """One table: each group's kept image first, then its duplicates with level and cosine
+    (with the kept image); a rule between groups. Paths are shortened in the middle, never
+    the numbers."""
+    if not groups:
+        return Text("no duplicates found", style="dim")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("group", justify="right", no_wrap=True)
+    table.add_column("level", no_wrap=True)
+    table.add_column("cosine", justify="right", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("path", no_wrap=True)
+    moves = [d for g in groups for d in g.duplicates if d.destination is not None]
+    if moves:
+        table.add_column("would move to" if moves[0].planned else "moved to", no_wrap=True)
+    budget = max(16, (console.width - 40) // (2 if moves else 1))
+    for number, group in enumerate(groups):
+        extra = [""] if moves else []
+        table.add_row(str(group.group), Text("keep", style="bold green"), "", format_bytes(group.keep_bytes),
+                      Text(ellipsize(display_path(group.keep), budget), style="bold"), *extra, end_section=False)
+        for i, duplicate in enumerate(group.duplicates):
+            if moves:
+                extra = [Text(ellipsize(display_path(duplicate.destination), budget)) if duplicate.destination else Text("not moved", style="yellow")]
+            table.add_row("", duplicate.level, f"{duplicate.cosine:.4f}", format_bytes(duplicate.size),
+                          Text(ellipsize(display_path(duplicate.path), budget)), *extra,
+                          end_section=i == len(group.duplicates) - 1 and number < len(groups) - 1)
+    return table
+
+
+def _dedupe_csv(group: DuplicateGroup) -> Iterable[Sequence]:
+    return [[group.group, group.keep, d.path, d.level, d.cosine, d.destination, "yes" if d.planned else ""] for d in group.duplicates]
+
+
+DEDUPE_VIEW = View(table=dedupe_table, csv_header=["group", "keep", "path", "level", "cosine", "move_to", "planned"], csv_rows=_dedupe_csv)
+
+
+def dedupe_summary(groups: list[DuplicateGroup]) -> str:
+    duplicates = [d for g in groups for d in g.duplicates]
+    sizes = [d.size for d in duplicates]
+    known = sum(s for s in sizes if s >= 0)
+    unknown = " (some sizes unknown)" if any(s < 0 for s in sizes) else ""
+    return (f"{len(groups)} group{'s' if len(groups) != 1 else ''}, {len(duplicates)} duplicate{'s' if len(duplicates) != 1 else ''}"
+            f" taking {format_bytes(known)}{unknown}")
+
+
+def histogram_text(histogram: NeighbourHistogram, width: int = 80) -> Text:
+    """A terminal histogram of nearest-neighbour cosines, one bar per bin, lowest first; each
+    threshold drawn as a line where it falls, so the gap between copies and distinct photos
+    shows. Counts are printed in full beside every bar."""
+    out = Text()
+    out.append(f"nearest-neighbour cosine of each of {histogram.images} image{'s' if histogram.images != 1 else ''}\n", style="bold")
+    edges, counts = histogram.edges, histogram.counts
+    count_width = max(len(str(c)) for c in counts) if counts else 1
+    bar_width = max(10, width - 14 - count_width - 3)
+    top = max(counts) if counts and max(counts) else 1
+    marks = sorted(histogram.thresholds.items(), key=lambda kv: kv[1])
+    for low, high, count in zip(edges[:-1], edges[1:], counts):
+        for name, value in marks:
+            if low <= value < high or (high == edges[-1] and value == high):
+                out.append(f"{'':>14}{'─' * 4} {name} threshold {value:.3f} {'─' * 4}\n", style="yellow")
+        bar = "█" * (round(count / top * bar_width) if count else 0)
+        label = f"{low:.3f}–{high:.3f}"
+        out.append(f"{label:>13} {count:>{count_width}} ")
+        out.append(bar + "\n", style="cyan")
+    return out

@@ -1,0 +1,260 @@
+"""`siglip dedupe`: inputs -> embeddings -> neighbours (knn.py) -> groups (duplicates.py).
+
+Inputs are listed and embedded as `embed` does: in memory for PATHS alone; with --index, the
+store is brought up to date first by the very code `embed --update` runs (embed_to_store), so a
+second run embeds only what changed; --index alone reads the store as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..core.errors import InputError, UsageError
+from ..duplicates import Thresholds, candidate_links, exact_classes, file_facts, form_groups, keep_order, nearest_histogram
+from ..knn import self_neighbours
+from ..results import DuplicateGroup, NeighbourHistogram
+
+NEIGHBOURS_PER_IMAGE = 16  # a row with more above the floor is asked again (knn.refine_saturated)
+
+
+@dataclass
+class DedupeInputs:
+    names: list[str]  # images in input order
+    rows: np.ndarray  # (N, D) L2-normalised rows (a memory map for a .npy/.npz store)
+    store: Path | None = None
+    identity: str | None = None  # the store's meta digest: ties a saved index to this store
+    skipped: list[str] = field(default_factory=list)  # inputs that could not be embedded, as error lines
+
+
+@dataclass
+class DedupeReport:
+    groups: list[DuplicateGroup]
+    histogram: NeighbourHistogram | None
+    method: str
+    skipped: list[str]
+    stamps: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (size, mtime_ns) when scanned
+
+
+# ============================================================================ inputs
+def embed_in_memory(engine, listing, progress_bar, note: Callable[[str], None]) -> DedupeInputs:
+    """PATHS without --index: embedded as `embed --format jsonl` does, kept in memory."""
+    skipped = [failure.error for failure in listing.failures]
+    names, vectors = [], []
+    with progress_bar(len(listing.sources), "images") as advance:
+        for item in engine.iter_image_features(listing.sources, True, on_progress=advance):
+            if item.error is not None:
+                skipped.append(item.error)
+                continue
+            names.append(item.name)
+            vectors.append(item.vector.astype(np.float32))
+    rows = np.stack(vectors) if vectors else np.zeros((0, engine.embed_dim), np.float32)
+    return DedupeInputs(names, rows, skipped=skipped)
+
+
+def update_store(options, listing, index: Path, load_engine, progress_bar, note: Callable[[str], None]) -> list[str]:
+    """PATHS with --index: the store made, or brought up to date exactly as `embed --out INDEX
+    [--update]` would. Returns the inputs skipped (as error lines)."""
+    from ..embedding import EmbedPlan
+    from ..store import check_output_path, open_store
+    from .app import _update_precision
+    from .embed import embed_to_store, refuse_foreign_file, refuse_overwriting_inputs
+
+    check_output_path(index)
+    plan = EmbedPlan(listing.sources, [], listing.failures)
+    refuse_overwriting_inputs(index, plan, [])
+    update = index.exists()
+    refuse_foreign_file(index, update)
+    base_meta = open_store(index).meta if update else {}
+    options.model = options.model or base_meta.get("model")
+    options.dtype, options.decode = _update_precision(base_meta, options.dtype, options.decode, options.exact)
+    options.max_patches = options.max_patches or base_meta.get("max_patches")
+    engine = load_engine(options)
+    report = embed_to_store(engine, plan, index, base_meta.get("dtype", "float32"), True, None, False,
+                            "mtime" if update else None, False, progress_bar, note)
+    if report.interrupted_rows is not None:
+        note(f"interrupted: {report.interrupted_rows} rows kept in {report.partial}; run the same command again to continue")
+        raise KeyboardInterrupt
+    summary = report.summary
+    note(f"{index}: {summary.computed} embedded, {summary.reused} kept from before")
+    return [s["error"] if s["error"].startswith(s["path"]) else f"{s['path']}: {s['error']}" for s in summary.skipped]
+
+
+def read_store(index: Path) -> DedupeInputs:
+    """The image rows of a store as they are (--index alone)."""
+    from ..store import open_store, sidecar
+
+    store = open_store(index)
+    count = store.image_count
+    if count == 0:
+        raise UsageError(f"{index}: holds no image rows")
+    rows = store.rows[:count]
+    if not store.meta.get("normalized", True):
+        rows = np.asarray(rows, np.float32)
+        rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    identity = hashlib.sha256(sidecar(index, ".meta.json").read_bytes()).hexdigest()
+    return DedupeInputs(store.names_at(range(count)), rows, index, identity)
+
+
+# ============================================================================ groups
+def current_sizes(names: list[str], note: Callable[[str], None]) -> tuple[list[int], set[int]]:
+    """Each file's size now (-1 for a URL); the positions of files that are gone."""
+    sizes, gone = [], set()
+    for i, name in enumerate(names):
+        if "://" in name:
+            sizes.append(-1)
+            continue
+        try:
+            sizes.append(os.stat(name).st_size)
+        except OSError as exc:
+            sizes.append(-1)
+            gone.add(i)
+            note(f"{name}: {exc.strerror or exc} since it was embedded; left out of the groups")
+    return sizes, gone
+
+
+def find_duplicates(inputs: DedupeInputs, thresholds: Thresholds, keep: str, method: str, histogram: bool,
+                    note: Callable[[str], None]) -> DedupeReport:
+    names, rows = inputs.names, inputs.rows
+    if len(names) < 2:
+        return DedupeReport([], None, "exact", inputs.skipped)
+    from ..store import sidecar
+
+    index_path = sidecar(inputs.store, ".usearch") if inputs.store is not None else None
+    neighbours = self_neighbours(rows, NEIGHBOURS_PER_IMAGE, thresholds.floor, method, index_path, inputs.identity, note)
+    sizes, gone = current_sizes(names, note)
+    classes = exact_classes(names, [(-1 if i in gone else s) for i, s in enumerate(sizes)], note)
+    links = candidate_links(len(names), neighbours, classes, thresholds)
+    for i in gone:
+        links.pop(i, None)
+    links = {a: {b for b in others if b not in gone} for a, others in links.items()}
+    facts = {}
+    for i in links:
+        try:
+            facts[i] = file_facts(names[i])
+        except OSError as exc:
+            note(f"{names[i]}: {exc.strerror or exc}; left out of the groups")
+    links = {a: {b for b in others if b in facts} for a, others in links.items() if a in facts}
+    order = keep_order(keep, list(links), facts)
+    groups = form_groups(order, links, rows, classes, thresholds, names, {i: facts[i].size for i in facts})
+    shown = nearest_histogram(neighbours.nearest, thresholds) if histogram else None
+    return DedupeReport(groups, shown, neighbours.method, inputs.skipped, {names[i]: facts[i].stamp for i in facts})
+
+
+def check_thresholds(level: str, threshold: float | None) -> Thresholds:
+    from ..duplicates import NEAR_THRESHOLD, SIMILAR_THRESHOLD
+
+    if threshold is not None and not -1.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold {threshold}: a cosine lies between -1 and 1")
+    if level == "exact":
+        if threshold is not None:
+            raise UsageError("--threshold applies to --level near or similar; exact copies need no threshold")
+        return Thresholds(near=float("inf"))
+    if level == "near":
+        return Thresholds(near=NEAR_THRESHOLD if threshold is None else threshold)
+    similar = SIMILAR_THRESHOLD if threshold is None else threshold
+    return Thresholds(near=max(NEAR_THRESHOLD, similar), similar=similar)
+
+
+def no_inputs(listing) -> None:
+    if not listing.sources:
+        raise InputError("nothing to compare: no readable images among the inputs")
+
+
+# ============================================================================ moves
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def common_root(paths: list[str]) -> Path:
+    folders = [os.path.dirname(os.path.realpath(p)) for p in paths]
+    return Path(os.path.commonpath(folders)) if folders else Path.cwd()
+
+
+def check_move_folder(folder: Path, arguments: list[str], names: list[str]) -> Path:
+    """The resolved DIR, refused when it lies inside the inputs (moved files would be listed
+    again next run) or cannot be made."""
+    target = Path(os.path.realpath(folder))
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"--move-to {folder}: is a file, not a folder")
+    roots = [Path(os.path.realpath(a)) for a in arguments if a != "-" and "://" not in a and os.path.isdir(a)]
+    local = [n for n in names if "://" not in n]
+    if local:
+        roots.append(common_root(local))
+    for root in roots:
+        if _inside(target, root):
+            raise UsageError(f"--move-to {folder}: is inside the input folder {root}; choose a folder outside the inputs")
+    parent = target
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--move-to {folder}: {parent} is not writable")
+    return target
+
+
+def move_duplicates(groups: list[DuplicateGroup], folder: Path, dry_run: bool, stamps: dict[str, tuple[int, int]],
+                    note: Callable[[str], None]) -> tuple[int, int]:
+    """Every duplicate (never a kept image) into `folder`, at its path relative to the common
+    root of the grouped files, one at a time through the journal (actions.py): each move is
+    recorded in DIR/siglip-dedupe.jsonl before it happens, nothing is overwritten (a numbered
+    name instead), a file changed or gone since the scan is skipped with a note. Returns
+    (moved, skipped); with `dry_run` nothing changes and each planned move is set on its record."""
+    from pathlib import PurePosixPath
+
+    from ..actions import DEDUPE_MANIFEST, Journal, numbered
+
+    everything = [g.keep for g in groups] + [d.path for g in groups for d in g.duplicates]
+    root = common_root(everything)
+    moved = skipped = 0
+    claimed: set[str] = set()
+    journal = None if dry_run else Journal(folder, DEDUPE_MANIFEST, command="siglip dedupe --move-to")
+    if journal is not None:
+        journal.open()
+        journal.start_run(root=str(root))
+    try:
+        for group in groups:
+            for duplicate in group.duplicates:
+                wanted = PurePosixPath(*Path(os.path.relpath(os.path.realpath(duplicate.path), root)).parts)
+                if dry_run:
+                    number = 1
+                    while True:
+                        candidate = wanted.with_name(numbered(wanted.name, number))
+                        if str(candidate) not in claimed and not os.path.lexists(folder / candidate):
+                            break
+                        number += 1
+                    claimed.add(str(candidate))
+                    duplicate.destination, duplicate.planned = str(folder / candidate), True
+                    continue
+                outcome = journal.move(Path(os.path.realpath(duplicate.path)), wanted, expected=stamps.get(duplicate.path))
+                if outcome.done:
+                    duplicate.destination = str(outcome.destination)
+                    moved += 1
+                else:
+                    note(f"{duplicate.path}: {outcome.skipped}")
+                    skipped += 1
+    finally:
+        if journal is not None:
+            journal.close()
+    return moved, skipped
+
+
+def undo_moves(folder: Path, note: Callable[[str], None]) -> int:
+    """`dedupe --undo DIR`: every move DIR's manifest records, put back. Returns how many
+    files could not be (each named)."""
+    from ..actions import DEDUPE_MANIFEST, undo, undo_summary
+
+    outcomes = undo(folder, DEDUPE_MANIFEST)
+    kept = 0
+    for outcome in outcomes:
+        if outcome.result == "kept":
+            kept += 1
+            note(f"kept {outcome.destination}: {outcome.note}")
+        elif outcome.note and outcome.result == "restored":
+            note(f"{outcome.source}: {outcome.note}")
+    note(undo_summary(outcomes))
+    return kept
