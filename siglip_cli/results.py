@@ -23,11 +23,45 @@ class ImageScores:
     path: str
     labels: list[LabelScore] = field(default_factory=list)
     error: str | None = None
+    time: float = -1.0  # a video frame's time in seconds (path ends in #t=...); -1 for a still
 
     def to_record(self) -> dict:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
+        if self.time >= 0:
+            return {"path": self.path, "time": self.time, "labels": [vars(s) for s in self.labels]}
         return {"path": self.path, "labels": [vars(s) for s in self.labels]}
+
+
+@dataclass
+class LabelOverTime:
+    """One label across a video's sampled frames."""
+
+    label: str
+    score: float  # the best frame's score
+    time: float  # that frame's time, seconds
+    ranges: list[tuple[float, float]] | None = None  # (first, last) frame times of each run of
+    # consecutive samples scoring at least --threshold; None without --threshold
+
+    def to_record(self) -> dict:
+        record = {"label": self.label, "score": self.score, "time": self.time}
+        if self.ranges is not None:
+            record["ranges"] = [list(r) for r in self.ranges]
+        return record
+
+
+@dataclass
+class VideoSummary:
+    """`classify` on a video: each label's best frame and the time ranges above --threshold,
+    labels best first (cut by --top-k and --threshold)."""
+
+    path: str
+    frames: int
+    labels: list[LabelOverTime] = field(default_factory=list)
+    error: str | None = None  # always None: a fault is its own error record; kept for renderers
+
+    def to_record(self) -> dict:
+        return {"path": self.path, "summary": "video", "frames": self.frames, "labels": [item.to_record() for item in self.labels]}
 
 
 @dataclass

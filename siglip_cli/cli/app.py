@@ -160,6 +160,7 @@ def load_engine(options: ModelOptions, model: str | None = None):
             max_patches=options.max_patches,
             decode=options.decode,
             exact=options.exact,
+            video=options.video_sampling(),
         )
     engine.on_truncated = lambda texts, length: note(truncation_note(texts, length))
     if options.verbose:
@@ -191,13 +192,13 @@ def output_format(fmt: Format, json_flag: bool) -> str:
     return resolve_format(fmt.value)
 
 
-def list_inputs(arguments: list[str], recursive: bool):
+def list_inputs(arguments: list[str], recursive: bool, videos: bool = False):
     """The inputs, with a hint when paths are about to be read from a terminal."""
     from ..sources import expand
 
     if "-" in arguments and sys.stdin.isatty():
         note("reading image paths from the terminal, one per line; end with Ctrl-D")
-    listing = expand(arguments, recursive=recursive)
+    listing = expand(arguments, recursive=recursive, videos=videos)
     if listing.duplicates:
         note(f"{listing.duplicates} input(s) were named more than once; each is used once")
     return listing
@@ -231,6 +232,7 @@ def classify(
     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", metavar="K", min=1, help="Keep only the best K labels per image.", rich_help_panel="Scores")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="SCORE", min=0.0, max=1.0, help="Keep only labels scoring at least this.", rich_help_panel="Scores")] = None,
     recursive: RecursiveOpt = False,
+    frames: Annotated[bool, typer.Option("--frames", metavar="", help="Videos: list every sampled frame in the table, not only each video's summary (JSON always has both).", rich_help_panel="Output")] = False,
     fmt: FormatOpt = Format.auto,
     json_flag: JsonOpt = False,
     options: ModelOptions = None,  # every model option: see options.model_options
@@ -244,6 +246,8 @@ def classify(
       siglip classify cat.jpg --labels "2 cats,2 dogs"
 
       find . -name '*.jpg' | siglip classify - --labels-file labels.txt --top-k 1
+
+      siglip classify clip.mp4 --labels "a goal,a crowd" --every 1 --threshold 0.5
     """
     with handled():
         from ..prompts import collect_labels, resolve_templates
@@ -257,7 +261,7 @@ def classify(
             note(f"label {duplicate!r} given more than once; scored once")
         templates = resolve_templates(template, use_template=not no_template)
         fmt_name = output_format(fmt, json_flag)
-        listing = list_inputs(images, recursive)
+        listing = list_inputs(images, recursive, options.video)
         if not listing.sources and not listing.failures:
             raise UsageError("no images given (stdin was empty)")
         engine = load_engine(options) if listing.sources else None
@@ -275,7 +279,7 @@ def classify(
         streaming_to_terminal = fmt_name == "jsonl" and sys.stdout.isatty()
         with progress_bar(len(listing.sources), "images", enabled=not streaming_to_terminal) as advance:
             results = reported(run_classify(engine, listing, label_set.labels, templates, softmax, top_k, threshold, advance))
-            view = render.classify_view(label_set.labels, "softmax" if softmax else "sigmoid")
+            view = render.classify_view(label_set.labels, "softmax" if softmax else "sigmoid", frames)
             collected = render.emit(results, fmt_name, view) if fmt_name == "jsonl" else list(results)
         if fmt_name != "jsonl":  # printed once the progress bar is gone
             render.emit(collected, fmt_name, view)
@@ -351,7 +355,7 @@ def embed(
         if out is not None:  # the texts files now, the images once they are listed
             refuse_overwriting_inputs(out, EmbedPlan([]), texts_file or [])
         texts = read_texts(text, texts_file)
-        listing = list_inputs(inputs or [], recursive)
+        listing = list_inputs(inputs or [], recursive, options.video)
         if not listing.sources and not texts:
             if listing.failures:
                 for failure in listing.failures:
@@ -485,7 +489,7 @@ def similarity(
                 raise UsageError(f"{flag} {value}: choose all, images or texts")
         templates = resolve_templates(template) if template else None
         texts = read_texts(text, texts_file)
-        listing = list_inputs(image or [], recursive) if image else None
+        listing = list_inputs(image or [], recursive, options.video) if image else None
         sources = listing.sources if listing else []
         if not image and not texts:
             raise UsageError("nothing to compare: give --image and/or --text")
