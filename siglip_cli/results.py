@@ -170,9 +170,13 @@ class EmbeddingRow:
     kind: str
     name: str
     embedding: list[float]
+    time: float = -1.0  # a video frame's time in seconds; -1 for a still
 
     def to_record(self) -> dict:
-        return {"kind": self.kind, "path" if self.kind == "image" else "text": self.name, "embedding": self.embedding}
+        record = {"kind": self.kind, "path" if self.kind == "image" else "text": self.name, "embedding": self.embedding}
+        if self.time >= 0:
+            record["time"] = self.time
+        return record
 
 
 @dataclass

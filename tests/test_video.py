@@ -264,3 +264,92 @@ def test_similarity_takes_frames_as_images(env, videos):
     result = cli("similarity", "--image", videos["libx264.mp4"], "--text", "x", "--every", "5", "--json", env=env)
     assert result.exit_code == 0, result.stderr
     assert [row["name"] for row in json.loads(result.stdout)["rows"][:2]] == [f"{videos['libx264.mp4']}#t={t}" for t in (0, 5)]
+
+
+# ============================================================================ embed, update, search
+@pytest.mark.parametrize("suffix", [".npy", ".npz", ".jsonl", ".parquet"])
+def test_embed_writes_one_row_per_frame_with_its_time(env, videos, tmp_path, suffix, tiny_checkpoint):
+    import siglip_cli
+    from siglip_cli.store import open_store
+
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    folder = tmp_path / "in"
+    make_photos(folder, 2)
+    (folder / "clip.mp4").write_bytes(videos["libx264.mp4"].read_bytes())
+    out = tmp_path / f"vecs{suffix}"
+    result = cli("embed", folder, "--video", "--every", "3", "--out", out, "--exact", env=env)
+    assert result.exit_code == 0, result.stderr
+    store = open_store(out)
+    clip = str(folder / "clip.mp4")
+    assert store.names == [f"{clip}#t={t}" for t in (0, 3, 6, 9)] + [str(folder / "p000.png"), str(folder / "p001.png")]
+    assert store.times.tolist() == [0, 3, 6, 9, -1, -1]
+    assert store.meta["video"] == {"every": 3.0, "max_frames": None}
+    engine = siglip_cli.load(str(tiny_checkpoint), device="cpu", dtype="fp32", use_cache=False)
+    pictures = [f.image for f in sample_frames(clip, "x", VideoSampling(every=3))]
+    np.testing.assert_allclose(np.asarray(store.rows[:4], np.float32), engine.embed_images(pictures), atol=2e-5)
+
+
+def test_an_image_only_store_keeps_its_old_layout(env, tmp_path):
+    from siglip_cli.store import STAMP_DTYPE, open_store
+
+    folder = tmp_path / "in"
+    make_photos(folder, 1)
+    out = tmp_path / "vecs.npy"
+    assert cli("embed", folder, "--out", out, env=env).exit_code == 0
+    assert np.load(str(out) + ".stamps.npy").dtype == STAMP_DTYPE and "video" not in open_store(out).meta
+    assert open_store(out).times.tolist() == [-1]
+
+
+def test_update_keeps_an_unchanged_video_and_redoes_a_changed_one(env, videos, tmp_path):
+    import os
+
+    from siglip_cli.store import open_store
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.mp4").write_bytes(videos["libx264.mp4"].read_bytes())
+    (folder / "b.mkv").write_bytes(videos["mpeg4.mkv"].read_bytes())
+    out = tmp_path / "vecs.parquet" if _has_pyarrow() else tmp_path / "vecs.npz"
+    assert cli("embed", folder, "--video", "--out", out, env=env).exit_code == 0
+    before = open_store(out)
+    rows_before = {n: np.asarray(r).copy() for n, r in zip(before.names, before.rows)}
+    make_video(folder / "b.mkv", codec="mpeg4", seconds=4)  # b changes: 4 s now
+    later = os.stat(folder / "b.mkv").st_mtime_ns + 10**9
+    os.utime(folder / "b.mkv", ns=(later, later))
+    result = cli("embed", folder, "--video", "--out", out, "--update", env=env)
+    assert result.exit_code == 0, result.stderr
+    assert "1 changed, 1 unchanged" in result.stderr and "(5 kept from before)" in result.stderr
+    after = open_store(out)
+    a, b = str(folder / "a.mp4"), str(folder / "b.mkv")
+    assert after.names == [f"{a}#t={t}" for t in (0, 2, 4, 6, 8)] + [f"{b}#t={t}" for t in (0, 2)]
+    assert after.times.tolist() == [0, 2, 4, 6, 8, 0, 2]
+    for name, row in zip(after.names[:5], after.rows[:5]):
+        np.testing.assert_array_equal(np.asarray(row), rows_before[name])  # kept, not recomputed
+    other = cli("embed", folder, "--video", "--every", "1", "--out", out, "--update", env=env)
+    assert other.exit_code == 2 and "video" in other.stderr  # other sampling: refused by name
+
+
+def _has_pyarrow() -> bool:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_embed_jsonl_stdout_gives_frame_times(env, videos):
+    result = cli("embed", videos["libx264.mp4"], "--every", "5", "--format", "jsonl", env=env)
+    assert result.exit_code == 0, result.stderr
+    assert [(r["path"].rpartition("#t=")[2], r["time"]) for r in records(result.stdout)] == [("0", 0), ("5", 5)]
+
+
+def test_a_truncated_video_keeps_its_frames_in_the_store_and_is_listed_as_skipped(env, bad_videos, tmp_path):
+    from siglip_cli.store import open_store
+
+    out = tmp_path / "vecs.npz"
+    result = cli("embed", bad_videos["cut-short"].with_suffix(".mkv"), "--out", out, env=env)
+    assert result.exit_code == 1
+    store = open_store(out)
+    assert store.count >= 1 and (store.times >= 0).all()
+    assert "truncated?" in store.meta["skipped"][0]["error"]
