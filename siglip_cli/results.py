@@ -219,9 +219,13 @@ class SearchHit:
     cosine: float
     rank: int  # place in the query's ranking, from 1
     kind: str = "image"  # the row's kind
+    time: float = -1.0  # a video frame's time in seconds (path ends in #t=...); -1 for a still
 
     def to_record(self) -> dict:
-        return {"path": self.path, "score": self.score, "cosine": self.cosine, "rank": self.rank, "kind": self.kind}
+        record = {"path": self.path, "score": self.score, "cosine": self.cosine, "rank": self.rank, "kind": self.kind}
+        if self.time >= 0:
+            record["time"] = self.time
+        return record
 
 
 @dataclass

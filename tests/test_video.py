@@ -353,3 +353,76 @@ def test_a_truncated_video_keeps_its_frames_in_the_store_and_is_listed_as_skippe
     store = open_store(out)
     assert store.count >= 1 and (store.times >= 0).all()
     assert "truncated?" in store.meta["skipped"][0]["error"]
+
+
+@pytest.fixture()
+def video_store(env, videos, tmp_path):
+    folder = tmp_path / "in"
+    make_photos(folder, 2)
+    (folder / "a.mp4").write_bytes(videos["libx264.mp4"].read_bytes())
+    (folder / "b.webm").write_bytes(videos["libvpx-vp9.webm"].read_bytes())
+    out = tmp_path / "vecs.npz"
+    result = cli("embed", folder, "--video", "--every", "1", "--out", out, env=env)
+    assert result.exit_code == 0, result.stderr
+    return out, folder
+
+
+def test_search_returns_frames_with_their_times(env, video_store):
+    from siglip_cli.store import open_store
+
+    out, folder = video_store
+    result = cli("search", out, "a bar", "--top-k", "30", "--json", env=env)
+    assert result.exit_code == 0, result.stderr
+    hits = json.loads(result.stdout)[0]["results"]
+    assert len(hits) == 22  # 10 + 10 frames and 2 photos
+    store = open_store(out)
+    times = dict(zip(store.names, store.times.tolist()))
+    for hit in hits:
+        assert hit.get("time", -1) == times[hit["path"]]
+    assert {h["path"] for h in hits if "time" not in h} == {str(folder / "p000.png"), str(folder / "p001.png")}
+
+
+def test_search_per_video_caps_each_video_and_fills_with_the_next_best(env, video_store):
+    out, folder = video_store
+    full = json.loads(cli("search", out, "a bar", "--top-k", "30", "--json", env=env).stdout)[0]["results"]
+    capped = json.loads(cli("search", out, "a bar", "--top-k", "5", "--per-video", "2", "--json", env=env).stdout)[0]["results"]
+    expected, counts = [], {}
+    for hit in full:  # the brute-force answer from the whole ranking
+        video = hit["path"].rpartition("#t=")[0] if "time" in hit else None
+        if video is not None and counts.get(video, 0) >= 2:
+            continue
+        counts[video] = counts.get(video, 0) + 1 if video is not None else 0
+        expected.append((hit["path"], hit["rank"]))
+    # 2 + 2 frames and 2 photos can be hits; 5 are asked for
+    assert sum("time" in h for h in capped) <= 4 and len(capped) == 5 and [(h["path"], h["rank"]) for h in capped] == expected[:5]
+
+
+def test_search_table_shows_time_codes(env, video_store):
+    out, folder = video_store
+    result = cli("search", out, "a bar", "--top-k", "30", "--format", "table", env=env)
+    assert result.exit_code == 0, result.stderr
+    assert "00:00:09" in result.stdout and "#t=" not in result.stdout and "time" in result.stdout
+
+
+def test_preview_thumbnail_of_a_hit_is_the_frame_at_its_time(videos):
+    from siglip_cli.cli.preview import thumbnail
+
+    path = str(videos["rotated"])
+    picture = thumbnail(f"{path}#t=4", lambda image, width: image, time=4.0)  # the renderer gets the picture
+    expected = next(f.image for f in sample_frames(path, "x") if f.time == 4)
+    assert np.array_equal(np.asarray(picture), np.asarray(expected)) and picture.size == (48, 64)
+    assert thumbnail(f"{path}.gone#t=4", lambda image, width: image, time=4.0) is None
+
+
+def test_without_pyav_a_video_is_one_line_naming_the_extra(env, videos, tmp_path):
+    from .search_fixtures import process
+
+    blocker = tmp_path / "noav"
+    blocker.mkdir()
+    (blocker / "av.py").write_text("raise ImportError('PyAV is not installed')\n")
+    import os
+
+    path = os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])
+    result = process("classify", videos["libx264.mp4"], "--labels", "x", "-f", "jsonl", env={**env, "PYTHONPATH": path})
+    assert result.returncode == 1
+    one_error_line(result.stderr, "clip-libx264.mp4", "pip install 'siglip-cli[video]'")

@@ -528,6 +528,7 @@ def search(
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Hits per query.", rich_help_panel="Results")] = 10,
     threshold: Annotated[Optional[float], typer.Option("--threshold", min=-1.0, max=1.0, help="Keep hits scoring at least this: SigLIP's probability for a text-image pair, the cosine for an image-image or text-text pair (which SigLIP gives no probability).", rich_help_panel="Results")] = None,
     texts: Annotated[bool, typer.Option("--texts", help="Also search the index's text rows (from embed --text); by default only its images.", rich_help_panel="Results")] = False,
+    per_video: Annotated[Optional[int], typer.Option("--per-video", metavar="N", min=1, help="At most N hits (frames) from any one video; the next best rows fill the ranking.", rich_help_panel="Results")] = None,
     preview: Annotated[bool, typer.Option("--preview", help="Show thumbnails of the hits, in terminals that draw images (kitty graphics or sixel: kitty, iTerm2, WezTerm, foot, xterm -ti vt340...). Needs textual-image: pip install 'siglip-cli[preview]'.", rich_help_panel="Results")] = False,
     fmt: FormatOpt = Format.auto,
     json_flag: JsonOpt = False,
@@ -568,7 +569,7 @@ def search(
         store = open_store(index)
         listing = list_inputs(image, recursive=False) if image else None
         index_model = IndexModel(index, store.meta, model, device, dtype.value, attn.value, offline, not no_cache, max_pixels)
-        results = list(run_search(store, index_model, texts_given, templates, listing, top_k, threshold, texts))
+        results = list(run_search(store, index_model, texts_given, templates, listing, top_k, threshold, texts, per_video))
         failed = [r for r in results if r.error is not None]
         for result in failed:
             error_line(result.error)

@@ -407,21 +407,27 @@ def search_ranking(result: SearchResult, console: Console) -> Table:
     in a column of its own so that no column mixes the two."""
     scored = any(h.score is not None for h in result.hits)
     unscored = any(h.score is None for h in result.hits)
+    timed = any(h.time >= 0 for h in result.hits)  # video frames: the time code in a column of its own
     table = Table(title=search_title(result, console.width), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("rank", justify="right", no_wrap=True)
     if scored or not result.hits:
         table.add_column("score", justify="right", no_wrap=True)
     if unscored:
         table.add_column("cosine", justify="right", no_wrap=True)
+    if timed:
+        table.add_column("time", no_wrap=True)
     table.add_column("path", no_wrap=True)
-    budget = max(16, console.width - 8 - 9 * (scored + unscored))
+    budget = max(16, console.width - 8 - 9 * (scored + unscored) - 14 * timed)
     for hit in result.hits:
         cells = [str(hit.rank)]
         if scored:
             cells.append(format_score(hit.score) if hit.score is not None else "–")
         if unscored:
             cells.append(f"{hit.cosine:.3f}")
-        table.add_row(*cells, Text(ellipsize(hit_name(hit), budget)))
+        if timed:
+            cells.append(time_code(hit.time) if hit.time >= 0 else "")
+        name = display_path(hit.path.rpartition("#t=")[0]) if hit.time >= 0 else hit_name(hit)
+        table.add_row(*cells, Text(ellipsize(name, budget)))
     if not result.hits:
         table.add_row("", "", Text("nothing reached the --threshold", style="dim"))
     return table

@@ -392,3 +392,22 @@ def _scene_frames(video: _Video, sampling: VideoSampling) -> Iterator[tuple[floa
             if sampling.max_frames and count >= sampling.max_frames:
                 return
     video.ran_out = True  # read to the end (not stopped by max_frames)
+
+
+def read_frame(path: str, seconds: float, max_pixels: int | None = None):
+    """The upright frame of the video at `path` shown at `seconds` (as named by `frame_name`),
+    for a preview; None when it cannot be read."""
+    av = _av()
+    if av is None:
+        return None
+    try:
+        video = _Video(av, path, path, max_pixels)
+    except InputError:
+        return None
+    try:
+        frame = video.frame_at(seconds)
+        return None if frame is None else _image(frame, None)
+    except (av.FFmpegError, OSError, ValueError, MemoryError):
+        return None
+    finally:
+        video.close()
