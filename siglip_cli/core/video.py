@@ -38,9 +38,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import numpy as np
-
-from .errors import InputError
+from .errors import InputError  # (no numpy or PyAV at import: the renderer uses the names and time codes)
 
 VIDEO_SUFFIXES = frozenset(".mp4 .mov .m4v .mkv .webm .avi".split())
 DEFAULT_EVERY = 2.0
@@ -374,6 +372,8 @@ def _interval_frames_unknown_length(video: _Video, sampling: VideoSampling) -> I
 
 
 def _scene_frames(video: _Video, sampling: VideoSampling) -> Iterator[tuple[float, Any]]:
+    import numpy as np
+
     previous, last_cut, count = None, -math.inf, 0
     video.last_time, video.ran_out = 0.0, False
     for frame in video.frames():
