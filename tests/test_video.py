@@ -426,3 +426,10 @@ def test_without_pyav_a_video_is_one_line_naming_the_extra(env, videos, tmp_path
     result = process("classify", videos["libx264.mp4"], "--labels", "x", "-f", "jsonl", env={**env, "PYTHONPATH": path})
     assert result.returncode == 1
     one_error_line(result.stderr, "clip-libx264.mp4", "pip install 'siglip-cli[video]'")
+
+
+@pytest.mark.parametrize("seconds", [0, 0.5, 2, 12.5, 59.999, 61.25, 3725, 1 / 3])
+def test_the_renderer_writes_time_codes_as_core_does(seconds):
+    from siglip_cli.cli.render import time_code as rendered
+
+    assert rendered(seconds) == time_code(seconds)

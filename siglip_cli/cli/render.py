@@ -20,7 +20,6 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ..core.video import time_code
 from ..results import BenchRow, ImageScores, InputFailure, SearchHit, SearchResult, SimilarityMatrix, VideoSummary
 
 FORMATS = ("table", "json", "jsonl", "csv")
@@ -149,6 +148,15 @@ def _cause(path: str, error: str) -> str:
 
 def _path_budget(console: Console, other_columns_width: int) -> int:
     return max(16, console.width - other_columns_width)
+
+
+def time_code(seconds: float) -> str:
+    """12.5 -> 00:00:12.5. (core.video.time_code's twin: the renderer imports only results.)"""
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    fraction = f"{seconds - whole:.3f}".rstrip("0").rstrip(".")
+    tail = fraction[1:] if fraction not in ("0", "") else ""
+    return f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}{tail}"
 
 
 def _video_table(summaries: list[VideoSummary], console: Console) -> Table:
