@@ -248,7 +248,10 @@ class _Video:
                 yield frame
 
     def _seek(self, seconds: float) -> None:
-        target = int(seconds / self.time_base) + self.start - self.lead
+        """To the keyframe at or before `seconds`. FFmpeg's MP4 and Matroska readers seek by
+        presentation time (measured: asking for a keyframe's decode time lands a keyframe
+        earlier); a reader that lands after the time is caught by `frame_at`."""
+        target = round(seconds / self.time_base) + self.start
         self.container.seek(max(target, 0) if self.start >= 0 else target, stream=self.stream, backward=True, any_frame=False)
         self._frames = None
         self.position = -math.inf
@@ -269,9 +272,16 @@ class _Video:
             self._seek(seconds)
         elif self._should_seek(seconds):
             self._seek(seconds)
-        if self._frames is None:
+        sought = self._frames is None
+        if sought:
             self._frames = self.frames()
-        for frame in self._frames:
+        while (frame := next(self._frames, None)) is not None:
+            if sought and seconds > 0 and self.seconds(frame) > seconds + tolerance:
+                # the seek landed past the time: go back a second further, once
+                self._seek(max(0.0, seconds - 1.0))
+                self._frames, sought = self.frames(), False
+                continue
+            sought = False
             if self.seconds(frame) >= seconds - tolerance:
                 self._last = frame
                 return frame
