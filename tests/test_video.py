@@ -433,3 +433,10 @@ def test_the_renderer_writes_time_codes_as_core_does(seconds):
     from siglip_cli.cli.render import time_code as rendered
 
     assert rendered(seconds) == time_code(seconds)
+
+
+def test_ray_engine_refuses_videos_by_name(env, videos, tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    result = cli("embed", videos["libx264.mp4"], "--out", tmp_path / "v.npy", "--engine", "ray", env=env)
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "clip-libx264.mp4", "--engine ray")

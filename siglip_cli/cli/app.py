@@ -374,7 +374,12 @@ def embed(
         options.max_patches = options.max_patches or base_meta.get("max_patches")
         dtype_name = (out_dtype.value if out_dtype else base_meta.get("dtype", "float32"))
         if engine_kind is EngineKind.ray:
+            from ..core.video import is_video_name
             from .embed import embed_on_ray
+
+            video = next((s.name for s in plan.images if is_video_name(s.name)), None)
+            if video is not None:
+                raise UsageError(f"{video}: video inputs do not run with --engine ray yet; embed videos with the local engine")
 
             report = embed_on_ray(options, plan, out, dtype_name, not no_normalize, templates, resume, cluster, progress_bar, note)
             _finish_embed(report, out)
