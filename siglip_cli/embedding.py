@@ -167,7 +167,7 @@ class EmbedRun:
     def _reusable(self, source: Source, stamp: tuple, done: dict, base_rows: dict) -> bool:
         record = done.get(("image", source.name))
         if record is None:
-            record = self._finished_videos().get(source.name)
+            record = self._finished.get(source.name)
         if record is not None and (stamp[0] < 0 or same_file(record_stamp(self.partial.records[record]), stamp)):
             return True  # finished by the interrupted run (URLs and in-memory inputs are trusted there)
         row = base_rows.get(source.name)
@@ -196,6 +196,7 @@ class EmbedRun:
         done = self.partial.latest()
         skipped = {s["path"] for s in self.partial.skipped}
         base_rows = self.base.image_rows() if self.base is not None else {}
+        self._finished = self._finished_videos()
         self.stamps = self._stamps()
         images, stamps = [], []
         for source, stamp in zip(self.plan.images, self.stamps):

@@ -440,3 +440,41 @@ def test_ray_engine_refuses_videos_by_name(env, videos, tmp_path):
     result = cli("embed", videos["libx264.mp4"], "--out", tmp_path / "v.npy", "--engine", "ray", env=env)
     assert result.exit_code == 2
     one_error_line(result.stderr, "clip-libx264.mp4", "--engine ray")
+
+
+def test_resume_redoes_a_video_the_interrupted_run_did_not_finish(tiny_checkpoint, videos, tmp_path):
+    import siglip_cli
+    from siglip_cli.embedding import EmbedPlan, EmbedRun
+    from siglip_cli.sources import expand
+    from siglip_cli.store import open_store
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.mp4").write_bytes(videos["libx264.mp4"].read_bytes())
+    (folder / "b.mkv").write_bytes(videos["mpeg4.mkv"].read_bytes())
+    engine = siglip_cli.load(str(tiny_checkpoint), device="cpu", dtype="fp32", use_cache=False)
+    engine.batch_size = 2
+    plan = EmbedPlan(expand([str(folder)], videos=True).sources)
+    out = tmp_path / "vecs.npz"
+    calls = []
+
+    def stop_at_the_second_video(count):
+        calls.append(count)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    run = EmbedRun(engine, plan, out, "float32", True, None)
+    with pytest.raises(KeyboardInterrupt):
+        run.embed(stop_at_the_second_video)
+    run.close()
+    unfinished = [r for r in run.partial.records]
+    assert unfinished and not any(r.get("end") for r in unfinished)  # a.mp4's last frame never arrived
+    resumed = EmbedRun(engine, plan, out, "float32", True, None, resume=True)
+    assert resumed.todo()[0] == plan.images  # both videos again
+    resumed.embed()
+    resumed.finish()
+    a, b = str(folder / "a.mp4"), str(folder / "b.mkv")
+    store = open_store(out)
+    assert store.names == [f"{a}#t={t}" for t in (0, 2, 4, 6, 8)] + [f"{b}#t={t}" for t in (0, 2, 4, 6, 8)]
+    pictures = [f.image for f in sample_frames(a, "x")]
+    np.testing.assert_allclose(np.asarray(store.rows[:5]), engine.embed_images(pictures), atol=1e-5)
