@@ -415,6 +415,8 @@ class Store:
         times = self.times
         frames = np.flatnonzero(times[: self.image_count] >= 0).tolist()
         videos: dict[str, list[int]] = {}
+        if not frames:
+            return videos
         for row, name in zip(frames, self.names_at(frames)):
             videos.setdefault(name.rpartition("#t=")[0], []).append(row)
         return videos
