@@ -8,6 +8,10 @@ The three parts are separate on purpose:
   Rows already there (a resumed run) or unchanged in the previous store (`--update`) are not
   computed again; a file whose size or modification time changed is.
 - `EmbedRun.finish()`: the final files, assembled in plan order and committed atomically.
+
+A video is one input that gives many rows, one per sampled frame (`clip.mp4#t=12.5`, with its
+time): it is planned, stamped, kept by --update and redone by --resume as one file. A video
+whose decoding failed part way keeps the frames before the fault, and is listed as skipped.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .core.errors import UsageError
+from .core.video import is_video_name
 from .paths import absolute_name, is_local_path, is_relative_name, recorded_model
 from .sources import Failure, Listing, Source
 from .store import (
@@ -152,6 +157,7 @@ class EmbedRun:
     def settings(self) -> dict:
         """What the rows depend on; recorded in the meta, and checked by --resume and --update."""
         described = self.engine.describe()
+        videos = any(is_video_name(s.name) for s in self.plan.images)
         return {
             "model": recorded_model(described["model"]),
             "revision": described["revision"],
@@ -161,6 +167,8 @@ class EmbedRun:
             "templates": self.templates,
             # NaFlex only (absent otherwise, so stores of other models keep their settings)
             **({"max_patches": described["max_patches"]} if "max_patches" in described else {}),
+            # with video inputs only (absent otherwise, so image stores keep their settings)
+            **({"video": self.engine.video.describe()} if videos else {}),
         }
 
     # ------------------------------------------------------------------ what is left to do
@@ -180,9 +188,13 @@ class EmbedRun:
 
     def _reusable(self, source: Source, stamp: tuple, done: dict, base_rows: dict) -> bool:
         record = done.get(("image", source.name))
+        if record is None:
+            record = self._finished.get(source.name)
         if record is not None and (stamp[0] < 0 or same_file(record_stamp(self.partial.records[record]), stamp)):
             return True  # finished by the interrupted run (URLs and in-memory inputs are trusted there)
         row = base_rows.get(source.name)
+        if row is None and source.name in self._base_videos():
+            row = self._base_videos()[source.name][0]  # a video: its frames share the file's stamp
         if row is not None:
             old = tuple(self.base.stamps[row].tolist())
             if stamp[2] and not old[2] and tuple(old[:2]) == tuple(stamp[:2]):
@@ -190,11 +202,23 @@ class EmbedRun:
             return same_file(old, stamp)
         return False
 
+    def _finished_videos(self) -> dict[str, int]:
+        """video name -> the partial row of its last frame, for videos the interrupted run finished."""
+        return {r["video"]: i for i, r in enumerate(self.partial.records) if r.get("end")}
+
+    def _base_videos(self) -> dict[str, list[int]]:
+        if self.base is None:
+            return {}
+        if not hasattr(self, "_base_video_rows"):
+            self._base_video_rows = self.base.video_rows()
+        return self._base_video_rows
+
     def todo(self) -> tuple[list[Source], list[tuple], list[str]]:
         """(images to embed, their stamps, texts to embed)."""
         done = self.partial.latest()
         skipped = {s["path"] for s in self.partial.skipped}
         base_rows = self.base.image_rows() if self.base is not None else {}
+        self._finished = self._finished_videos()
         images, stamps = [], []
         for source, stamp in zip(self.plan.images, self._stamps()):
             if source.name in skipped or source.name in self.vanished or self._reusable(source, stamp, done, base_rows):
@@ -233,20 +257,31 @@ class EmbedRun:
         if not self.record_listing_failures(on_skip, strict):
             return False
         batch = self.engine.batch_size
+        held = None  # a video's latest frame, written once it is known whether it is the last
         try:
             results = image_results(self.engine, images, self.normalized, self.out, on_progress) if images else []
             for count, item in enumerate(results, 1):  # (texts only: the vision tower never loads)
                 source = images[item.index]
+                if held is not None and (item.index != held.index or item.time < 0):
+                    self._add_frame(held, images, stamps, end=True)
+                    held = None
                 if item.error is not None:
                     on_skip and on_skip(item.error)
                     if strict:
                         return False
-                    self.partial.skip(item.name, item.error)
+                    self.partial.skip(source.name if item.time < 0 else item.name, item.error)
+                elif item.time >= 0:
+                    if held is not None:
+                        self._add_frame(held, images, stamps, end=False)
+                    held = item
                 else:
                     self.partial.add("image", source.name, stamps[item.index], item.vector)
                     self.computed += 1
                 if count % batch == 0:
                     self.partial.commit()
+            if held is not None:
+                self._add_frame(held, images, stamps, end=True)
+                held = None
             if texts:
                 vectors = self.engine.embed_texts(texts, self.templates or None, normalize=self.normalized)
                 for text, vector in zip(texts, vectors):
@@ -254,6 +289,12 @@ class EmbedRun:
         finally:
             self.partial.commit()
         return True
+
+    def _add_frame(self, item, images: Sequence[Source], stamps: Sequence[tuple], end: bool) -> None:
+        source = images[item.index]
+        frame = {"time": item.time, "video": source.name, **({"end": True} if end else {})}
+        self.partial.add("image", item.name, stamps[item.index], item.vector, frame)
+        self.computed += 1
 
     # ------------------------------------------------------------------ the final files
     def entries(self) -> list[Entry]:
@@ -263,9 +304,28 @@ class EmbedRun:
         base_rows = self.base.image_rows() if self.base is not None else {}
         skipped = {s["path"] for s in self.partial.skipped}
         entries = []
+        video_rows: dict[str, list[int]] = {}  # video -> its frames' partial rows, latest run's only
+        for row, record in enumerate(self.partial.records):
+            if "video" in record:
+                video_rows.setdefault(record["video"], []).append(row)
+        for rows in video_rows.values():  # a video redone on resume: its newest frames, once each
+            names = {self.partial.records[r]["name"]: r for r in rows}
+            rows[:] = sorted(names.values(), key=lambda r: self.partial.records[r]["time"])
+        base_videos = self._base_videos()
         for source, stamp in zip(self.plan.images, self._stamps()):
             if source.name in self.vanished:
                 continue  # gone: its rows (from an interrupted run or the store) go with it
+            if source.name in video_rows:
+                for row in video_rows[source.name]:
+                    record = self.partial.records[row]
+                    entries.append(Entry("image", record["name"], record_stamp(record), partial_rows, row, record["time"]))
+                continue
+            if source.name in base_videos and source.name not in skipped:
+                times = self.base.times
+                names = self.base.names_at(base_videos[source.name])
+                for index, name in zip(base_videos[source.name], names):
+                    entries.append(Entry("image", name, kept_stamp(self.base.stamps[index], stamp), self.base.row_source, index, float(times[index])))
+                continue
             row = latest.get(("image", source.name))
             if row is not None:
                 entries.append(Entry("image", source.name, record_stamp(self.partial.records[row]), partial_rows, row))
@@ -281,7 +341,7 @@ class EmbedRun:
     def skipped_inputs(self) -> list[dict]:
         """{path, error} of every input left out, in the order they were met."""
         listed = {s.name for s in self.plan.images} | {f.name for f in self.plan.failures}
-        return [s for s in self.partial.skipped if s["path"] in listed]
+        return [s for s in self.partial.skipped if s["path"] in listed or s["path"].rpartition("#t=")[0] in listed]
 
     def finish(self) -> EmbedSummary:
         self.partial.close()
@@ -331,6 +391,8 @@ def check_base(base: Store, engine, normalized: bool, templates: Sequence[str] |
               "templates": list(templates or []), "dtype": np.dtype(out_dtype).name,
               "max_patches": described.get("max_patches")}
     recorded = {"decode": "exact", **meta}  # stores written before --decode existed decoded exactly
+    if "video" in meta:  # frames sampled another way would not be the frames kept
+        wanted["video"] = engine.video.describe()
     changed = [f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in wanted.items() if recorded.get(k) != v]
     if changed:
         raise UsageError(f"--update: {base.path} was made with other settings ({'; '.join(changed)}); use the same options, or write a new file")

@@ -27,6 +27,7 @@ from .core.images import DEFAULT_MAX_PIXELS, DecodeOptions
 from .core.logit_scalars import read_logit_scalars
 from .core.model import Siglip, normalize
 from .core.quantize import quantize_int8
+from .core.video import VideoSampling
 from .core.scoring import ensemble, l2_normalize, logits, sigmoid, softmax
 from .core.tokenizer import TextTokenizer, load_tokenizer
 from .core.weights import load_model
@@ -65,6 +66,7 @@ class Engine:
         self.attn = attn
         self.quantize = quantize
         self.decode_options = decode_options
+        self.video = VideoSampling()  # which frames of a video input become images
         self.batch_size = batch_size or DEFAULT_BATCH.get(device.type, 16)
         self.workers = default_workers(device) if workers is None else workers
         self.text_cache = (
@@ -249,6 +251,7 @@ class Engine:
             self.workers if workers is None else workers,
             self.decode_options,
             vision=self.config.vision,
+            video=self.video,
         )
 
     def encode_images(self, batch, normalized: bool = True) -> torch.Tensor:
@@ -348,6 +351,7 @@ def load(
     max_patches: int | None = None,
     decode: str = "auto",
     exact: bool = False,
+    video: VideoSampling | None = None,
 ) -> Engine:
     """Open a SigLIP checkpoint (local folder or hub id; default google/siglip-base-patch16-224).
 
@@ -355,7 +359,8 @@ def load(
     else fp32). `decode`: auto (exact with fp32, else fast), exact or fast (large JPEGs decode
     at reduced scale). `exact=True`: fp32 and exact decoding, i.e. transformers' numbers.
     `max_patches`: SigLIP 2 NaFlex only, the most patches per image (default: the checkpoint's
-    `max_num_patches`); more keeps more detail and costs time.
+    `max_num_patches`); more keeps more detail and costs time. `video`: which frames of video
+    inputs become images (default: one every 2 seconds; needs PyAV, the `[video]` extra).
 
     Nothing heavy happens here beyond reading the config: weights load on first use, one
     tower at a time."""
@@ -372,7 +377,7 @@ def load(
         )
     config = config.with_max_patches(max_patches)
     attn_name = resolve_attention(attn, torch_device, precision.dtype, config.head_dims, masked=config.vision.naflex)
-    return Engine(
+    engine = Engine(
         resolved,
         config,
         torch_device,
@@ -385,6 +390,9 @@ def load(
         workers=workers,
         quantize=precision.quantize,
     )
+    if video is not None:
+        engine.video = video
+    return engine
 
 
 def resolve_exactness(dtype: str, decode: str, exact: bool, device: torch.device) -> tuple[Precision, str]:

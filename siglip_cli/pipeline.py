@@ -36,6 +36,7 @@ import torch
 from .core.config import PreprocessConfig, VisionConfig
 from .core.errors import InputError
 from .core.images import (
+    DRAFT_GAP,
     DecodeOptions,
     Patches,
     load_patches,
@@ -44,6 +45,7 @@ from .core.images import (
     normalize_channels_last,
     pixels_to_model_input,
 )
+from .core.video import VideoSampling, frame_name, is_video_name, looks_like_video, sample_frames
 from .sources import Source
 from .urls import DEFAULT_URL_MAX_BYTES, DEFAULT_URL_TIMEOUT, fetch_url, is_url
 
@@ -74,6 +76,10 @@ class Decoded:
     name: str
     pixels: np.ndarray | Patches | None = None
     error: str | None = None
+    time: float = -1.0  # a video frame's time in seconds; -1 for a still image
+
+
+_END = object()  # a source's last item has been queued
 
 
 @dataclass
@@ -166,10 +172,11 @@ def image_layout(preprocess: PreprocessConfig, vision: VisionConfig | None) -> S
 class ImageResult:
     """One source after the model: its feature vector (float32), or why it has none."""
 
-    index: int
+    index: int  # the source's position; a video's frames (and its error, if any) share it
     name: str
     vector: np.ndarray | None = None
     error: str | None = None
+    time: float = -1.0  # a video frame's time in seconds (its name ends in #t=...); -1 for a still
 
     @property
     def ready(self) -> bool:
@@ -206,6 +213,7 @@ class ImagePipeline:
     decode_options: DecodeOptions = DecodeOptions()
     fetch_options: FetchOptions = FetchOptions()
     vision: VisionConfig | None = None  # the model's vision config; NaFlex picks the patch layout
+    video: VideoSampling = VideoSampling()  # which frames of a video become inputs
     _table: torch.Tensor | None = field(default=None, repr=False)
     _ring: list | None = field(default=None, repr=False)
 
@@ -229,17 +237,53 @@ class ImagePipeline:
         except Exception as exc:  # an odd file must not stop a batch job: report it and go on
             return Decoded(index, source.name, error=f"{source.name}: cannot read ({type(exc).__name__}: {exc})")
 
+    def _is_video(self, source: Source) -> bool:
+        return isinstance(source.value, str) and not is_url(source.value) and is_video_name(source.value)
+
+    def _decode_items(self, index: int, source: Source) -> Iterator[Decoded]:
+        """What one source gives: an image (or its error); a video's sampled frames, then the
+        error that ended them, if any. A file whose suffix says image but whose bytes say video
+        is read as a video."""
+        if not self._is_video(source):
+            item = self._decode_one(index, source)
+            if item.error is None or not (isinstance(source.value, str) and not is_url(source.value) and looks_like_video(source.value)):
+                yield item
+                return
+        yield from self._video_frames(index, source)
+
+    def _video_frames(self, index: int, source: Source) -> Iterator[Decoded]:
+        draft = None
+        if self.decode_options.draft_jpeg and isinstance(self.layout, SquareImages) and self.preprocess.do_resize:
+            draft = (DRAFT_GAP * self.preprocess.width, DRAFT_GAP * self.preprocess.height)
+        try:
+            for frame in sample_frames(source.value, source.name, self.video, self.decode_options.max_pixels, draft):
+                name = frame_name(source.name, frame.time)
+                try:
+                    pixels = self.layout.prepare(frame.image, name, self.decode_options)
+                except InputError as exc:
+                    yield Decoded(index, name, error=str(exc), time=frame.time)
+                    continue
+                yield Decoded(index, name, pixels=pixels, time=frame.time)
+        except InputError as exc:
+            yield Decoded(index, source.name, error=str(exc))
+        except MemoryError:
+            yield Decoded(index, source.name, error=f"{source.name}: too large to decode in memory")
+        except Exception as exc:  # an odd file must not stop a batch job: report it and go on
+            yield Decoded(index, source.name, error=f"{source.name}: cannot read ({type(exc).__name__}: {exc})")
+
     def decoded(self, sources: Sequence[Source]) -> Iterator[Decoded]:
-        """Every source decoded, in input order, up to a window ahead of the consumer."""
+        """Every source decoded, in input order, up to a window of sources ahead of the
+        consumer. A video streams its frames through a small queue of its own, so memory holds
+        a few frames per video, never a whole video."""
         if self.workers <= 0:
             for index, source in enumerate(sources):
-                yield self._decode_one(index, source)
+                yield from self._decode_items(index, source)
             return
         window = max(2 * self.batch_size, 4 * self.workers)
         todo: queue.Queue = queue.Queue()
         slots: dict[int, queue.Queue] = {}
         for index in range(min(window, len(sources))):
-            slots[index] = queue.Queue(maxsize=1)
+            slots[index] = queue.Queue(maxsize=4)
             todo.put(index)
 
         def work() -> None:
@@ -247,20 +291,23 @@ class ImagePipeline:
                 index = todo.get()
                 if index is None:
                     return
-                slots[index].put(self._decode_one(index, sources[index]))
+                for item in self._decode_items(index, sources[index]):
+                    slots[index].put(item)
+                slots[index].put(_END)
 
         threads = [threading.Thread(target=work, name="siglip-decode", daemon=True) for _ in range(self.workers)]
         for thread in threads:
             thread.start()
         try:
             for index in range(len(sources)):
-                item = slots[index].get()
-                del slots[index]
+                slot = slots[index]
                 ahead = index + window
                 if ahead < len(sources):
-                    slots[ahead] = queue.Queue(maxsize=1)
+                    slots[ahead] = queue.Queue(maxsize=4)
                     todo.put(ahead)
-                yield item
+                while (item := slot.get()) is not _END:
+                    yield item
+                del slots[index]
         finally:
             # Stop the decoders, and wait (briefly) for those still decoding: a daemon thread
             # that is inside Pillow or numpy when the interpreter shuts down is ended with
@@ -326,8 +373,9 @@ class ImagePipeline:
         batch_pixels: list[np.ndarray] = []
         in_flight: _InFlight | None = None
         launches = 0
+        counted = [None]
         for decoded in self.decoded(sources):
-            result = ImageResult(decoded.index, decoded.name, error=decoded.error)
+            result = ImageResult(decoded.index, decoded.name, error=decoded.error, time=decoded.time)
             waiting.append(result)
             if decoded.pixels is not None:
                 batch_results.append(result)
@@ -336,12 +384,12 @@ class ImagePipeline:
                 in_flight = self._advance(in_flight, self._launch(batch_results, batch_pixels, ring[launches % 2], encode))
                 launches += 1
                 batch_results, batch_pixels = [], []
-            yield from _ready(waiting, on_progress)
+            yield from _ready(waiting, on_progress, counted)
         if batch_pixels:
             in_flight = self._advance(in_flight, self._launch(batch_results, batch_pixels, ring[launches % 2], encode))
         if in_flight is not None:
             in_flight.collect()
-        yield from _ready(waiting, on_progress)
+        yield from _ready(waiting, on_progress, counted)
 
     def _advance(self, previous: _InFlight | None, launched: _InFlight) -> _InFlight | None:
         """On CUDA the new batch stays in flight while the previous one is collected; elsewhere
@@ -354,11 +402,15 @@ class ImagePipeline:
         return None
 
 
-def _ready(waiting: collections.deque, on_progress: Callable[[int], None] | None) -> Iterator[ImageResult]:
+def _ready(waiting: collections.deque, on_progress: Callable[[int], None] | None, counted: list) -> Iterator[ImageResult]:
+    """Finished results from the front; progress counts sources (a video's frames count once:
+    `counted` holds the index of the source counted last)."""
     while waiting and waiting[0].ready:
-        if on_progress:
+        result = waiting.popleft()
+        if on_progress and result.index != counted[0]:
+            counted[0] = result.index
             on_progress(1)
-        yield waiting.popleft()
+        yield result
 
 
 def as_sources(images: Iterable[Any]) -> list[Source]:

@@ -24,11 +24,49 @@ class ImageScores:
     labels: list[LabelScore] = field(default_factory=list)
     error: str | None = None
     actions: list["FileAction"] = field(default_factory=list)  # --sort-into, --write-xmp
+    time: float = -1.0  # a video frame's time in seconds (path ends in #t=...); -1 for a still
 
     def to_record(self) -> dict:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
         record = {"path": self.path, "labels": [vars(s) for s in self.labels]}
+        if self.time >= 0:
+            record = {"path": self.path, "time": self.time, "labels": record["labels"]}
+        if self.actions:
+            record["actions"] = [a.to_record() for a in self.actions]
+        return record
+
+
+@dataclass
+class LabelOverTime:
+    """One label across a video's sampled frames."""
+
+    label: str
+    score: float  # the best frame's score
+    time: float  # that frame's time, seconds
+    ranges: list[tuple[float, float]] | None = None  # (first, last) frame times of each run of
+    # consecutive samples scoring at least --threshold; None without --threshold
+
+    def to_record(self) -> dict:
+        record = {"label": self.label, "score": self.score, "time": self.time}
+        if self.ranges is not None:
+            record["ranges"] = [list(r) for r in self.ranges]
+        return record
+
+
+@dataclass
+class VideoSummary:
+    """`classify` on a video: each label's best frame and the time ranges above --threshold,
+    labels best first (cut by --top-k and --threshold)."""
+
+    path: str
+    frames: int
+    labels: list[LabelOverTime] = field(default_factory=list)
+    error: str | None = None  # always None: a fault is its own error record; kept for renderers
+    actions: list["FileAction"] = field(default_factory=list)  # --sort-into, --write-xmp act on the video
+
+    def to_record(self) -> dict:
+        record = {"path": self.path, "summary": "video", "frames": self.frames, "labels": [item.to_record() for item in self.labels]}
         if self.actions:
             record["actions"] = [a.to_record() for a in self.actions]
         return record
@@ -140,9 +178,13 @@ class EmbeddingRow:
     kind: str
     name: str
     embedding: list[float]
+    time: float = -1.0  # a video frame's time in seconds; -1 for a still
 
     def to_record(self) -> dict:
-        return {"kind": self.kind, "path" if self.kind == "image" else "text": self.name, "embedding": self.embedding}
+        record = {"kind": self.kind, "path" if self.kind == "image" else "text": self.name, "embedding": self.embedding}
+        if self.time >= 0:
+            record["time"] = self.time
+        return record
 
 
 @dataclass
@@ -185,9 +227,13 @@ class SearchHit:
     cosine: float
     rank: int  # place in the query's ranking, from 1
     kind: str = "image"  # the row's kind
+    time: float = -1.0  # a video frame's time in seconds (path ends in #t=...); -1 for a still
 
     def to_record(self) -> dict:
-        return {"path": self.path, "score": self.score, "cosine": self.cosine, "rank": self.rank, "kind": self.kind}
+        record = {"path": self.path, "score": self.score, "cosine": self.cosine, "rank": self.rank, "kind": self.kind}
+        if self.time >= 0:
+            record["time"] = self.time
+        return record
 
 
 @dataclass

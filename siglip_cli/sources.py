@@ -1,7 +1,8 @@
 """Inputs named on the command line -> an ordered list of image sources, and the inputs that
 could not be listed, kept apart.
 
-Files as given; folders expanded to the images inside, sorted (sub-folders with `recursive`);
+Files as given (a video too); folders expanded to the images inside, sorted (sub-folders with
+`recursive`; videos only with `videos`, since one video costs as much as hundreds of photos);
 glob patterns (`*.jpg`, `photos/**/*.png`) matched and sorted; `-` reads one path per line from
 a stream; http(s) URLs pass through. The walk is iterative (any depth), never follows a
 symbolic link to a folder, and never visits a folder twice. Only regular files are taken: a
@@ -19,6 +20,7 @@ from typing import Any, Iterable, Iterator, TextIO
 
 from .core.errors import UsageError
 from .core.images import IMAGE_SUFFIXES
+from .core.video import VIDEO_SUFFIXES
 from .urls import is_url, redact
 
 _GLOB_CHARS = frozenset("*?[")
@@ -104,12 +106,14 @@ def _add(listing: "Listing", item: Source | Failure) -> None:
         listing.sources.append(item)
 
 
-def _is_image_name(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+def _is_image_name(name: str, videos: bool = False) -> bool:
+    suffix = os.path.splitext(name)[1].lower()
+    return not name.startswith(".") and (suffix in IMAGE_SUFFIXES or videos and suffix in VIDEO_SUFFIXES)
 
 
-def _scan(folder: str, listing: Listing) -> tuple[list[str], list[str]]:
-    """(image file paths, sub-folder paths) directly inside `folder`, sorted by name."""
+def _scan(folder: str, listing: Listing, videos: bool = False) -> tuple[list[str], list[str]]:
+    """(image file paths, sub-folder paths) directly inside `folder`, sorted by name; with
+    `videos`, video files count as images."""
     try:
         with os.scandir(folder) as entries:
             entries = sorted(entries, key=lambda e: e.name)
@@ -126,12 +130,12 @@ def _scan(folder: str, listing: Listing) -> tuple[list[str], list[str]]:
             is_folder = False
         if is_folder:
             folders.append(entry.path)
-        elif _is_image_name(entry.name):
+        elif _is_image_name(entry.name, videos):
             files.append(entry.path)
     return files, folders
 
 
-def _walk(root: str, listing: Listing, recursive: bool, visited: set) -> Iterator[str]:
+def _walk(root: str, listing: Listing, recursive: bool, visited: set, videos: bool = False) -> Iterator[str]:
     """Image paths under `root` in sorted depth-first order, without recursion."""
     stack = [root]
     while stack:
@@ -144,7 +148,7 @@ def _walk(root: str, listing: Listing, recursive: bool, visited: set) -> Iterato
         if key in visited:
             continue
         visited.add(key)
-        files, folders = _scan(folder, listing)
+        files, folders = _scan(folder, listing, videos)
         for path in files:
             yield path
         if recursive:
@@ -153,14 +157,16 @@ def _walk(root: str, listing: Listing, recursive: bool, visited: set) -> Iterato
             stack.extend(reversed(folders))
 
 
-def _folder(argument: str, path: str, recursive: bool) -> Listing:
+def _folder(argument: str, path: str, recursive: bool, videos: bool = False) -> Listing:
     listing = Listing()
-    found = list(_walk(path, listing, recursive, set()))
+    found = list(_walk(path, listing, recursive, set(), videos))
     for file in found:
         _add(listing, file_source(file))
     if not found and not listing.failures:
         _, sub_folders = _scan(path, Listing())
         hint = " (add --recursive for its sub-folders)" if sub_folders and not recursive else ""
+        if not videos and list(_walk(path, Listing(), recursive, set(), videos=True)):
+            hint = " (it holds videos: add --video to sample their frames)"
         _add(listing, Failure(argument, f"{argument}: folder holds no image files{hint}"))
     return listing
 
@@ -245,12 +251,12 @@ def _glob(argument: str, pattern: str) -> Listing:
     return listing
 
 
-def _one(argument: str, recursive: bool) -> Listing:
+def _one(argument: str, recursive: bool, videos: bool = False) -> Listing:
     if is_url(argument):
         return Listing([Source(redact(argument), argument)])
     path = os.path.expanduser(argument)
     if os.path.isdir(path):
-        return _folder(argument, path, recursive)
+        return _folder(argument, path, recursive, videos)
     if not os.path.lexists(path) and _GLOB_CHARS & set(argument):
         return _glob(argument, path)
     name = path if argument.startswith("~") else argument  # quoted, so the shell did not expand it
@@ -265,9 +271,10 @@ def _identity(source: Source) -> str:
     return source.name
 
 
-def expand(arguments: Iterable[str], recursive: bool = False, stdin: TextIO | None = None) -> Listing:
+def expand(arguments: Iterable[str], recursive: bool = False, stdin: TextIO | None = None, videos: bool = False) -> Listing:
     """Every argument expanded in order; `-` reads paths from `stdin`, one per line (only line
-    ends are removed: a file name may begin or end with a space)."""
+    ends are removed: a file name may begin or end with a space). Folders give their videos
+    too with `videos`; a video named as a file (or matched by a pattern) is always taken."""
     listing = Listing()
     for argument in arguments:
         if argument == "-":
@@ -278,11 +285,11 @@ def expand(arguments: Iterable[str], recursive: bool = False, stdin: TextIO | No
             for line in stdin.read().split("\n"):
                 line = line.removesuffix("\r")
                 if line.strip():
-                    listing.extend(_one(line, recursive))
+                    listing.extend(_one(line, recursive, videos))
             continue
         if not argument.strip():
             raise UsageError("an empty path was given (an unset shell variable?); give a file, folder, pattern or URL")
-        listing.extend(_one(argument, recursive))
+        listing.extend(_one(argument, recursive, videos))
     seen: set[str] = set()
     unique = []
     new_position = []  # old source position -> how many unique sources precede it

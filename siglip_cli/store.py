@@ -3,18 +3,21 @@
 Every store is a table of rows in a fixed order. Each row has a **kind** (`image` or `text`), a
 **name** (the image's path or URL, or the text itself), a **stamp** (the file's size and
 modification time in ns, plus its SHA-256 when `--update=hash` asked for one; -1/empty for texts
-and URLs) and an **embedding** (float32 or float16). Image rows come first, in input order, then
+and URLs), a **time** (a video frame's time in seconds, its name then ending in `#t=SECONDS`;
+-1 for stills and texts) and an **embedding** (float32 or float16). The time is written only by
+stores that hold video frames (the `time` field of the stamps, a `time` key or column); a store
+without it, older ones included, reads back with -1 everywhere. Image rows come first, in input order, then
 text rows. The meta (model, revision, dtype, settings, counts, skipped inputs) travels with it.
 
 Formats, by the output's suffix:
 - `.npy`: the (N, D) rows; beside it `<out>.paths.txt` (line i names row i; rows
   `meta.image_rows` and later are texts), `<out>.stamps.npy` (structured: size, mtime_ns,
-  sha256) and `<out>.meta.json`.
+  sha256[, time]) and `<out>.meta.json`.
 - `.npz`: one file with `embeddings`, `paths`, `kinds`, `stamps` and `meta` (JSON text), stored
   uncompressed so the rows can be memory-mapped.
-- `.jsonl`: one object per row: `{"kind", "path" | "text", "embedding", "size", "mtime_ns"}`.
+- `.jsonl`: one object per row: `{"kind", "path" | "text", "embedding", "size", "mtime_ns"[, "time"]}`.
 - `.parquet`: columns `kind`, `path` (the text for text rows), `embedding` (fixed-size list),
-  `size`, `mtime_ns`, `sha256`; the meta is in the file's key-value metadata under `siglip`.
+  `size`, `mtime_ns`, `sha256`[, `time`]; the meta is in the file's key-value metadata under `siglip`.
 Every format also gets `<out>.meta.json`, for people and `jq` (for `.npz` and `.parquet` the copy
 inside the file is what is read back).
 
@@ -71,7 +74,9 @@ from .store_meta import FORMAT_NAME, FORMAT_VERSION, NORM_TOLERANCE, damaged, pa
 OUTPUT_SUFFIXES = (".npy", ".npz", ".jsonl", ".parquet")
 KINDS = ("image", "text")
 STAMP_DTYPE = np.dtype([("size", "<i8"), ("mtime_ns", "<i8"), ("sha256", "S32")])
+TIMED_STAMP_DTYPE = np.dtype([("size", "<i8"), ("mtime_ns", "<i8"), ("sha256", "S32"), ("time", "<f8")])
 NO_STAMP = (-1, -1, b"")
+NO_TIME = -1.0  # a still image's (or a text's) time
 _CHUNK_ROWS = 8192
 
 
@@ -322,6 +327,8 @@ class Store:
 
     def __init__(self, path: Path, meta: dict, kinds: np.ndarray, names: Names, stamps, rows=None, chunks=None,
                  row_source=None, row_file: RowFile | None = None, files: Sequence = ()):
+        """`stamps`: STAMP_DTYPE or TIMED_STAMP_DTYPE rows (or a function that reads them); the
+        times of a timed array are split off into `times`."""
         self.path = path
         self.meta = meta
         self.kinds = kinds  # (N,) bool: True for text rows
@@ -332,6 +339,7 @@ class Store:
         self._chunks = chunks  # callable(size) -> iterator of (N_i, D) arrays, for formats without a map
         self._row_source = row_source
         self._files = list(files)  # open files this snapshot reads from, closed by close()
+        self._times: np.ndarray | None = None
 
     def close(self) -> None:
         for fh in self._files:
@@ -373,7 +381,30 @@ class Store:
     def stamps(self) -> np.ndarray:
         if callable(self._stamps):
             self._stamps = self._stamps()
+        if self._stamps.dtype.names and "time" in self._stamps.dtype.names:
+            self._times = np.asarray(self._stamps["time"], dtype=np.float64)
+            self._stamps = _untimed(self._stamps)
         return self._stamps
+
+    @property
+    def times(self) -> np.ndarray:
+        """(N,) float64: each row's video time in seconds, -1 for stills and texts."""
+        if self._times is None:
+            self.stamps
+        if self._times is None:
+            self._times = np.full(self.count, NO_TIME)
+        return self._times
+
+    def video_rows(self) -> dict[str, list[int]]:
+        """video name -> its frame rows, in store order (frames are the rows with a time)."""
+        times = self.times
+        frames = np.flatnonzero(times[: self.image_count] >= 0).tolist()
+        videos: dict[str, list[int]] = {}
+        if not frames:
+            return videos
+        for row, name in zip(frames, self.names_at(frames)):
+            videos.setdefault(name.rpartition("#t=")[0], []).append(row)
+        return videos
 
     @property
     def rows(self) -> np.ndarray:
@@ -476,8 +507,15 @@ def _agree(path: Path, meta: dict, rows_shape: tuple, names: Sized) -> None:
         raise damaged(path, f"it names {len(names)} rows, holds {count}")
 
 
+def _untimed(stamps: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(stamps), STAMP_DTYPE)
+    for name in STAMP_DTYPE.names:
+        out[name] = stamps[name]
+    return out
+
+
 def _check_stamps(path: Path, meta: dict, stamps: np.ndarray) -> np.ndarray:
-    if stamps.dtype != STAMP_DTYPE or stamps.shape != (meta["count"],):
+    if stamps.dtype not in (STAMP_DTYPE, TIMED_STAMP_DTYPE) or stamps.shape != (meta["count"],):
         raise damaged(path, f"it has {stamps.shape[0] if stamps.ndim else 0} file stamps of layout {stamps.dtype} for {meta['count']} rows")
     return stamps
 
@@ -651,7 +689,10 @@ def _jsonl_stamp(record: dict) -> tuple:
             raise ValueError(f"its {key} is {json.dumps(value)[:40]}, not a whole number")
     if not isinstance(sha, str) or len(sha) not in (0, 64):
         raise ValueError("its sha256 is not 64 hex digits")
-    return size, mtime, bytes.fromhex(sha)
+    time = record.get("time", NO_TIME)
+    if not isinstance(time, (int, float)) or isinstance(time, bool) or not (time == NO_TIME or 0 <= time < 1e9):
+        raise ValueError(f"its time is {json.dumps(time)[:40]}, not a video time in seconds")
+    return size, mtime, bytes.fromhex(sha), float(time)
 
 
 def _read_jsonl(path: Path) -> Store:
@@ -696,7 +737,7 @@ def _read_jsonl(path: Path) -> Store:
     check_rows(path, meta, 0, array)
     kinds = np.array(kinds, dtype=bool)
     _check_kinds(path, meta, kinds)
-    stamp_array = np.array(stamps, dtype=STAMP_DTYPE) if stamps else np.zeros(0, STAMP_DTYPE)
+    stamp_array = np.array(stamps, dtype=TIMED_STAMP_DTYPE) if stamps else np.zeros(0, TIMED_STAMP_DTYPE)
     return Store(path, meta, kinds, ListNames(names), stamp_array, rows=array)
 
 
@@ -748,10 +789,11 @@ def _read_parquet(path: Path) -> Store:
             raise damaged(path, f"unreadable rows ({exc})") from None
 
     def stamps() -> np.ndarray:
+        timed = "time" in handle.schema_arrow.names
         try:
-            table = handle.read(columns=["size", "mtime_ns", "sha256"])
-            out = np.zeros(meta["count"], STAMP_DTYPE)
-            for name in ("size", "mtime_ns"):
+            table = handle.read(columns=["size", "mtime_ns", "sha256"] + (["time"] if timed else []))
+            out = np.zeros(meta["count"], TIMED_STAMP_DTYPE if timed else STAMP_DTYPE)
+            for name in ("size", "mtime_ns") + (("time",) if timed else ()):
                 column = table.column(name).combine_chunks()
                 if column.null_count:  # (sha256 is null where no hash was asked for)
                     raise damaged(path, f"row {_first_null(column)} has no {name} (null)")
@@ -836,6 +878,7 @@ class Entry:
     stamp: tuple
     rows: np.ndarray  # the array holding it (a memory map)
     index: int
+    time: float = NO_TIME  # a video frame's time in seconds
 
 
 class PartialRows:
@@ -914,7 +957,9 @@ class PartialRows:
                 break
         atomic_write_text(self.folder / "skipped.jsonl", "".join(_json_line(s) for s in self.skipped))
 
-    def add(self, kind: str, name: str, stamp: tuple | None, vector: np.ndarray) -> None:
+    def add(self, kind: str, name: str, stamp: tuple | None, vector: np.ndarray, frame: dict | None = None) -> None:
+        """`frame`: for a video frame, {"time": seconds, "video": the video's name, and "end":
+        True on its last frame}: a resumed run redoes a video whose end never arrived."""
         row = np.asarray(vector).astype(self.dtype, copy=False)
         if row.shape != (self.dim,):
             raise ValueError(f"row for {name} has shape {row.shape}, expected ({self.dim},)")
@@ -922,6 +967,8 @@ class PartialRows:
         record = {"kind": kind, "name": name, "size": size, "mtime_ns": mtime}
         if digest:
             record["sha256"] = digest.hex()
+        if frame:
+            record.update(frame)
         try:
             self._rows.write(row.tobytes())
             self._index.write(_json_line(record).encode("utf-8", "surrogateescape"))
@@ -1010,7 +1057,15 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _timed(entries: Sequence[Entry]) -> bool:
+    return any(e.time >= 0 for e in entries)
+
+
 def _stamps(entries: Sequence[Entry]) -> np.ndarray:
+    """The stamps, with each row's time when any row is a video frame (otherwise the layout
+    stays the one older versions read)."""
+    if _timed(entries):
+        return np.array([(*tuple(e.stamp)[:3], e.time) for e in entries], dtype=TIMED_STAMP_DTYPE)
     return np.array([tuple(e.stamp) for e in entries], dtype=STAMP_DTYPE) if entries else np.zeros(0, STAMP_DTYPE)
 
 
@@ -1039,13 +1094,15 @@ def embedding_values(row: np.ndarray) -> list[float]:
     return [float(f"{v:.7g}") for v in np.asarray(row, dtype=np.float32).tolist()]
 
 
-def row_record(kind: str, name: str, row: np.ndarray, stamp: tuple | None = None) -> dict:
+def row_record(kind: str, name: str, row: np.ndarray, stamp: tuple | None = None, time: float = NO_TIME) -> dict:
     """One row as a JSON object: the `.jsonl` format, and `embed --format jsonl` on stdout."""
     record: dict[str, Any] = {"kind": kind, "path" if kind == "image" else "text": name, "embedding": embedding_values(row)}
     if stamp is not None and stamp[0] >= 0:
         record["size"], record["mtime_ns"] = int(stamp[0]), int(stamp[1])
         if stamp[2]:
             record["sha256"] = bytes(stamp[2]).hex()
+    if time >= 0:
+        record["time"] = time
     return record
 
 
@@ -1058,7 +1115,7 @@ def _write_jsonl(tmp: str, entries: Sequence[Entry], dim: int, dtype: np.dtype) 
         for chunk in _chunked(entries, dim, dtype):
             for row in chunk:
                 entry = entries[position]
-                line = _json_line(row_record(entry.kind, entry.name, row, entry.stamp)).encode("utf-8", "surrogateescape")
+                line = _json_line(row_record(entry.kind, entry.name, row, entry.stamp, entry.time)).encode("utf-8", "surrogateescape")
                 hasher.update(line)
                 fh.write(line)
                 position += 1
@@ -1072,6 +1129,7 @@ def _write_parquet(tmp: str, entries: Sequence[Entry], dim: int, dtype: np.dtype
 
     pq = _pyarrow_parquet()
     value_type = pa.float16() if dtype == np.float16 else pa.float32()
+    timed = _timed(entries)
     schema = pa.schema(
         [
             ("kind", pa.string()),
@@ -1080,7 +1138,7 @@ def _write_parquet(tmp: str, entries: Sequence[Entry], dim: int, dtype: np.dtype
             ("size", pa.int64()),
             ("mtime_ns", pa.int64()),
             ("sha256", pa.binary()),
-        ],
+        ] + ([("time", pa.float64())] if timed else []),
         metadata={b"siglip": json.dumps(meta, ensure_ascii=False).encode()},
     )
     with pq.ParquetWriter(tmp, schema) as writer:
@@ -1098,6 +1156,7 @@ def _write_parquet(tmp: str, entries: Sequence[Entry], dim: int, dtype: np.dtype
                     "size": pa.array([int(e.stamp[0]) for e in part], pa.int64()),
                     "mtime_ns": pa.array([int(e.stamp[1]) for e in part], pa.int64()),
                     "sha256": pa.array([bytes(e.stamp[2]) or None for e in part], pa.binary()),
+                    **({"time": pa.array([e.time for e in part], pa.float64())} if timed else {}),
                 },
                 schema=schema,
             )

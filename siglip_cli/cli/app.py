@@ -223,6 +223,7 @@ def load_engine(options: ModelOptions, model: str | None = None):
             max_patches=options.max_patches,
             decode=options.decode,
             exact=options.exact,
+            video=options.video_sampling(),
         )
     activity("warming up: the weights and the first batch")
     engine.on_truncated = lambda texts, length: note(truncation_note(texts, length))
@@ -264,7 +265,7 @@ def output_format(fmt: Format, json_flag: bool, null: bool = False) -> str:
     return resolve_format(fmt.value)
 
 
-def list_inputs(arguments: list[str], recursive: bool):
+def list_inputs(arguments: list[str], recursive: bool, videos: bool = False):
     """The inputs, with a hint when paths are about to be read from a terminal."""
     from ..sources import expand
 
@@ -273,7 +274,7 @@ def list_inputs(arguments: list[str], recursive: bool):
         note("reading image paths from the terminal, one per line; end with Ctrl-D")
     else:
         activity("listing inputs")
-    listing = expand(arguments, recursive=recursive)
+    listing = expand(arguments, recursive=recursive, videos=videos)
     if listing.duplicates:
         note(f"{listing.duplicates} input(s) were named more than once; each is used once")
     return listing
@@ -308,6 +309,7 @@ def classify(
     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", metavar="K", min=1, help="Keep only the best K labels per image.", rich_help_panel="Scores")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="SCORE", min=0.0, max=1.0, help="Keep only labels scoring at least this.", rich_help_panel="Scores")] = None,
     recursive: RecursiveOpt = False,
+    frames: Annotated[bool, typer.Option("--frames", metavar="", help="Videos: list every sampled frame in the table, not only each video's summary (JSON always has both).", rich_help_panel="Output")] = False,
     fmt: ListFormatOpt = ListFormat.auto,
     json_flag: JsonOpt = False,
     null: NullOpt = False,
@@ -340,6 +342,8 @@ def classify(
       siglip classify photos/ --labels "beach,snow,city" --threshold 0.3 --write-xmp
 
       siglip classify photos/ --examples my-examples/     # my-examples/<label>/*.jpg
+
+      siglip classify clip.mp4 --labels "a goal,a crowd" --every 1 --threshold 0.5
     """
     with handled():
         from .classify import ClassifyRequest, run as run_classify
@@ -347,7 +351,7 @@ def classify(
         failed = run_classify(ClassifyRequest(
             images or [], labels or [], label or [], labels_file or [], template, no_template, softmax, top_k, threshold,
             recursive, fmt, json_flag, options, null=null, sort_into=sort_into, multi=multi, action=action.value, dry_run=dry_run,
-            undo=undo, write_xmp=write_xmp, xmp_prefix=xmp_prefix, xmp_stem=xmp_stem, examples=examples,
+            undo=undo, write_xmp=write_xmp, xmp_prefix=xmp_prefix, xmp_stem=xmp_stem, examples=examples, frames=frames,
         ))
     if failed:
         raise typer.Exit(1)
@@ -425,7 +429,7 @@ def embed(
         if out is not None:  # the texts files now, the images once they are listed
             refuse_overwriting_inputs(out, EmbedPlan([]), texts_file or [])
         texts = read_texts(text, texts_file)
-        listing = list_inputs(inputs or [], recursive)
+        listing = list_inputs(inputs or [], recursive, options.video)
         if not listing.sources and not texts:
             if listing.failures:
                 for failure in listing.failures:
@@ -445,7 +449,12 @@ def embed(
         options.max_patches = options.max_patches or base_meta.get("max_patches")
         dtype_name = (out_dtype.value if out_dtype else base_meta.get("dtype", "float32"))
         if engine_kind is EngineKind.ray:
+            from ..core.video import is_video_name
             from .embed import embed_on_ray
+
+            video = next((s.name for s in plan.images if is_video_name(s.name)), None)
+            if video is not None:
+                raise UsageError(f"{video}: video inputs do not run with --engine ray yet; embed videos with the local engine")
 
             report = embed_on_ray(options, plan, out, dtype_name, not no_normalize, templates, resume, cluster, progress_bar, note)
             _finish_embed(report, out)
@@ -561,7 +570,7 @@ def similarity(
                 raise UsageError(f"{flag} {value}: choose all, images or texts")
         templates = resolve_templates(template) if template else None
         texts = read_texts(text, texts_file)
-        listing = list_inputs(image or [], recursive) if image else None
+        listing = list_inputs(image or [], recursive, options.video) if image else None
         sources = listing.sources if listing else []
         if not image and not texts:
             raise UsageError("nothing to compare: give --image and/or --text")
@@ -601,6 +610,7 @@ def search(
     threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="SCORE", min=-1.0, max=1.0, help="Keep hits scoring at least this: SigLIP's probability for a text-image pair, the cosine for an image-image or text-text pair (which SigLIP gives no probability).", rich_help_panel="Results")] = None,
     texts: Annotated[bool, typer.Option("--texts", metavar="", help="Also search the index's text rows (from embed --text); by default only its images.", rich_help_panel="Results")] = False,
     preview: Annotated[bool, typer.Option("--preview", metavar="", help="Show thumbnails of the hits, in terminals that draw images (kitty graphics or sixel: kitty, iTerm2, WezTerm, foot, xterm -ti vt340...). Needs textual-image: pip install 'siglip-cli\\[preview]'.", rich_help_panel="Results")] = False,
+    per_video: Annotated[Optional[int], typer.Option("--per-video", metavar="N", min=1, help="At most N hits (frames) from any one video; the next best rows fill the ranking.", rich_help_panel="Results")] = None,
     fmt: ListFormatOpt = ListFormat.auto,
     json_flag: JsonOpt = False,
     null: NullOpt = False,
@@ -649,7 +659,7 @@ def search(
         listing = list_inputs(image, recursive=False) if image else None
         index_model = IndexModel(index, store.meta, model, device, dtype.value, attn.value, offline, not no_cache, max_pixels)
         activity("searching")
-        results = list(run_search(store, index_model, texts_given, templates, listing, top_k, threshold, texts))
+        results = list(run_search(store, index_model, texts_given, templates, listing, top_k, threshold, texts, per_video))
         end_activity()
         failed = [r for r in results if r.error is not None]
         for result in failed:

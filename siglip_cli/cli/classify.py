@@ -3,7 +3,12 @@ on them: `--sort-into DIR` (copy, link or move each image into a folder per labe
 `--undo` puts everything back) and `--write-xmp` (keywords in sidecars photo managers read).
 
 The command's checks and flow live here; `app.py` only declares the options. Every file change
-goes through `siglip_cli.actions` (the journal) or `siglip_cli.xmp` (sidecars)."""
+goes through `siglip_cli.actions` (the journal) or `siglip_cli.xmp` (sidecars).
+
+A video gives one record per sampled frame (its name ends in `#t=SECONDS`), then one summary
+record: each label's best frame and its time, and with --threshold the time ranges where the
+label stays at or above it (runs of consecutive samples).
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
+
 from ..core.errors import InputError, SiglipError, UsageError
-from ..results import FileAction, ImageScores, LabelScore
+from ..core.scoring import rank
+from ..results import FileAction, ImageScores, LabelOverTime, LabelScore, VideoSummary
 from ..sources import Listing, Source
+from .terminal import printable
 
 UNSORTED = "_unsorted"
 _FOLDER_NAME_BYTES = 100  # well under every file system's 255, leaving room for " (2)" and more
@@ -33,35 +42,80 @@ def classify(
     threshold: float | None = None,
     on_progress: Callable[[int], None] | None = None,
     scorer: Callable | None = None,
-) -> Iterator[ImageScores]:
+) -> Iterator[ImageScores | VideoSummary]:
     """One ImageScores per input, in input order: labels best first (cut by top-k and
-    threshold), or the error that kept the input out. `scorer` (image embeddings -> logits)
+    threshold), or the error that kept the input out; a video gives one per
+    sampled frame, then its VideoSummary. `scorer` (image embeddings -> logits)
     replaces the zero-shot logits, e.g. with a TipAdapter's (--examples)."""
-    from ..core.scoring import rank
-
     text = engine.label_embeddings(labels, templates) if listing.sources and scorer is None else None
     images = engine.iter_image_features(listing.sources, on_progress=on_progress) if listing.sources else []
+    video = _VideoScores(labels, top_k, threshold)
     for failure, item in listing.in_order(images):
+        if item is None or item.index != video.index:
+            yield from video.summary()
         if failure is not None:
             yield ImageScores(path=failure.name, error=failure.error)
             continue
         if item.error is not None:
-            yield ImageScores(path=item.name, error=item.error)
+            yield ImageScores(path=item.name, error=item.error, time=item.time)
             continue
         logit_row = scorer(item.vector[None, :]) if scorer is not None else engine.logits(item.vector[None, :], text)
         probs = engine.probabilities(logit_row, use_softmax)[0]
+        if item.time >= 0:
+            video.add(item.index, item.name, item.time, probs)
         yield ImageScores(
             path=item.name,
             labels=[LabelScore(labels[i], float(probs[i]), float(logit_row[0, i])) for i in rank(probs, top_k, threshold)],
+            time=item.time,
         )
+    yield from video.summary()
 
 
-def printable(text: str) -> str:
-    """A message for a terminal: control characters in file names (escape sequences, line
-    breaks) written as Python escapes, so a name cannot move the cursor or fake a line."""
-    if all(ch.isprintable() for ch in text):
-        return text
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+class _VideoScores:
+    """The scores of the current video's frames, summarised when its frames end."""
+
+    def __init__(self, labels: Sequence[str], top_k: int | None, threshold: float | None):
+        self.labels, self.top_k, self.threshold = list(labels), top_k, threshold
+        self.index: int | None = None
+        self.path = ""
+        self.times: list[float] = []
+        self.scores: list[np.ndarray] = []
+
+    def add(self, index: int, frame_name: str, seconds: float, probs: np.ndarray) -> None:
+        if index != self.index:
+            self.index, self.times, self.scores = index, [], []
+            self.path = frame_name.rpartition("#t=")[0]
+        self.times.append(seconds)
+        self.scores.append(np.asarray(probs, dtype=np.float64))
+
+    def summary(self) -> Iterator[VideoSummary]:
+        if self.scores:
+            yield summarize(self.path, self.times, np.stack(self.scores), self.labels, self.top_k, self.threshold)
+        self.index, self.times, self.scores = None, [], []
+
+
+def summarize(path: str, times: Sequence[float], scores: np.ndarray, labels: Sequence[str], top_k: int | None,
+              threshold: float | None) -> VideoSummary:
+    """(frames, labels) scores -> each label's best frame and its runs at or above `threshold`."""
+    best_rows = scores.argmax(axis=0)
+    best = scores.max(axis=0)
+    items = []
+    for column in rank(best, top_k, threshold):
+        ranges = None
+        if threshold is not None:
+            ranges, start, previous = [], None, None
+            for seconds, above in zip(times, scores[:, column] >= threshold):
+                if above and start is None:
+                    start = seconds
+                if not above and start is not None:
+                    ranges.append((start, previous))
+                    start = None
+                previous = seconds
+            if start is not None:
+                ranges.append((start, previous))
+        items.append(LabelOverTime(labels[column], float(best[column]), float(times[best_rows[column]]), ranges))
+    return VideoSummary(path, len(times), items)
+
 
 
 # ============================================================================ folder names
@@ -254,7 +308,7 @@ def act_on(results: Iterable[ImageScores], listing: Listing, sorter: Sorter | No
     """Each result, after its file actions ran (sorting, sidecars); skipped actions go to `report`."""
     by_name = {source.name: source for source in listing.sources}
     for result in results:
-        source = by_name.get(result.path)
+        source = by_name.get(result.path)  # a video's frames are not sources: its summary is acted on
         if result.error is None and source is not None:
             if tagger is not None:
                 result.actions += tagger.tag(result, source)
@@ -297,6 +351,7 @@ class ClassifyRequest:
     fmt: object
     json_flag: bool
     options: object
+    frames: bool = False  # videos: every frame in the table
     null: bool = False  # --format paths ended by NUL bytes
     sort_into: Path | None = None
     multi: bool = False
@@ -377,7 +432,7 @@ def run(request: ClassifyRequest) -> int:
     if fmt_name in ("paths", "paths0") and request.threshold is None:
         note("--format paths lists the images that keep a label; without --threshold every image does")
     folders = label_folders(label_set.labels) if request.sort_into is not None else None
-    listing = list_inputs(request.images, request.recursive)
+    listing = list_inputs(request.images, request.recursive, request.options.video)
     if not listing.sources and not listing.failures:
         raise UsageError("no images given (stdin was empty)")
     sorter = None
@@ -410,7 +465,7 @@ def run(request: ClassifyRequest) -> int:
                                         request.threshold, advance, scorer))
             if sorter is not None or tagger is not None:
                 results = act_on(results, listing, sorter, tagger, error_line)
-            view = render.classify_view(label_set.labels, "softmax" if request.softmax else "sigmoid")
+            view = render.classify_view(label_set.labels, "softmax" if request.softmax else "sigmoid", request.frames)
             collected = render.emit(results, fmt_name, view, note=note) if streaming else list(results)
     if not streaming:  # printed once the progress bar is gone
         render.emit(collected, fmt_name, view)

@@ -112,7 +112,7 @@ def embed_to_store(
                 note(f"resuming: {run.resumed} rows already done in {run.partial.folder}")
             images, _, texts = run.todo()
             if base is not None:
-                known = base.image_rows()
+                known = {**base.image_rows(), **base.video_rows()}
                 changed = sum(1 for s in images if s.name in known)
                 gone = len(set(known) - {s.name for s in plan.images})
                 note(f"--update: {len(images) - changed} new (or skipped before), {changed} changed, "
@@ -152,7 +152,7 @@ def embed_to_stdout(engine, plan: EmbedPlan, out_dtype: str, normalized: bool, t
                 if strict:
                     raise StrictStop()
                 continue
-            yield EmbeddingRow("image", item.name, embedding_values(item.vector.astype(dtype)))
+            yield EmbeddingRow("image", item.name, embedding_values(item.vector.astype(dtype)), item.time)
     if plan.texts:
         texts = list(dict.fromkeys(plan.texts))
         for text, vector in zip(texts, engine.embed_texts(texts, templates or None, normalize=normalized)):

@@ -130,6 +130,23 @@ MaxPixelsOpt = Annotated[
     int,
     typer.Option("--max-pixels", metavar="PIXELS", min=1, help="Refuse images with more pixels than this (decompression bombs).", rich_help_panel="Input"),
 ]
+VIDEO_PANEL = "Video (needs pip install 'siglip-cli\\[video]')"
+VideoOpt = Annotated[bool, typer.Option(
+    "--video", metavar="", rich_help_panel=VIDEO_PANEL,
+    help="Folders also give their videos (.mp4 .mov .m4v .mkv .webm .avi). A video named as a file, or matched by a "
+         "pattern, is always read. Each sampled frame is an input named clip.mp4#t=SECONDS.")]
+EveryOpt = Annotated[float, typer.Option(
+    "--every", metavar="SECONDS", min=0.01, rich_help_panel=VIDEO_PANEL,
+    help="Sample one frame every SECONDS of video, from 0.")]
+ScenesOpt = Annotated[bool, typer.Option(
+    "--scenes", metavar="", rich_help_panel=VIDEO_PANEL,
+    help="One frame per shot instead of --every: a new shot where consecutive frames differ enough, at least "
+         "--min-gap apart. Decodes every frame (slower than --every).")]
+MinGapOpt = Annotated[float, typer.Option(
+    "--min-gap", metavar="SECONDS", min=0.0, rich_help_panel=VIDEO_PANEL, help="--scenes: the shortest shot.")]
+MaxFramesOpt = Annotated[Optional[int], typer.Option(
+    "--max-frames", metavar="N", min=1, rich_help_panel=VIDEO_PANEL,
+    help="At most N frames per video: --every spreads N samples over a longer video; --scenes keeps the first N shots.")]
 RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", metavar="", help="Also take images from sub-folders.", rich_help_panel="Input")]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", metavar=choices(Format), help=FORMAT_HELP, rich_help_panel="Output")]
 ListFormatOpt = Annotated[ListFormat, typer.Option("--format", "-f", metavar=choices(ListFormat), help=FORMAT_HELP + " paths: one path per line, for xargs and image viewers (see --null).", rich_help_panel="Output")]
@@ -170,7 +187,8 @@ class ModelOptions:
     """The options of every command that loads the model, gathered once per command."""
 
     def __init__(self, model, device, dtype, attn, batch_size=None, workers=None, offline=False, max_pixels=100_000_000,
-                 no_cache=False, max_patches=None, decode="auto", exact=False, verbose=False):
+                 no_cache=False, max_patches=None, decode="auto", exact=False, verbose=False, video=False, every=2.0,
+                 scenes=False, min_gap=1.0, max_frames=None):
         self.model = model
         self.device = device
         self.dtype = dtype.value if isinstance(dtype, Enum) else dtype
@@ -184,6 +202,17 @@ class ModelOptions:
         self.decode = decode.value if isinstance(decode, Enum) else decode
         self.exact = exact
         self.verbose = verbose
+        self.video = video  # folders give their videos too
+        self.every = every
+        self.scenes = scenes
+        self.min_gap = min_gap
+        self.max_frames = max_frames
+
+    def video_sampling(self):
+        """The video options as core.video's VideoSampling (imported here, not at --help)."""
+        from ..core.video import VideoSampling
+
+        return VideoSampling(every=self.every, scenes=self.scenes, max_frames=self.max_frames, min_gap=self.min_gap)
 
 
 # Every model command's options, by the name ModelOptions takes them under: (type, default).
@@ -201,6 +230,11 @@ MODEL_OPTIONS = {
     "no_cache": (NoCacheOpt, False),
     "max_patches": (MaxPatchesOpt, None),
     "verbose": (VerboseOpt, False),
+    "video": (VideoOpt, False),
+    "every": (EveryOpt, 2.0),
+    "scenes": (ScenesOpt, False),
+    "min_gap": (MinGapOpt, 1.0),
+    "max_frames": (MaxFramesOpt, None),
 }
 
 

@@ -31,14 +31,21 @@ def drawing_renderer() -> tuple[type | None, str]:
     return None, "this terminal draws no images (it answered neither kitty graphics nor sixel queries)"
 
 
-def thumbnail(path: str, renderer: type):
-    """The picture at `path`, upright and small, as a renderable; None when it cannot be read
-    (moved since it was embedded, replaced by a FIFO or a device, over the pixel cap) or is not
-    a local file. It is opened as every input is (core.images): non-blocking, the pixel cap
-    checked before decoding, large JPEGs decoded at a reduced scale."""
+def thumbnail(path: str, renderer: type, time: float = -1.0):
+    """The picture at `path` (a video's frame at `time`, for a hit `clip.mp4#t=12.5`), upright
+    and small, as a renderable; None when it cannot be read (moved since it was embedded) or is
+    not a local file."""
     from ..core.errors import InputError
     from ..core.images import DecodeOptions, open_image, to_rgb
 
+    if time >= 0:
+        from ..core.video import read_frame
+
+        picture = read_frame(path.rpartition("#t=")[0], time)
+        if picture is None:
+            return None
+        picture.thumbnail((512, 512))
+        return renderer(picture, width=THUMBNAIL_CELLS)
     try:
         picture = to_rgb(open_image(path, path, DecodeOptions(draft_jpeg=True), draft_size=(512, 512)), path)
     except InputError:
@@ -69,6 +76,6 @@ def emit_with_thumbnails(results: list[SearchResult], fmt: str, note: Callable[[
         for hit in result.hits:
             score = render.format_score(hit.score) if hit.score is not None else f"cosine {hit.cosine:.3f}"
             console.print(Text(f"{hit.rank:>3}  {score:>8}  {render.hit_name(hit)}"))
-            picture = thumbnail(hit.path, renderer) if hit.kind == "image" and "://" not in hit.path else None
+            picture = thumbnail(hit.path, renderer, hit.time) if hit.kind == "image" and "://" not in hit.path else None
             if picture is not None:
                 console.print(picture)

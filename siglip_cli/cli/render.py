@@ -20,7 +20,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ..results import BenchRow, DuplicateGroup, ImageScores, IndexInfo, InputFailure, NeighbourHistogram, SearchHit, SearchResult, SimilarityMatrix
+from ..results import BenchRow, DuplicateGroup, ImageScores, IndexInfo, InputFailure, NeighbourHistogram, SearchHit, SearchResult, SimilarityMatrix, VideoSummary
 from .terminal import printable
 
 FORMATS = ("table", "json", "jsonl", "csv", "paths", "paths0")
@@ -204,10 +204,54 @@ def _path_budget(console: Console, other_columns_width: int) -> int:
     return max(16, console.width - other_columns_width)
 
 
-def classify_table(results: list[ImageScores], console: Console, labels: Sequence[str] = (), mode: str = "sigmoid") -> Group:
+def time_code(seconds: float) -> str:
+    """12.5 -> 00:00:12.5. (core.video.time_code's twin: the renderer imports only results.)"""
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    fraction = f"{seconds - whole:.3f}".rstrip("0").rstrip(".")
+    tail = fraction[1:] if fraction not in ("0", "") else ""
+    return f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}{tail}"
+
+
+def _video_table(summaries: list[VideoSummary], console: Console) -> Table:
+    """Each video's labels: the best frame's score and time, and the ranges at or above
+    --threshold. Every number stays whole; long paths shrink."""
+    ranged = any(item.ranges is not None for s in summaries for item in s.labels)
+    table = Table(title=Text("videos: each label's best frame", style="bold"), title_justify="left")
+    table.add_column("video", no_wrap=True)
+    table.add_column("frames", justify="right", no_wrap=True)
+    table.add_column("label", overflow="fold")
+    table.add_column("best", justify="right", no_wrap=True)
+    table.add_column("at", no_wrap=True)
+    if ranged:
+        table.add_column("at or above --threshold", overflow="fold")
+    budget = _path_budget(console, 50 + (25 if ranged else 0))
+    for summary in summaries:
+        first = True
+        for item in summary.labels or [None]:
+            cells = [_image_cell(summary.path, budget) if first else "", str(summary.frames) if first else ""]
+            if item is None:
+                cells += [Text("no label reached the --threshold", style="dim"), "", ""] + ([""] if ranged else [])
+            else:
+                cells += [item.label, format_score(item.score), time_code(item.time)]
+                if ranged:
+                    cells.append(", ".join(f"{time_code(a)}–{time_code(b)}" if b > a else time_code(a) for a, b in item.ranges or []) or "–")
+            table.add_row(*cells)
+            first = False
+    return table
+
+
+def classify_table(results: list, console: Console, labels: Sequence[str] = (), mode: str = "sigmoid", frames: bool = False) -> Group:
     """One image: its labels with scores and bars. Many: images x labels (best marked), or the
     best three per image when there are many labels. Errors are listed under the table, so their
-    text never widens a score column."""
+    text never widens a score column. Videos: a table of their summaries; their frames are rows
+    of the images' table only with `frames` (--frames)."""
+    summaries = [r for r in results if isinstance(r, VideoSummary)]
+    results = [r for r in results if not isinstance(r, VideoSummary) and (frames or r.time < 0)]
+    if summaries and not results:
+        notes = ["sigmoid: each label is scored on its own" if mode != "softmax" else "softmax over the given labels",
+                 "--frames shows every frame"]
+        return Group(_video_table(summaries, console), Text("; ".join(notes), style="dim"))
     good = [r for r in results if r.error is None]
     notes = [
         "softmax over the given labels: scores sum to 100%"
@@ -239,6 +283,10 @@ def classify_table(results: list[ImageScores], console: Console, labels: Sequenc
             parts.append(Text(f"[{mark}] {display_path(result.path)}: {_cause(result.path, result.error)}", style="red"))
     if any(r.actions for r in results):
         parts.append(_actions_table(results, console))
+    if summaries:
+        parts.append(_video_table(summaries, console))
+        if not frames:
+            notes.append("--frames shows every frame")
     parts.append(note_line("; ".join(notes)))
     return Group(*parts)
 
@@ -341,7 +389,9 @@ def _top_table(results: list[ImageScores], console: Console) -> Table:
     return table
 
 
-def _classify_csv(result: ImageScores) -> Iterable[Sequence]:
+def _classify_csv(result) -> Iterable[Sequence]:
+    if isinstance(result, VideoSummary):  # the video's best score per label (frame rows, #t=..., hold the times)
+        return [[result.path, rank, s.label, s.score, "", ""] for rank, s in enumerate(result.labels, 1)]
     if result.error is not None:
         return [[result.path, "", "", "", "", result.error]]
     if not result.labels:  # every label cut by --threshold: the image is still listed
@@ -349,9 +399,9 @@ def _classify_csv(result: ImageScores) -> Iterable[Sequence]:
     return [[result.path, rank, s.label, s.score, s.logit, ""] for rank, s in enumerate(result.labels, 1)]
 
 
-def classify_view(labels: Sequence[str], mode: str) -> View:
+def classify_view(labels: Sequence[str], mode: str, frames: bool = False) -> View:
     return View(
-        table=lambda results, console: classify_table(results, console, labels, mode),
+        table=lambda results, console: classify_table(results, console, labels, mode, frames),
         csv_header=["path", "rank", "label", "score", "logit", "error"],
         csv_rows=_classify_csv,
         paths=lambda result: [result.path] if result.error is None and result.labels else [],
@@ -457,21 +507,27 @@ def search_ranking(result: SearchResult, console: Console) -> Table:
     in a column of its own so that no column mixes the two."""
     scored = any(h.score is not None for h in result.hits)
     unscored = any(h.score is None for h in result.hits)
+    timed = any(h.time >= 0 for h in result.hits)  # video frames: the time code in a column of its own
     table = Table(title=search_title(result, console.width), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("rank", justify="right", no_wrap=True)
     if scored or not result.hits:
         table.add_column("score", justify="right", no_wrap=True)
     if unscored:
         table.add_column("cosine", justify="right", no_wrap=True)
+    if timed:
+        table.add_column("time", no_wrap=True)
     table.add_column("path", no_wrap=True)
-    budget = max(16, console.width - 8 - 9 * (scored + unscored))
+    budget = max(16, console.width - 8 - 9 * (scored + unscored) - 14 * timed)
     for hit in result.hits:
         cells = [str(hit.rank)]
         if scored:
             cells.append(format_score(hit.score) if hit.score is not None else "–")
         if unscored:
             cells.append(f"{hit.cosine:.3f}")
-        table.add_row(*cells, Text(ellipsize(hit_name(hit), budget)))
+        if timed:
+            cells.append(time_code(hit.time) if hit.time >= 0 else "")
+        name = display_path(hit.path.rpartition("#t=")[0]) if hit.time >= 0 else hit_name(hit)
+        table.add_row(*cells, Text(ellipsize(name, budget)))
     if not result.hits:
         table.add_row("", "", Text("nothing reached the --threshold", style="dim"))
     return table

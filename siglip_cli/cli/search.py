@@ -67,33 +67,68 @@ def search(
     top: int = 10,
     threshold: float | None = None,
     include_texts: bool = False,
+    per_video: int | None = None,
 ) -> Iterator[SearchResult]:
-    """One SearchResult per query, in query order: its hits best first, or its error."""
+    """One SearchResult per query, in query order: its hits best first, or its error. With
+    `per_video`, at most that many frames of one video are hits (the next best rows fill in)."""
     start, stop = row_range(store, include_texts)
     queries = embed_queries(model, texts, templates, images)
     good = [q for q in queries if q.error is None]
-    rankings = top_k(store, np.stack([q.vector for q in good]), top, start, stop) if good else []
-    found = dict(zip(map(id, good), rankings))
-    hit_rows = sorted({int(r) for ranking in rankings for r in ranking.rows})
+    vectors = np.stack([q.vector for q in good]) if good else None
+    # Only a store with video frames has times to read (`video` in its meta, written with them).
+    times = store.times if "video" in store.meta else np.full(store.count, -1.0)
+    depth = top
+    while True:
+        rankings = top_k(store, vectors, depth, start, stop) if good else []
+        kept = [_per_video(store, ranking, per_video, top, times) for ranking in rankings]
+        # a ranking cut short by --per-video looks deeper, until it fills up or the rows run out
+        if per_video is None or all(len(k) >= top for k in kept) or depth >= stop - start:
+            break
+        depth = min(depth * 4, stop - start)
+    found = dict(zip(map(id, good), kept))
+    hit_rows = sorted({int(r) for rows in kept for r, _, _ in rows})
     names = dict(zip(hit_rows, store.names_at(hit_rows)))
     scale, bias = model.scale_and_bias() if good else (1.0, 0.0)
     for query in queries:
         if query.error is not None:
             yield SearchResult(query.text, error=query.error, kind=query.kind)
             continue
-        yield SearchResult(query.text, _hits(store, query, found[id(query)], names, scale, bias, threshold), kind=query.kind)
+        yield SearchResult(query.text, _hits(store, query, found[id(query)], names, scale, bias, threshold, times), kind=query.kind)
 
 
-def _hits(store: Store, query: Query, ranking, names: dict, scale: float, bias: float, threshold: float | None) -> list[SearchHit]:
+def _per_video(store: Store, ranking, per_video: int | None, top: int, times) -> list[tuple[int, int, float]]:
+    """(row, place in the whole ranking, cosine) of the best `top` rows, at most `per_video`
+    frames of any one video (a still is never capped)."""
+    rows, cosines = ranking.rows.tolist(), ranking.cosines.tolist()
+    if per_video is None:
+        return list(zip(rows, range(1, len(rows) + 1), cosines))[:top]
+    frames = [row for row in rows if times[row] >= 0]
+    video_of = {row: name.rpartition("#t=")[0] for row, name in zip(frames, store.names_at(frames))}
+    counts: dict[str, int] = {}
+    kept = []
+    for place, (row, cosine) in enumerate(zip(rows, cosines), 1):
+        video = video_of.get(row)
+        if video is not None:
+            if counts.get(video, 0) >= per_video:
+                continue
+            counts[video] = counts.get(video, 0) + 1
+        kept.append((row, place, cosine))
+        if len(kept) == top:
+            break
+    return kept
+
+
+def _hits(store: Store, query: Query, ranking: list, names: dict, scale: float, bias: float, threshold: float | None,
+          times) -> list[SearchHit]:
     """A ranking as hits. The score is computed in float32 as classify computes it; a rank is
-    the place in the whole ranking, so --threshold never renumbers."""
-    cosines = ranking.cosines.astype(np.float32)
+    the place in the whole ranking, so --threshold (and --per-video) never renumber."""
+    cosines = np.array([c for _, _, c in ranking], dtype=np.float32)
     scores = sigmoid(cosines * np.float32(scale) + np.float32(bias))
     hits = []
-    for place, (row, cosine, score) in enumerate(zip(ranking.rows.tolist(), cosines.tolist(), scores.tolist()), 1):
+    for (row, place, _), cosine, score in zip(ranking, cosines.tolist(), scores.tolist()):
         kind = store.kind(row)
         probability = score if kind != query.kind else None  # SigLIP scores only image-text pairs
         if threshold is not None and (probability if probability is not None else cosine) < threshold:
             continue
-        hits.append(SearchHit(names[row], probability, cosine, place, kind))
+        hits.append(SearchHit(names[row], probability, cosine, place, kind, float(times[row])))
     return hits
