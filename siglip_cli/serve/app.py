@@ -60,8 +60,8 @@ def create_app(handlers, token: str | None = None, max_upload: int = 50_000_000,
         summary="SigLIP zero-shot classification, embeddings and search over a warm model",
         docs_url=None,
         redoc_url=None,
-        max_body_size=max_upload,
     )
+    app.add_middleware(UploadLimit, max_bytes=max_upload, message=f"the request is larger than --max-upload ({max_upload:,} bytes)")
 
     # ------------------------------------------------------------------ auth and errors
     @app.middleware("http")
@@ -88,8 +88,7 @@ def create_app(handlers, token: str | None = None, max_upload: int = 50_000_000,
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        message = {413: f"the request is larger than --max-upload ({max_upload:,} bytes)"}.get(exc.status_code, str(exc.detail))
-        return _error(exc.status_code, message, getattr(exc, "headers", None))
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused):
@@ -218,6 +217,32 @@ def create_app(handlers, token: str | None = None, max_upload: int = 50_000_000,
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+class UploadLimit:
+    """At most `max_bytes` of request body: a Content-Length past it is answered 413 before a
+    byte is read; a body that grows past it (chunked) stops the request's parsing with 413."""
+
+    def __init__(self, app, max_bytes: int, message: str):
+        self.app, self.max_bytes, self.message = app, max_bytes, message
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", ())).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await _error(413, self.message, {"Connection": "close"})(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise HTTPException(413, self.message)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 async def _thread(function, *args):
