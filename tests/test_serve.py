@@ -302,6 +302,11 @@ def test_indexes_of_two_models_are_refused(indexed, checkpoint_factory, tmp_path
     one_error_line(result.stderr, "one server serves one model")
 
 
+def test_the_page_forbids_scripts_from_elsewhere(server):
+    policy = server.get("/").headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "default-src 'self'" in policy
+
+
 def test_the_api_is_described_without_a_cdn(server):
     schema = server.get("/openapi.json").json()
     assert {"/v1/classify", "/v1/embed", "/v1/search", "/v1/health", "/v1/info", "/v1/thumbnail/{index}/{row}"} <= set(schema["paths"])

@@ -131,7 +131,7 @@ class Handlers:
             raise InputError("; ".join(message.removeprefix("skipped ") for message in skipped))
         return "".join(render.json_text(record) + "\n" for row in rows for record in render.EMBED_VIEW.jsonl_records(row))
 
-    def search(self, number, queries, images, like, k, threshold, include_texts, templates, no_template) -> str:
+    def search(self, number, queries, images, like, k, threshold, include_texts, templates, no_template, with_rows=False) -> str:
         from ..prompts import resolve_templates
         from ..serve.model import IndexedRow, IndexQueries
         from ..sources import Listing, Source
@@ -151,7 +151,13 @@ class Handlers:
             raise UsageError("nothing to search for: give q (text), an image upload, or like (a row)")
         results = list(search(index.store, IndexQueries(self.served, index), queries, chosen, listing, k, threshold, include_texts))
         self._refuse_if_all_failed(results)
-        return render.json_text(render.SEARCH_VIEW.json_document(results))
+        document = render.SEARCH_VIEW.json_document(results)
+        if with_rows:  # the page's thumbnails and "more like this" need each hit's row
+            for record in document:
+                for hit in record.get("results", []):
+                    if hit["kind"] == "image":
+                        hit["row"] = index.row_of(hit["path"])
+        return render.json_text(document)
 
     def thumbnail(self, number: int, row: int) -> bytes:
         return self.indexes.thumbnail(number, row, self.settings.max_pixels)

@@ -181,8 +181,10 @@ def create_app(handlers, token: str | None = None, max_upload: int = 50_000_000,
         texts: bool = False,
         template: Annotated[list[str], Query()] = [],
         no_template: bool = False,
+        rows: Annotated[bool, Query(description="Also give each image hit its row in the index (for thumbnails and `like`); "
+                                                "off, the record is exactly `siglip search --json`'s")] = False,
     ):
-        return _json(await _thread(handlers.search, index, q, [], like, k, threshold, texts, template, no_template))
+        return _json(await _thread(handlers.search, index, q, [], like, k, threshold, texts, template, no_template, rows))
 
     @app.post("/v1/search", tags=["api"], summary=search_doc + " (by uploaded image)")
     async def search_post(
@@ -196,9 +198,10 @@ def create_app(handlers, token: str | None = None, max_upload: int = 50_000_000,
         texts: Annotated[bool, Form()] = False,
         template: Annotated[list[str], Form()] = [],
         no_template: Annotated[bool, Form()] = False,
+        rows: Annotated[bool, Form()] = False,
     ):
         images = await images_of(image, url)
-        return _json(await _thread(handlers.search, index, q, images, like, k, threshold, texts, template, no_template))
+        return _json(await _thread(handlers.search, index, q, images, like, k, threshold, texts, template, no_template, rows))
 
     @app.get("/v1/thumbnail/{index}/{row}", tags=["api"], summary="A small JPEG of an image row of a loaded index",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})

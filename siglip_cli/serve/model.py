@@ -121,6 +121,13 @@ class ServedIndex:
     path: Path
     store: Store
     identity: tuple
+    _rows: dict | None = None
+
+    def row_of(self, name: str) -> int:
+        """The row of an image by its name (built on first use: a page asks, scripts rarely)."""
+        if self._rows is None:
+            self._rows = self.store.image_rows()
+        return self._rows[name]
 
     def describe(self) -> dict:
         return {"index": self.number, "path": str(self.path), "rows": self.store.count,
