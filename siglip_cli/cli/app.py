@@ -42,6 +42,7 @@ from .options import (
     OfflineOpt,
     OutDType,
     RecursiveOpt,
+    ServerOpt,
     ShardSizeOpt,
     TemplateOpt,
     TextsFileOpt,
@@ -142,6 +143,13 @@ def handled() -> Iterator[None]:
 
 
 def load_engine(options: ModelOptions, model: str | None = None):
+    if options.server:
+        from ..remote import connect
+
+        engine = connect(options.server, model or options.model, options.dtype, options.exact)
+        if options.verbose:
+            note(describe_run(engine, options))
+        return engine
     from ..engine import load
     from ..runtime import keep_freed_memory
 
@@ -335,6 +343,8 @@ def embed(
             raise UsageError("say where the vectors go: --out vecs.npy (or .npz, .jsonl, .parquet), or --format jsonl for stdout")
         if out is not None and fmt is not None:
             raise UsageError("give --out FILE or --format jsonl (stdout), not both")
+        if options.server and out is not None:
+            raise UsageError("--server embeds to stdout (--format jsonl); an --out file is written by a local run")
         if (resume or update) and out is None:
             raise UsageError("--resume and --update work on an --out file; JSON lines on stdout keep no state")
         if update not in (None, "mtime", "hash"):
@@ -534,6 +544,7 @@ def search(
     offline: OfflineOpt = False,
     max_pixels: MaxPixelsOpt = 100_000_000,
     no_cache: NoCacheOpt = False,
+    server: ServerOpt = None,
 ) -> None:
     """Find the images of an index closest to texts or images.
 
@@ -561,10 +572,15 @@ def search(
             raise UsageError("an empty text query was given (an unset shell variable?)")
         templates = resolve_templates(template, use_template=not no_template)
         fmt_name = output_format(fmt, json_flag)
-        store = open_store(index)
         listing = list_inputs(image, recursive=False) if image else None
-        index_model = IndexModel(index, store.meta, model, device, dtype.value, attn.value, offline, not no_cache, max_pixels)
-        results = list(run_search(store, index_model, texts_given, templates, listing, top_k, threshold, texts))
+        if server:
+            from ..remote import remote_search
+
+            results = remote_search(server, index, texts_given, template, no_template, listing, top_k, threshold, texts)
+        else:
+            store = open_store(index)
+            index_model = IndexModel(index, store.meta, model, device, dtype.value, attn.value, offline, not no_cache, max_pixels)
+            results = list(run_search(store, index_model, texts_given, templates, listing, top_k, threshold, texts))
         failed = [r for r in results if r.error is not None]
         for result in failed:
             error_line(result.error)
@@ -581,7 +597,7 @@ def search(
 
 # ----------------------------------------------------------------------------- serve
 @app.command()
-@model_options()
+@model_options(exclude=("server",))
 def serve(
     indexes: Annotated[Optional[List[Path]], typer.Argument(metavar="[INDEX]...", help="Indexes written by siglip embed, to search and browse; all made by one model, which is then the one served.", show_default=False)] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on. Anything but loopback needs --token or --no-auth.", rich_help_panel="Server")] = "127.0.0.1",

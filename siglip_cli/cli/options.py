@@ -117,6 +117,13 @@ TemplateOpt = Annotated[
 NoTemplateOpt = Annotated[bool, typer.Option("--no-template", metavar="", help="Use the texts as the prompts, as typed.", rich_help_panel="Labels")]
 TextsFileOpt = Annotated[Optional[List[Path]], typer.Option("--texts-file", metavar="FILE", help="A file with one text per line.", rich_help_panel="Texts")]
 
+ServerOpt = Annotated[
+    Optional[str],
+    typer.Option("--server", metavar="URL", envvar="SIGLIP_SERVER", show_default=False, rich_help_panel="Model",
+                 help="Send the work to a running `siglip serve` at URL (its token from SIGLIP_TOKEN) instead of "
+                      "loading the model here; the output is the same. Down, or serving another model: exit 4."),
+]
+
 RAY_PANEL = "Scale out (--engine ray)"
 
 
@@ -145,7 +152,7 @@ class ModelOptions:
     """The options of every command that loads the model, gathered once per command."""
 
     def __init__(self, model, device, dtype, attn, batch_size=None, workers=None, offline=False, max_pixels=100_000_000,
-                 no_cache=False, max_patches=None, decode="auto", exact=False, verbose=False):
+                 no_cache=False, max_patches=None, decode="auto", exact=False, verbose=False, server=None):
         self.model = model
         self.device = device
         self.dtype = dtype.value if isinstance(dtype, Enum) else dtype
@@ -159,6 +166,7 @@ class ModelOptions:
         self.decode = decode.value if isinstance(decode, Enum) else decode
         self.exact = exact
         self.verbose = verbose
+        self.server = server
 
 
 # Every model command's options, by the name ModelOptions takes them under: (type, default).
@@ -176,6 +184,7 @@ MODEL_OPTIONS = {
     "no_cache": (NoCacheOpt, False),
     "max_patches": (MaxPatchesOpt, None),
     "verbose": (VerboseOpt, False),
+    "server": (ServerOpt, None),
 }
 
 

@@ -91,6 +91,8 @@ class Handlers:
         return {
             **described,
             "embed_dim": self.served.embed_dim,
+            "logit_scale": self.served.logit_scale,  # exp(t), full precision: --server clients score with them
+            "logit_bias": self.served.logit_bias,
             "batch_size": self.served.batcher.batch_size,
             "window_ms": self.settings.window_ms,
             "queue_size": self.settings.queue_size,
@@ -115,7 +117,7 @@ class Handlers:
         self._refuse_if_all_failed(results)
         return render.json_text(render.classify_view(label_set.labels, "softmax" if softmax else "sigmoid").json_document(results))
 
-    def embed(self, images, texts, templates, no_normalize, out_dtype) -> str:
+    def embed(self, images, texts, templates, no_normalize, out_dtype, full_precision=False) -> str:
         from ..embedding import EmbedPlan
         from ..prompts import resolve_templates
         from . import render
@@ -124,12 +126,29 @@ class Handlers:
         chosen = resolve_templates(templates) if templates else None
         if no_normalize and chosen and len(chosen) > 1:
             raise UsageError("no_normalize needs a single template (an ensemble averages normalised embeddings)")
+        if full_precision:
+            return self._full_precision_rows(images, texts, chosen, not no_normalize)
         skipped: list[str] = []
         plan = EmbedPlan(self._listing(images).sources, list(texts), [])
         rows = list(embed_to_stdout(self.served, plan, out_dtype, not no_normalize, chosen, False, skipped.append))
         if skipped and not rows:
             raise InputError("; ".join(message.removeprefix("skipped ") for message in skipped))
         return "".join(render.json_text(record) + "\n" for row in rows for record in render.EMBED_VIEW.jsonl_records(row))
+
+    def _full_precision_rows(self, images, texts, templates, normalized: bool) -> str:
+        """For --server clients: one line per input, in order, errors included, the float32
+        values unrounded (they score and render them as the command does locally)."""
+        import json
+
+        lines = []
+        for item in self.served.iter_image_features(self._listing(images).sources, normalized):
+            record = {"kind": "image", "path": item.name}
+            record.update({"error": item.error} if item.error is not None else {"embedding": item.vector.tolist()})
+            lines.append(json.dumps(record))
+        if texts:
+            for text, vector in zip(texts, self.served.embed_texts(list(texts), templates, normalize=normalized)):
+                lines.append(json.dumps({"kind": "text", "text": text, "embedding": vector.tolist()}))
+        return "".join(line + "\n" for line in lines)
 
     def search(self, number, queries, images, like, k, threshold, include_texts, templates, no_template, with_rows=False) -> str:
         from ..prompts import resolve_templates

@@ -163,11 +163,13 @@ def create_app(handlers, token: str | None = None, max_upload: int = 50_000_000,
         template: Annotated[list[str], Form(description="Put each text into these templates (an ensemble)")] = [],
         no_normalize: Annotated[bool, Form()] = False,
         out_dtype: Annotated[str, Form(pattern="^(float32|float16)$")] = "float32",
+        full_precision: Annotated[bool, Form(description="For --server clients: every float32 value unrounded, and "
+                                                         "an error line for each image that could not be read")] = False,
     ):
         images = await images_of(image, url)
         if not images and not text:
             raise UsageError("nothing to embed: upload images as 'image' or give 'text'")
-        return _json(await _thread(handlers.embed, images, text, template, no_normalize, out_dtype), "application/x-ndjson")
+        return _json(await _thread(handlers.embed, images, text, template, no_normalize, out_dtype, full_precision), "application/x-ndjson")
 
     search_doc = "Search a loaded index: the record of `siglip search --json`"
 

@@ -151,7 +151,7 @@ class ServedIndexes:
                 raise UsageError(f"{path} was made with {made_by(store.meta)} ({store.meta.get('model_dtype', 'fp32')}), "
                                  f"{first.path} with {made_by(first.store.meta)} ({first.store.meta.get('model_dtype', 'fp32')}); "
                                  "one server serves one model: start one server per model")
-            self.items.append(ServedIndex(number, Path(path), store, _identity(path)))
+            self.items.append(ServedIndex(number, Path(os.path.abspath(path)), store, _identity(path)))
         self._thumbnails: collections.OrderedDict = collections.OrderedDict()
         self._thumbnail_lock = threading.Lock()
 
