@@ -363,8 +363,10 @@ def test_sigterm_under_load_finishes_the_answers_and_exits_0(indexed):
             while not stop.is_set():
                 try:
                     response = session.post("/v1/embed", files=[upload(photo)])
-                except httpx.ConnectError:
-                    refused.append(1)  # the server no longer listens: nothing was taken
+                except (httpx.ConnectError, httpx.RemoteProtocolError):
+                    # no longer listening, or an idle keep-alive connection closed before the
+                    # request was read: nothing was taken, nothing answered
+                    refused.append(1)
                     return
                 except httpx.HTTPError as exc:  # a request taken and then dropped
                     broken.append(repr(exc))
