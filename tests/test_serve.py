@@ -422,3 +422,18 @@ def test_an_updated_index_is_reloaded_without_dropping_requests(indexed, tmp_pat
         assert any("reloaded, 5 rows (was 3)" in line for line in running.lines)
     finally:
         assert running.stop() == 0
+
+
+def test_a_taken_port_or_a_missing_index_is_one_line(indexed, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = cli("serve", indexed["out"], "--port", port, env=indexed["env"])
+    assert result.exit_code == 4
+    one_error_line(result.stderr, f"cannot listen on 127.0.0.1:{port}")
+    result = cli("serve", tmp_path / "nothing.npy", "--port", "0", env=indexed["env"])
+    assert result.exit_code != 0
+    one_error_line(result.stderr, "nothing.npy")
