@@ -64,6 +64,13 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU seconds so far: on a shared, loaded machine a steadier
+    figure than wall time, which depends on who else runs."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
@@ -125,17 +132,23 @@ def main() -> None:
     for _ in range(3):
         engine_once()
     # interleaved with HTTP rounds, so that both see the same load
-    in_process, http2 = [], []
+    in_process, http2, cpu_in_process, cpu_server = [], [], [], []
     for _ in range(args.repeats):
+        before_cpu = time.process_time()
         in_process.append(engine_once())
+        cpu_in_process.append(time.process_time() - before_cpu)
+        before_cpu = cpu_seconds(server.pid)
         http2.append(classify_once())
+        cpu_server.append(cpu_seconds(server.pid) - before_cpu)
     http += http2
     cold = [run_process([sys.executable, "-m", "siglip_cli", "classify", str(photo), "--labels", LABELS, *common, "--json"], env=env)["wall"]
             for _ in range(3)]
     p50_http, p50_engine, cold_median = statistics.median(http), statistics.median(in_process), statistics.median(cold)
     say(f"classify one {photo.stat().st_size // 1000} KB 640x480 JPEG, {len(labels)} labels cached: /v1/classify p50 {p50_http * 1000:.1f} ms; "
         f"in-process engine p50 {p50_engine * 1000:.1f} ms ({p50_http / p50_engine:.2f}x); cold `siglip classify` median "
-        f"{cold_median:.2f} s ({cold_median / p50_http:.1f}x slower than the warm server)")
+        f"{cold_median:.2f} s ({cold_median / p50_http:.1f}x slower than the warm server); CPU seconds per image: server "
+        f"{statistics.median(cpu_server) * 1000:.0f} ms, in-process {statistics.median(cpu_in_process) * 1000:.0f} ms "
+        f"({statistics.median(cpu_server) / statistics.median(cpu_in_process):.2f}x)")
 
     # ---------------------------------------------------------------- 2. 32 clients
     sent = photos[: args.images]
