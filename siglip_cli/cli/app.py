@@ -599,21 +599,21 @@ def search(
 @app.command()
 @model_options(exclude=("server",))
 def serve(
-    indexes: Annotated[Optional[List[Path]], typer.Argument(metavar="[INDEX]...", help="Indexes written by siglip embed, to search and browse; all made by one model, which is then the one served.", show_default=False)] = None,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on. Anything but loopback needs --token or --no-auth.", rich_help_panel="Server")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", "-p", help="Port (0: any free one; the one taken is printed).", rich_help_panel="Server")] = 8000,
-    token: Annotated[Optional[str], typer.Option("--token", envvar="SIGLIP_TOKEN", help="Require 'Authorization: Bearer TOKEN' on /v1/ (health excepted).", rich_help_panel="Server", show_default=False)] = None,
-    no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve a non-loopback --host without a token (a trusted network only; warned on start).", rich_help_panel="Server")] = False,
+    indexes: Annotated[Optional[List[Path]], typer.Argument(metavar="INDEX", help="Indexes written by siglip embed, to search and browse; all made by one model, which is then the one served.", show_default=False)] = None,
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on. Anything but loopback needs --token or --no-auth.", rich_help_panel="Server")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", metavar="PORT", help="Port (0: any free one; the one taken is printed).", rich_help_panel="Server")] = 8000,
+    token: Annotated[Optional[str], typer.Option("--token", metavar="TOKEN", envvar="SIGLIP_TOKEN", help="Require 'Authorization: Bearer TOKEN' on /v1/ (health excepted).", rich_help_panel="Server", show_default=False)] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", metavar="", help="Serve a non-loopback --host without a token (a trusted network only; warned on start).", rich_help_panel="Server")] = False,
     max_upload: Annotated[float, typer.Option("--max-upload", metavar="MB", min=0.001, help="Largest request body, in megabytes (10^6 bytes); larger is refused with 413.", rich_help_panel="Server")] = 50.0,
-    allow_urls: Annotated[bool, typer.Option("--allow-urls", help="Let clients name image URLs for the server to fetch (off: no requests to other hosts on a client's behalf).", rich_help_panel="Server")] = False,
-    window_ms: Annotated[float, typer.Option("--window-ms", min=0.0, max=1000.0, help="How long the first image of a batch waits for others to join it (micro-batching; bounded by --batch-size).", rich_help_panel="Server")] = 5.0,
-    queue_size: Annotated[int, typer.Option("--queue-size", min=1, help="Images waiting for the model at most; past it requests get 503 with Retry-After.", rich_help_panel="Server")] = 256,
-    reload_index: Annotated[bool, typer.Option("--reload-index", help="Check the indexes every 2 s and re-read those that embed --update replaced (SIGHUP does it at once).", rich_help_panel="Server")] = False,
+    allow_urls: Annotated[bool, typer.Option("--allow-urls", metavar="", help="Let clients name image URLs for the server to fetch (off: no requests to other hosts on a client's behalf).", rich_help_panel="Server")] = False,
+    window_ms: Annotated[float, typer.Option("--window-ms", metavar="MS", min=0.0, max=1000.0, help="How long the first image of a batch waits for others to join it (micro-batching; bounded by --batch-size).", rich_help_panel="Server")] = 5.0,
+    queue_size: Annotated[int, typer.Option("--queue-size", metavar="N", min=1, help="Images waiting for the model at most; past it requests get 503 with Retry-After.", rich_help_panel="Server")] = 256,
+    reload_index: Annotated[bool, typer.Option("--reload-index", metavar="", help="Check the indexes every 2 s and re-read those that embed --update replaced (SIGHUP does it at once).", rich_help_panel="Server")] = False,
     options: ModelOptions = None,  # every model option: see options.model_options
 ) -> None:
     """Keep the model warm behind an HTTP API and a web page to search and browse.
 
-    The JSON API under /v1/ (classify, embed, search, thumbnail, info, health) answers with exactly what the commands print with --json; its OpenAPI description is at /openapi.json and readable at /docs; the page at / searches the indexes. Needs the serve extra: pip install 'siglip-cli[serve]'.
+    The JSON API under /v1/ (classify, embed, search, thumbnail, info, health) answers with exactly what the commands print with --json; its OpenAPI description is at /openapi.json and readable at /docs; the page at / searches the indexes. Needs the serve extra: pip install 'siglip-cli\\[serve]'.
 
     [bold]Examples[/bold]
 
