@@ -64,7 +64,7 @@ def import_server():
     """FastAPI and uvicorn: the `serve` extra. Missing is exit 4 with the line to install it."""
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401
+        import python_multipart  # noqa: F401
         import uvicorn
     except ImportError as exc:
         raise BackendUnavailable(f"siglip serve needs {exc.name}: pip install 'siglip-cli[serve]'") from None
