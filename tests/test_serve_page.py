@@ -104,7 +104,7 @@ def test_a_dropped_image_searches_and_more_like_this_follows(page, served, tmp_p
     button = page.get_by_role("button", name=f"More like {second}")
     button.focus()
     page.keyboard.press("Enter")  # by keyboard
-    page.wait_for_selector(f"#search-status:text('more like')")
+    page.wait_for_selector("#search-status:text('more like')")
     page.wait_for_function("document.querySelector('#results .name') && document.querySelector('#results .name').textContent === %r" % second)
     shot(page, tmp_path, "more_like_this")
 

@@ -16,7 +16,6 @@ once). SIGHUP, and with --reload-index a check every few seconds, re-open the in
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import sys

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import io
-import logging
 import os
 import stat
 import threading
@@ -29,7 +28,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..core.errors import InputError, ModelUnavailable, UsageError
+from ..core.errors import InputError, UsageError
 from ..core.images import DecodeOptions, open_image, to_rgb
 from ..core.scoring import ensemble, l2_normalize
 from ..pipeline import ImageResult
@@ -39,7 +38,6 @@ from ..sources import Source
 from ..store import Store, open_store
 from .batcher import MicroBatcher
 
-log = logging.getLogger("siglip.serve")
 
 THUMBNAIL_SIDE = 256
 THUMBNAIL_CACHE = 1024  # thumbnails kept in memory (about 10-20 KB each)
@@ -181,7 +179,7 @@ class ServedIndexes:
                     store = open_store(item.path)
                     if model_key(store.meta) != model_key(item.store.meta):
                         raise UsageError(f"now made with {made_by(store.meta)}, not {made_by(item.store.meta)}")
-                except (OSError, UsageError, ModelUnavailable, Exception) as exc:  # noqa: BLE001 keep serving the old one
+                except Exception as exc:  # noqa: BLE001 whatever is wrong with the new file, the old one keeps serving
                     lines.append(f"{item.path}: kept the loaded index ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
                     continue
                 items[position] = ServedIndex(item.number, item.path, store, identity)
