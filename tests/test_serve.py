@@ -436,3 +436,24 @@ def test_a_taken_port_or_a_missing_index_is_one_line(indexed, tmp_path):
     result = cli("serve", tmp_path / "nothing.npy", "--port", "0", env=indexed["env"])
     assert result.exit_code != 0
     one_error_line(result.stderr, "nothing.npy")
+
+
+def test_a_naflex_model_batches_images_of_different_shapes(tmp_path_factory, tmp_path):
+    """SigLIP 2 NaFlex: requests of different aspect ratios padded into one batch give each
+    image its own row (the mask keeps the padding out), as `embed` computes it alone."""
+    from .siglip2_fixtures import siglip2_naflex
+
+    folder = siglip2_naflex(tmp_path_factory)
+    env = {"SIGLIP_CACHE_DIR": str(tmp_path / "cache"), "SIGLIP_MODEL": str(folder)}
+    photos = [*make_photos(tmp_path / "wide", 4, size=(96, 32)), *make_photos(tmp_path / "tall", 4, start=10, size=(24, 80))]
+    expected = {row["path"]: row["embedding"] for row in records(cli("embed", *photos, "--exact", "--format", "jsonl", env=env).stdout)}
+    running = Server(["--exact", "--window-ms", "50"], env=env)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(lambda p: running.post("/v1/embed", files=[upload(p)]), photos))
+        for path, response in zip(photos, responses):
+            assert response.status_code == 200, response.text
+            np.testing.assert_allclose(json.loads(response.text)["embedding"], expected[str(path)], atol=2e-6)
+        assert running.get("/v1/info").json()["batches"] < len(photos)
+    finally:
+        assert running.stop() == 0
