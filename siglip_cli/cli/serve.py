@@ -212,6 +212,9 @@ def serve(index_paths: Sequence[Path], options, settings: ServeSettings, load_en
     from ..serve.app import create_app
     from ..serve.model import ServedIndexes
 
+    from ..runtime import keep_freed_memory
+
+    keep_freed_memory()  # (load_engine does it too; the indexes' model is loaded by IndexModel)
     settings.max_pixels = options.max_pixels
     indexes = ServedIndexes([Path(p) for p in index_paths])
     sock = _bind(settings.host, settings.port)
