@@ -70,7 +70,7 @@ def test_the_layering_test_sees_a_violation(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--help"], ["classify", "--help"], ["embed", "--help"], ["similarity", "--help"],
-                                  ["bench", "--help"], ["search", "--help"], ["info", "--help"], ["dedupe", "--help"], ["classify"], []])
+                                  ["bench", "--help"], ["search", "--help"], ["info", "--help"], ["dedupe", "--help"], ["serve", "--help"], ["classify"], []])
 def test_help_never_imports_torch(args):
     code = (
         "import sys\n"

@@ -51,6 +51,7 @@ from .options import (
     OfflineOpt,
     OutDType,
     RecursiveOpt,
+    ServerOpt,
     SortAction,
     ShardSizeOpt,
     TemplateOpt,
@@ -205,6 +206,13 @@ def handled() -> Iterator[None]:
 
 
 def load_engine(options: ModelOptions, model: str | None = None):
+    if options.server:
+        from ..remote import connect
+
+        engine = connect(options.server, model or options.model, options.dtype, options.exact)
+        if options.verbose:
+            note(describe_run(engine, options))
+        return engine
     from ..engine import load
     from ..runtime import keep_freed_memory
 
@@ -412,6 +420,8 @@ def embed(
             raise UsageError("say where the vectors go: --out vecs.npy (or .npz, .jsonl, .parquet), or --format jsonl for stdout")
         if out is not None and fmt is not None:
             raise UsageError("give --out FILE or --format jsonl (stdout), not both")
+        if options.server and out is not None:
+            raise UsageError("--server embeds to stdout (--format jsonl); an --out file is written by a local run")
         if (resume or update) and out is None:
             raise UsageError("--resume and --update work on an --out file; JSON lines on stdout keep no state")
         if update not in (None, "mtime", "hash"):
@@ -621,6 +631,7 @@ def search(
     offline: OfflineOpt = False,
     max_pixels: MaxPixelsOpt = 100_000_000,
     no_cache: NoCacheOpt = False,
+    server: ServerOpt = None,
 ) -> None:
     """Find the images of an index closest to texts or images.
 
@@ -652,15 +663,22 @@ def search(
         fmt_name = output_format(fmt, json_flag, null)
         if fmt_name in ("paths", "paths0") and texts:
             raise UsageError("--format paths lists image files; --texts adds text rows, which are not paths: drop one of them")
-        store = open_store(index)
-        if store.path.suffix == ".jsonl":
-            note(f"{index}: .jsonl is an exchange format, read whole into memory to be searched; "
-                 "for an index, embed to .npy, .npz or .parquet")
         listing = list_inputs(image, recursive=False) if image else None
-        index_model = IndexModel(index, store.meta, model, device, dtype.value, attn.value, offline, not no_cache, max_pixels)
-        activity("searching")
-        results = list(run_search(store, index_model, texts_given, templates, listing, top_k, threshold, texts, per_video))
-        end_activity()
+        if server:
+            from ..remote import remote_search
+
+            if per_video is not None:
+                raise UsageError("--per-video is applied by a local search; leave out --server or --per-video")
+            results = remote_search(server, index, texts_given, template, no_template, listing, top_k, threshold, texts)
+        else:
+            store = open_store(index)
+            if store.path.suffix == ".jsonl":
+                note(f"{index}: .jsonl is an exchange format, read whole into memory to be searched; "
+                     "for an index, embed to .npy, .npz or .parquet")
+            index_model = IndexModel(index, store.meta, model, device, dtype.value, attn.value, offline, not no_cache, max_pixels)
+            activity("searching")
+            results = list(run_search(store, index_model, texts_given, templates, listing, top_k, threshold, texts, per_video))
+            end_activity()
         failed = [r for r in results if r.error is not None]
         for result in failed:
             error_line(result.error)
@@ -814,6 +832,43 @@ def dedupe(
         raise typer.Exit(1)
 
 
+# ----------------------------------------------------------------------------- serve
+@app.command()
+@model_options(exclude=("server",))
+def serve(
+    indexes: Annotated[Optional[List[Path]], typer.Argument(metavar="INDEX", help="Indexes written by siglip embed, to search and browse; all made by one model, which is then the one served.", show_default=False)] = None,
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on. Anything but loopback needs --token or --no-auth.", rich_help_panel="Server")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", metavar="PORT", help="Port (0: any free one; the one taken is printed).", rich_help_panel="Server")] = 8000,
+    token: Annotated[Optional[str], typer.Option("--token", metavar="TOKEN", envvar="SIGLIP_TOKEN", help="Require 'Authorization: Bearer TOKEN' on /v1/ (health excepted).", rich_help_panel="Server", show_default=False)] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", metavar="", help="Serve a non-loopback --host without a token (a trusted network only; warned on start).", rich_help_panel="Server")] = False,
+    max_upload: Annotated[float, typer.Option("--max-upload", metavar="MB", min=0.001, help="Largest request body, in megabytes (10^6 bytes); larger is refused with 413.", rich_help_panel="Server")] = 50.0,
+    allow_urls: Annotated[bool, typer.Option("--allow-urls", metavar="", help="Let clients name image URLs for the server to fetch (off: no requests to other hosts on a client's behalf).", rich_help_panel="Server")] = False,
+    window_ms: Annotated[float, typer.Option("--window-ms", metavar="MS", min=0.0, max=1000.0, help="How long the first image of a batch waits for others to join it (micro-batching; bounded by --batch-size).", rich_help_panel="Server")] = 5.0,
+    queue_size: Annotated[int, typer.Option("--queue-size", metavar="N", min=1, help="Images waiting for the model at most; past it requests get 503 with Retry-After.", rich_help_panel="Server")] = 256,
+    reload_index: Annotated[bool, typer.Option("--reload-index", metavar="", help="Check the indexes every 2 s and re-read those that embed --update replaced (SIGHUP does it at once).", rich_help_panel="Server")] = False,
+    options: ModelOptions = None,  # every model option: see options.model_options
+) -> None:
+    """Keep the model warm behind an HTTP API and a web page to search and browse.
+
+    The JSON API under /v1/ (classify, embed, search, thumbnail, info, health) answers with exactly what the commands print with --json; its OpenAPI description is at /openapi.json and readable at /docs; the page at / searches the indexes. Needs the serve extra: pip install 'siglip-cli\\[serve]'.
+
+    [bold]Examples[/bold]
+
+      siglip serve photos.npy
+
+      siglip serve photos.npy --host 0.0.0.0 --token "$(openssl rand -hex 16)"
+    """
+    with handled():
+        from .serve import ServeSettings
+        from .serve import serve as run_serve
+
+        settings = ServeSettings(host=host, port=port, token=token, no_auth=no_auth, max_upload=int(max_upload * 1_000_000),
+                                 allow_urls=allow_urls, batch_size=options.batch_size, window_ms=window_ms,
+                                 queue_size=queue_size, reload_index=reload_index)
+        code = run_serve(indexes or [], options, settings, load_engine)
+    raise typer.Exit(code)
+
+
 # ----------------------------------------------------------------------------- bench
 @app.command()
 def bench(
@@ -859,7 +914,7 @@ def bench(
 
 
 # ----------------------------------------------------------------------------- entry point
-_COMMANDS = ("classify", "embed", "similarity", "search", "info", "dedupe", "bench")
+_COMMANDS = ("classify", "embed", "similarity", "search", "info", "dedupe", "bench", "serve")
 
 
 def normalize_argv(args: list[str]) -> list[str]:

@@ -159,6 +159,13 @@ TemplateOpt = Annotated[
 NoTemplateOpt = Annotated[bool, typer.Option("--no-template", metavar="", help="Use the texts as the prompts, as typed.", rich_help_panel="Labels")]
 TextsFileOpt = Annotated[Optional[List[Path]], typer.Option("--texts-file", metavar="FILE", help="A file with one text per line.", rich_help_panel="Texts")]
 
+ServerOpt = Annotated[
+    Optional[str],
+    typer.Option("--server", metavar="URL", envvar="SIGLIP_SERVER", show_default=False, rich_help_panel="Model",
+                 help="Send the work to a running `siglip serve` at URL (its token from SIGLIP_TOKEN) instead of "
+                      "loading the model here; the output is the same. Down, or serving another model: exit 4."),
+]
+
 RAY_PANEL = "Scale out (--engine ray)"
 
 
@@ -188,7 +195,7 @@ class ModelOptions:
 
     def __init__(self, model, device, dtype, attn, batch_size=None, workers=None, offline=False, max_pixels=100_000_000,
                  no_cache=False, max_patches=None, decode="auto", exact=False, verbose=False, video=False, every=2.0,
-                 scenes=False, min_gap=1.0, max_frames=None):
+                 scenes=False, min_gap=1.0, max_frames=None, server=None):
         self.model = model
         self.device = device
         self.dtype = dtype.value if isinstance(dtype, Enum) else dtype
@@ -207,6 +214,7 @@ class ModelOptions:
         self.scenes = scenes
         self.min_gap = min_gap
         self.max_frames = max_frames
+        self.server = server
 
     def video_sampling(self):
         """The video options as core.video's VideoSampling (imported here, not at --help)."""
@@ -235,6 +243,7 @@ MODEL_OPTIONS = {
     "scenes": (ScenesOpt, False),
     "min_gap": (MinGapOpt, 1.0),
     "max_frames": (MaxFramesOpt, None),
+    "server": (ServerOpt, None),
 }
 
 
