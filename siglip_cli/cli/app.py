@@ -323,7 +323,7 @@ def classify(
     null: NullOpt = False,
     sort_into: Annotated[Optional[Path], typer.Option("--sort-into", metavar="DIR", help="Put each image into DIR/<best label>/ (DIR/_unsorted/ when no label passes --threshold). Never overwrites; every step is recorded in DIR/siglip-sort.jsonl first.", rich_help_panel="Act on the labels")] = None,
     multi: Annotated[bool, typer.Option("--multi", metavar="", help="With --sort-into: into the folder of every label that passes --threshold.", rich_help_panel="Act on the labels")] = False,
-    action: Annotated[SortAction, typer.Option("--action", help="With --sort-into: copy, link (a hard link; a symbolic link where impossible, and says so) or move.", rich_help_panel="Act on the labels")] = SortAction.copy,
+    action: Annotated[SortAction, typer.Option("--action", metavar=choices(SortAction), help="With --sort-into: copy, link (a hard link; a symbolic link where impossible, and says so) or move.", rich_help_panel="Act on the labels")] = SortAction.copy,
     dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="With --sort-into: print the plan, change nothing.", rich_help_panel="Act on the labels")] = False,
     undo: Annotated[Optional[Path], typer.Option("--undo", metavar="DIR", help="Put back what --sort-into DIR did: moved files return, copies and links that still match are removed.", rich_help_panel="Act on the labels")] = None,
     write_xmp: Annotated[bool, typer.Option("--write-xmp", metavar="", help="Write the labels that pass --threshold (or --top-k) as keywords into XMP sidecars beside the images (photo.jpg.xmp), merged into any sidecar already there; the images are never modified.", rich_help_panel="Act on the labels")] = False,
@@ -743,13 +743,13 @@ class NeighbourMethod(str, Enum):
 @app.command()
 @model_options()
 def dedupe(
-    inputs: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", help="Image files, folders (walked recursively, sorted), glob patterns, or - for paths on stdin. Optional with --index.", show_default=False)] = None,
+    inputs: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", hidden=True, help="Image files, folders (walked recursively, sorted), glob patterns, or - for paths on stdin. Optional with --index.", show_default=False)] = None,
     index: Annotated[Optional[Path], typer.Option("--index", metavar="FILE", help="An embedding store (.npy, .npz, .jsonl, .parquet). With IMAGEs it is made, or brought up to date first exactly as embed --update would; alone, it is used as it is.", rich_help_panel="Input", show_default=False)] = None,
-    level: Annotated[DedupeLevel, typer.Option("--level", help="How alike images must be: exact (the same bytes), near (the same picture re-encoded, resized, lightly edited; the default) or similar (also the same scene, e.g. burst shots).", rich_help_panel="Duplicates")] = DedupeLevel.near,
+    level: Annotated[DedupeLevel, typer.Option("--level", metavar=choices(DedupeLevel), help="How alike images must be: exact (the same bytes), near (the same picture re-encoded, resized, lightly edited; the default) or similar (also the same scene, e.g. burst shots).", rich_help_panel="Duplicates")] = DedupeLevel.near,
     threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="COSINE", help="The cosine (with the kept image) that the chosen level needs, instead of its default (near 0.98, similar 0.90; see --histogram).", rich_help_panel="Duplicates", show_default=False)] = None,
-    keep: Annotated[KeepRule, typer.Option("--keep", help="Which image of a group is kept: largest (pixels, then bytes), oldest or newest (EXIF DateTimeOriginal, else modification time), or first (input order).", rich_help_panel="Duplicates")] = KeepRule.largest,
+    keep: Annotated[KeepRule, typer.Option("--keep", metavar=choices(KeepRule), help="Which image of a group is kept: largest (pixels, then bytes), oldest or newest (EXIF DateTimeOriginal, else modification time), or first (input order).", rich_help_panel="Duplicates")] = KeepRule.largest,
     histogram: Annotated[bool, typer.Option("--histogram", metavar="", help="Also print a histogram of every image's nearest-neighbour cosine with the thresholds marked, to pick a threshold for your library.", rich_help_panel="Output")] = False,
-    neighbours: Annotated[NeighbourMethod, typer.Option("--neighbours", help="How neighbours are found: exact (every pair), approximate (a usearch index saved beside --index; pip install 'siglip-cli\\[ann]'), or auto (approximate above 25,000 images when usearch is installed).", rich_help_panel="Duplicates")] = NeighbourMethod.auto,
+    neighbours: Annotated[NeighbourMethod, typer.Option("--neighbours", metavar=choices(NeighbourMethod), help="How neighbours are found: exact (every pair), approximate (a usearch index saved beside --index; pip install 'siglip-cli\\[ann]'), or auto (approximate above 25,000 images when usearch is installed).", rich_help_panel="Duplicates")] = NeighbourMethod.auto,
     move_to: Annotated[Optional[Path], typer.Option("--move-to", metavar="DIR", help="Move every duplicate (never a kept image) into DIR, at its path relative to the grouped files' common root. One file at a time, never overwriting (a numbered name instead), each move recorded in DIR/siglip-dedupe.jsonl before it happens. Nothing is ever deleted.", rich_help_panel="Act on the duplicates", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="With --move-to: print where each duplicate would go; change nothing.", rich_help_panel="Act on the duplicates")] = False,
     undo: Annotated[Optional[Path], typer.Option("--undo", metavar="DIR", help="Put every file that --move-to DIR moved back where it was (also after an interrupted run).", rich_help_panel="Act on the duplicates", show_default=False)] = None,
@@ -759,6 +759,8 @@ def dedupe(
     options: ModelOptions = None,  # every model option: see options.model_options
 ) -> None:
     """Find duplicate and near-duplicate images; a report unless --move-to says otherwise.
+
+    IMAGE: image files, folders (walked recursively, sorted), glob patterns, or - for paths on stdin; optional with --index.
 
     Each group is one kept image and its duplicates, each with its level (exact, near, similar) and its cosine with the kept image. An image joins a group only when it is within the threshold of that group's kept image, so chains (A like B, B like C) never glue A and C together. A summary line (groups, duplicates, the bytes they take) goes to stderr.
 
@@ -836,7 +838,7 @@ def dedupe(
 @app.command()
 @model_options(exclude=("server",))
 def serve(
-    indexes: Annotated[Optional[List[Path]], typer.Argument(metavar="INDEX", help="Indexes written by siglip embed, to search and browse; all made by one model, which is then the one served.", show_default=False)] = None,
+    indexes: Annotated[Optional[List[Path]], typer.Argument(metavar="INDEX", hidden=True, help="Indexes written by siglip embed, to search and browse; all made by one model, which is then the one served.", show_default=False)] = None,
     host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on. Anything but loopback needs --token or --no-auth.", rich_help_panel="Server")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", metavar="PORT", help="Port (0: any free one; the one taken is printed).", rich_help_panel="Server")] = 8000,
     token: Annotated[Optional[str], typer.Option("--token", metavar="TOKEN", envvar="SIGLIP_TOKEN", help="Require 'Authorization: Bearer TOKEN' on /v1/ (health excepted).", rich_help_panel="Server", show_default=False)] = None,
@@ -849,6 +851,8 @@ def serve(
     options: ModelOptions = None,  # every model option: see options.model_options
 ) -> None:
     """Keep the model warm behind an HTTP API and a web page to search and browse.
+
+    INDEX: indexes written by siglip embed, to search and browse; all made by one model, which is then the one served.
 
     The JSON API under /v1/ (classify, embed, search, thumbnail, info, health) answers with exactly what the commands print with --json; its OpenAPI description is at /openapi.json and readable at /docs; the page at / searches the indexes. Needs the serve extra: pip install 'siglip-cli\\[serve]'.
 

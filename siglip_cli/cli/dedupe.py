@@ -63,14 +63,14 @@ def update_store(options, listing, index: Path, load_engine, progress_bar, note:
     from ..embedding import EmbedPlan
     from ..store import check_output_path, open_store
     from .app import _update_precision
-    from .embed import embed_to_store, refuse_foreign_file, refuse_overwriting_inputs
+    from .embed import embed_to_store, previous_meta, refuse_foreign_file, refuse_overwriting_inputs
 
     check_output_path(index)
     plan = EmbedPlan(listing.sources, [], listing.failures)
     refuse_overwriting_inputs(index, plan, [])
     update = index.exists()
-    refuse_foreign_file(index, update)
-    base_meta = open_store(index).meta if update else {}
+    refuse_foreign_file(index)
+    base_meta = previous_meta(index, None, plan)  # {} when it is made now
     options.model = options.model or base_meta.get("model")
     options.dtype, options.decode = _update_precision(base_meta, options.dtype, options.decode, options.exact)
     options.max_patches = options.max_patches or base_meta.get("max_patches")
