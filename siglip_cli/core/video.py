@@ -114,10 +114,12 @@ def time_code(seconds: float) -> str:
 def looks_like_video(path: str) -> bool:
     """Whether the file's first bytes say "video container" (MP4/MOV, Matroska/WebM, AVI),
     whatever its suffix says."""
+    from .images import _open_file  # non-blocking: a FIFO or device is never waited on
+
     try:
-        with open(path, "rb") as fh:
+        with _open_file(path, path) as fh:
             head = fh.read(16)
-    except OSError:
+    except (OSError, InputError):
         return False
     if len(head) < 12:
         return False
@@ -165,7 +167,10 @@ class _Video:
     """One open video stream: frames in presentation order, with seeking to keyframes."""
 
     def __init__(self, av, path: str, name: str, max_pixels: int | None):
+        from .images import _open_file
+
         self.av, self.name = av, name
+        _open_file(path, name).close()  # refuses a FIFO, device or folder instead of blocking in FFmpeg
         try:
             self.container = av.open(path, metadata_errors="ignore")
         except av.FFmpegError as exc:
