@@ -385,7 +385,8 @@ def search_ranking(result: SearchResult, console: Console) -> Table:
             cells.append(f"{hit.cosine:.3f}")
         table.add_row(*cells, Text(ellipsize(hit_name(hit), budget)))
     if not result.hits:
-        table.add_row("", "", Text("nothing reached the --threshold", style="dim"))
+        why = "nothing reached the --threshold" if result.threshold is not None else "no rows to search in this index"
+        table.add_row("", "", Text(why, style="dim"))
     return table
 
 
