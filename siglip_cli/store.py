@@ -31,16 +31,12 @@ at once.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import io
 import json
 import os
 import shutil
 import struct
-import tempfile
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +54,6 @@ from .safefiles import (  # noqa: F401  (OutputLock, atomic_write_text, temporar
     open_append,
     read_regular,
     remove_file,
-    replace_into_place,
     reserve_space,
     signals_deferred,
     temporary_beside,
