@@ -22,8 +22,6 @@ from tests.bomb_fixtures import corpus, siglip_peak  # noqa: E402
 
 def tiny_checkpoint(folder: Path) -> Path:
     """The test suite's tiny SigLIP (transformers' own save_pretrained, random weights)."""
-    import pytest  # noqa: F401  (conftest imports it)
-
     from tests.conftest import build_checkpoint
 
     spiece = Path(__file__).resolve().parent.parent / "tests" / "data" / "test_sentencepiece_no_bos.model"

@@ -50,7 +50,7 @@ from .sources import Source
 from .urls import DEFAULT_URL_MAX_BYTES, DEFAULT_URL_TIMEOUT, fetch_url, is_url
 
 DEFAULT_BATCH = {"cuda": 128, "mps": 32, "cpu": 16}
-DECODER_STOP_WAIT = 5.0  # seconds an abandoned run waits for its decoders to finish the image in hand
+DECODER_STOP_WAIT = 2.0  # seconds an abandoned run waits for its decoders to finish the image in hand
 
 
 def default_workers(device: torch.device) -> int:
@@ -298,6 +298,7 @@ class ImagePipeline:
         threads = [threading.Thread(target=work, name="siglip-decode", daemon=True) for _ in range(self.workers)]
         for thread in threads:
             thread.start()
+        interrupted = False
         try:
             for index in range(len(sources)):
                 slot = slots[index]
@@ -308,14 +309,17 @@ class ImagePipeline:
                 while (item := slot.get()) is not _END:
                     yield item
                 del slots[index]
+        except KeyboardInterrupt:
+            interrupted = True  # Ctrl-C ends the process at once (os._exit): nothing to wait for
+            raise
         finally:
             # Stop the decoders, and wait (briefly) for those still decoding: a daemon thread
             # that is inside Pillow or numpy when the interpreter shuts down is ended with
             # pthread_exit, which aborts the process through C++ frames (exit 134). A decoder
-            # stuck on a slow URL is not waited for: its read times out on its own.
+            # stuck on a slow URL is not waited for long: its read times out on its own.
             for _ in threads:
                 todo.put(None)
-            deadline = time.monotonic() + DECODER_STOP_WAIT
+            deadline = time.monotonic() + (0.0 if interrupted else DECODER_STOP_WAIT)
             for thread in threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
 

@@ -59,6 +59,7 @@ class IndexModel:
         self.use_cache = use_cache
         self.max_pixels = max_pixels
         self._engine = None
+        self.on_truncated = None  # told of text queries cut to the model's length, as the engine's
         if model is not None:
             self._resolve()  # a wrong --model is refused before any work
 
@@ -120,6 +121,7 @@ class IndexModel:
                 decode=self.meta.get("decode", "exact"),  # stores from before --decode decoded exactly
                 max_patches=self.meta.get("max_patches"),
             )
+            self._engine.on_truncated = self.on_truncated
             if self._engine.embed_dim != self.meta["dim"]:
                 raise ModelUnavailable(f"{name} makes {self._engine.embed_dim}-d embeddings, {self.index} holds {self.meta['dim']}-d rows")
         return self._engine

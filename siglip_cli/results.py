@@ -244,6 +244,7 @@ class SearchResult:
     hits: list[SearchHit] = field(default_factory=list)
     error: str | None = None
     kind: str = "text"  # the query's kind
+    threshold: float | None = None  # the --threshold the hits were cut by, if any
 
     def to_record(self) -> dict:
         if self.error is not None:

@@ -43,8 +43,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +61,6 @@ from .safefiles import (  # noqa: F401  (OutputLock, atomic_write_text, temporar
     open_regular,
     read_regular,
     remove_file,
-    replace_into_place,
     reserve_space,
     signals_deferred,
     temporary_beside,
@@ -905,7 +902,14 @@ class PartialRows:
                 self._load()
             else:
                 make_directory(folder)
-                atomic_write_text(folder / "state.json", json.dumps(self.settings, indent=2))
+                try:
+                    atomic_write_text(folder / "state.json", json.dumps(self.settings, indent=2))
+                except OSError:
+                    # A folder without its state cannot be resumed: leave none (it is empty),
+                    # so that the "run again with --resume" the error suggests starts afresh.
+                    with contextlib.suppress(OSError):
+                        os.rmdir(folder)
+                    raise
             self._rows = open_append(folder / "rows.bin")
             self._index = open_append(folder / "rows.jsonl")
             self._skipped = open_append(folder / "skipped.jsonl")
@@ -920,6 +924,10 @@ class PartialRows:
         return read_regular(path, follow_symlinks=False).decode("utf-8", "surrogateescape").split("\n")[:-1]
 
     def _load(self) -> None:
+        if not os.path.lexists(self.folder / "state.json") and not self._lines("rows.jsonl"):
+            # No state and no finished rows (a full disk struck as the run began): nothing to
+            # keep, so this is a fresh start rather than an unreadable folder.
+            atomic_write_text(self.folder / "state.json", json.dumps(self.settings, indent=2))
         try:
             state = json.loads(read_regular(self.folder / "state.json", follow_symlinks=False).decode("utf-8"))
         except (OSError, ValueError):

@@ -5,7 +5,6 @@ first; every bomb's whole run must stay within 50 MB of an ordinary one-image ru
 
 from __future__ import annotations
 
-import json
 
 import pytest
 

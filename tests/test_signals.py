@@ -14,7 +14,7 @@ from siglip_cli.cli.app import app
 from siglip_cli.safefiles import temporary_beside
 from siglip_cli.store import output_files
 
-from .test_hostile import _env, _one_error_line, _siglip, _start_writer, slow_folder, slow_url  # noqa: F401 (fixtures)
+from .test_hostile import _env, _siglip, _start_writer, slow_folder, slow_url  # noqa: F401 (fixtures)
 
 
 def test_sigterm_keeps_finished_rows_and_resume_finishes(slow_folder, slow_url, tmp_path, tiny_checkpoint):  # noqa: F811

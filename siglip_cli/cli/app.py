@@ -652,13 +652,13 @@ def search(
         from ..queries import IndexModel
         from ..store import open_store
         from . import render
+        from .search import check_text_queries
         from .search import search as run_search
 
         texts_given = list(queries or [])
         if not texts_given and not image:
             raise UsageError("nothing to search for: give text queries after the index, or --image FILE")
-        if any(not text.strip() for text in texts_given):
-            raise UsageError("an empty text query was given (an unset shell variable?)")
+        check_text_queries(texts_given)
         templates = resolve_templates(template, use_template=not no_template)
         fmt_name = output_format(fmt, json_flag, null)
         if fmt_name in ("paths", "paths0") and texts:
@@ -676,6 +676,7 @@ def search(
                 note(f"{index}: .jsonl is an exchange format, read whole into memory to be searched; "
                      "for an index, embed to .npy, .npz or .parquet")
             index_model = IndexModel(index, store.meta, model, device, dtype.value, attn.value, offline, not no_cache, max_pixels)
+            index_model.on_truncated = lambda texts, length: note(truncation_note(texts, length))  # as classify says it
             activity("searching")
             results = list(run_search(store, index_model, texts_given, templates, listing, top_k, threshold, texts, per_video))
             end_activity()

@@ -529,7 +529,8 @@ def search_ranking(result: SearchResult, console: Console) -> Table:
         name = display_path(hit.path.rpartition("#t=")[0]) if hit.time >= 0 else hit_name(hit)
         table.add_row(*cells, Text(ellipsize(name, budget)))
     if not result.hits:
-        table.add_row("", "", Text("nothing reached the --threshold", style="dim"))
+        why = "nothing reached the --threshold" if result.threshold is not None else "no rows to search in this index"
+        table.add_row("", "", Text(why, style="dim"))
     return table
 
 

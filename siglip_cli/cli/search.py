@@ -8,6 +8,7 @@ trained to score two images (or two texts) that way, so such hits have only thei
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -15,9 +16,11 @@ import numpy as np
 
 from ..core.errors import UsageError
 from ..core.scoring import sigmoid
+from ..prompts import PLACEHOLDER
 from ..results import SearchHit, SearchResult
 from ..store import Store
 from ..topk import top_k
+from .terminal import printable
 
 if TYPE_CHECKING:  # sources imports Pillow: a text query needs neither
     from ..sources import Listing
@@ -29,6 +32,26 @@ class Query:
     kind: str  # text | image
     vector: np.ndarray | None = None
     error: str | None = None
+
+
+# A terminal escape sequence: CSI (ESC [ ... final byte, or the one-byte 0x9b) and OSC (ESC ]
+# ... BEL or ESC \), as a pasted or generated query may carry them.
+_ESCAPE_SEQUENCE = re.compile(r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?")
+
+
+def check_text_queries(texts: Sequence[str]) -> None:
+    """Refuse text queries with nothing to search for: empty, blank, only control characters
+    or escape sequences (which the tokenizer drops: the query would be the bare template), or
+    the bare `{}`."""
+    for text in texts:
+        visible = "".join(c for c in _ESCAPE_SEQUENCE.sub("", text) if c.isprintable()).strip()
+        if not text.strip():
+            raise UsageError("an empty text query was given (an unset shell variable?)")
+        if not visible:
+            raise UsageError(f"the text query \"{printable(text)}\" holds only control characters: nothing to search for")
+        if visible == PLACEHOLDER:
+            raise UsageError("the text query '{}' is a template's placeholder, not words to search for; "
+                             "use --template to change the template")
 
 
 def row_range(store: Store, include_texts: bool) -> tuple[int, int]:
@@ -93,7 +116,8 @@ def search(
         if query.error is not None:
             yield SearchResult(query.text, error=query.error, kind=query.kind)
             continue
-        yield SearchResult(query.text, _hits(store, query, found[id(query)], names, scale, bias, threshold, times), kind=query.kind)
+        yield SearchResult(query.text, _hits(store, query, found[id(query)], names, scale, bias, threshold, times), kind=query.kind,
+                           threshold=threshold)
 
 
 def _per_video(store: Store, ranking, per_video: int | None, top: int, times) -> list[tuple[int, int, float]]:
