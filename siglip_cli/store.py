@@ -548,7 +548,6 @@ class Store:
         return {names[i]: i for i in range(self.image_count)}
 
 
-_damaged = damaged
 
 
 class _Mixed(OutputError):
