@@ -548,8 +548,6 @@ class Store:
         return {names[i]: i for i in range(self.image_count)}
 
 
-
-
 class _Mixed(OutputError):
     """The parts of a .npy store disagree: another run may be replacing them right now (its
     renames take microseconds), so open_store looks again before calling it damage."""
