@@ -465,9 +465,6 @@ class Store:
         return {names[i]: i for i in range(self.image_count)}
 
 
-_damaged = damaged
-
-
 class _Mixed(OutputError):
     """The parts of a .npy store disagree: another run may be replacing them right now (its
     renames take microseconds), so open_store looks again before calling it damage."""
@@ -716,10 +713,11 @@ def _read_jsonl(path: Path) -> Store:
                 if not isinstance(name, str):
                     raise ValueError(f"its {'path' if kind == 'image' else 'text'} is not text")
                 stamps.append(_jsonl_stamp(record))
-                row = np.asarray(record["embedding"], dtype=np.float64)
+                with np.errstate(over="ignore"):  # a value beyond the dtype is inf: check_rows names it
+                    row = np.array(record["embedding"], dtype=dtype)
                 if row.shape != (dim,):
                     raise ValueError(f"its embedding has {row.size} values, the meta says {dim}")
-                rows.append(row.astype(dtype))
+                rows.append(row)
                 names.append(name)
                 kinds.append(kind == "text")
     except OSError as exc:
@@ -890,6 +888,7 @@ class PartialRows:
         self.settings = {**settings, "dim": dim, "dtype": self.dtype.name}
         self.records: list[dict] = []  # one per row: kind, name, size, mtime_ns[, sha256]
         self.skipped: list[dict] = []
+        self.inputs_changed = False  # a resumed folder made from other inputs (see _load)
         try:
             # lexists: a symbolic link planted at the folder's name counts as there, and
             # make_directory refuses it (files written inside would land where it points).
@@ -936,11 +935,12 @@ class PartialRows:
         if "model" in changed and state.get("revision") == self.settings.get("revision"):
             changed.remove("model")  # the same checkpoint, named by another path
         if changed == ["inputs"]:
-            raise UsageError(
-                f"{self.folder} was made from other inputs (files added, removed or renamed since); "
-                "rerun with the same inputs, or delete it to start over"
-            )
-        if changed:
+            # Files were added, removed or renamed since (one may have vanished mid-run): the
+            # rows are kept by name and stamp, so a file still listed and unchanged keeps its
+            # row, and anything else is embedded again. The folder is now this run's.
+            self.inputs_changed = True
+            atomic_write_text(self.folder / "state.json", json.dumps(self.settings, indent=2))
+        elif changed:
             raise UsageError(
                 f"{self.folder} was made with different settings ({', '.join(changed)}); "
                 "rerun with the same options, or delete it to start over"

@@ -312,7 +312,9 @@ def test_out_may_not_overwrite_an_input(run, tmp_path, image_dir):
     assert target.read_bytes() == (image_dir / "a.jpg").read_bytes()
 
 
-def test_resume_refuses_changed_inputs_and_accepts_the_model_by_another_path(run, image_dir, tmp_path, tiny_checkpoint, monkeypatch):
+def test_resume_after_the_inputs_changed_keeps_unchanged_rows_and_accepts_the_model_by_another_path(run, image_dir, tmp_path, tiny_checkpoint, monkeypatch):
+    """A file removed since the interrupted run (issue 17: one that vanished mid-run) leaves a
+    folder that --resume still continues, with a note: rows are kept by name and stamp."""
     import shutil
 
     folder = tmp_path / "imgs"
@@ -322,13 +324,12 @@ def test_resume_refuses_changed_inputs_and_accepts_the_model_by_another_path(run
     assert run("embed", folder, "--out", out, "--strict").exit_code == 1  # stops, keeps a.jpg, b.png
     assert (tmp_path / "v.npy.partial").is_dir()
     (folder / "b.png").unlink()
-    result = run("embed", folder, "--out", out, "--resume")
-    assert result.exit_code == 2 and "made from other inputs" in result.stderr
-    shutil.copy(image_dir / "b.png", folder / "b.png")
-    shutil.copy(image_dir / "c.webp", folder / "c.webp")  # the bad file fixed: same inputs
+    shutil.copy(image_dir / "c.webp", folder / "c.webp")  # the bad file fixed
     monkeypatch.chdir(tiny_checkpoint.parent)
     result = run("embed", folder, "--out", out, "--resume", "--model", tiny_checkpoint.name)
     assert result.exit_code == 0, result.stderr
+    assert "the inputs changed since it was made" in result.stderr and "2 rows already done" in result.stderr
+    assert not (tmp_path / "v.npy.partial").exists()
     clean = tmp_path / "clean.npy"
     assert run("embed", folder, "--out", clean).exit_code == 0
     np.testing.assert_allclose(np.load(out), np.load(clean), atol=1e-6)

@@ -108,6 +108,9 @@ def embed_to_store(
             note(f"{out} will be replaced when this run completes")
         run = make_run(engine, plan, out, out_dtype, normalized, templates, resume, base, hash_files=update == "hash")
         try:
+            if run.partial.inputs_changed:
+                note(f"resuming {run.partial.folder}: the inputs changed since it was made (files added, removed "
+                     "or renamed); rows of files still listed and unchanged are kept, the rest embedded again")
             if run.resumed:
                 note(f"resuming: {run.resumed} rows already done in {run.partial.folder}")
             images, _, texts = run.todo()
