@@ -13,7 +13,7 @@ function typeOf(schema, spec) {
   if (schema.$ref) return typeOf(spec.components.schemas[schema.$ref.split("/").pop()], spec);
   if (schema.anyOf) return schema.anyOf.map((s) => typeOf(s, spec)).filter((t) => t !== "null").join(" | ");
   if (schema.type === "array") return `list of ${typeOf(schema.items, spec)}`;
-  if (schema.format === "binary") return "file";
+  if (schema.format === "binary" || schema.contentMediaType === "application/octet-stream") return "file";
   return schema.type || "";
 }
 
