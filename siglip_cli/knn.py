@@ -128,6 +128,12 @@ def _mask_self(scores: np.ndarray, q0: int, c0: int) -> None:
     scores[np.flatnonzero(inside), rows[inside] - c0] = -np.inf
 
 
+def _mask_rows(scores: np.ndarray, rows: np.ndarray, c0: int) -> None:
+    """Each of `rows` (the queries of `scores`) is not its own neighbour."""
+    inside = (rows >= c0) & (rows < c0 + scores.shape[1])
+    scores[np.flatnonzero(inside), rows[inside] - c0] = -np.inf
+
+
 def _merge_block(scores: np.ndarray, c0: int, best_rows: np.ndarray, best_cos: np.ndarray, k: int, floor: float) -> None:
     """Merge the block's entries at or above the floor (and above each row's current k-th) into
     the running top-k. Only rows with such entries are touched: duplicates are rare, so this
@@ -164,12 +170,19 @@ def refine_saturated(rows: np.ndarray, found: Neighbours, floor: float) -> None:
     for start in range(0, len(saturated), REFINE_BLOCK):
         chosen = saturated[start : start + REFINE_BLOCK]
         queries = _as_float32(rows[chosen])
-        scores = np.concatenate([queries @ _as_float32(rows[c0 : c0 + COLUMN_BLOCK]).T for c0 in range(0, len(rows), COLUMN_BLOCK)], axis=1)
-        scores[np.arange(len(chosen)), chosen] = -np.inf
+        hits: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for c0 in range(0, len(rows), COLUMN_BLOCK):  # one block of scores at a time: memory stays flat
+            scores = queries @ _as_float32(rows[c0 : c0 + COLUMN_BLOCK]).T
+            _mask_rows(scores, chosen, c0)
+            which, where = np.nonzero(scores >= floor)
+            hits.append((which, where + c0, scores[which, where]))
+        which = np.concatenate([h[0] for h in hits])
+        columns = np.concatenate([h[1] for h in hits]).astype(np.int64)
+        values = np.concatenate([h[2] for h in hits]).astype(np.float32)
         for i, row in enumerate(chosen.tolist()):
-            keep = np.flatnonzero(scores[i] >= floor)
-            order = np.lexsort((keep, -scores[i, keep]))
-            extra[row] = (keep[order].astype(np.int64), scores[i, keep[order]].astype(np.float32))
+            mine = which == i
+            order = np.lexsort((columns[mine], -values[mine]))
+            extra[row] = (columns[mine][order], values[mine][order])
     width = max(k, max(len(v[0]) for v in extra.values()))
     if width > k:
         pad = width - k
