@@ -494,3 +494,28 @@ def test_level_exact_reports_only_the_same_bytes(tmp_path):
     assert _members(exact) == {"b.png": ("a.png", "exact")}
     near = _groups(cli("dedupe", "--index", index, "--json").stdout)
     assert _members(near) == {"b.png": ("a.png", "exact"), "c.png": ("a.png", "near")}
+
+
+from .test_actions import tmpfs  # noqa: E402,F401  (a small tmpfs: another file system that fills up)
+
+
+def test_a_full_disk_during_moves_is_one_line_and_undo_restores_everything(tmp_path, tmpfs):  # noqa: F811
+    """The duplicates move across file systems into a 256 kB tmpfs: the first fits, the next
+    does not. One line, exit 1, every file in its old place or its new one; undo restores."""
+    one = _unit(1.0)
+    photos = tmp_path / "photos"
+    big = (300, 220)  # random pixels: ~200 kB as PNG
+    index = plant(photos, {"keep.png": one, "copy1.png": _at_cosine(one, 0.999, 2), "copy2.png": _at_cosine(one, 0.998, 3)},
+                  sizes={"copy1.png": big, "copy2.png": big})
+    before = _tree(photos)
+    result = cli("dedupe", "--index", index, "--keep", "first", "--move-to", tmpfs / "dups", "--json")
+    assert result.exit_code == 1, result.stderr
+    one_error_line(result.stderr, "no space left")
+    import hashlib
+
+    for name in ("copy1.png", "copy2.png"):  # each in exactly one place, whole
+        here, there = photos / name, tmpfs / "dups" / name
+        assert here.exists() != there.exists(), name
+        assert hashlib.sha256((there if there.exists() else here).read_bytes()).hexdigest() == before[name]
+    assert cli("dedupe", "--undo", tmpfs / "dups").exit_code == 0
+    assert _tree(photos) == before

@@ -58,7 +58,9 @@ def test_exact_equals_brute_force_whatever_the_blocks(monkeypatch, query_block, 
         assert np.all(np.diff(found.cosines[i][kept]) <= 1e-7)
 
 
-def test_a_row_with_more_than_k_copies_keeps_them_all():
+@pytest.mark.parametrize("column_block", [7, 16384])
+def test_a_row_with_more_than_k_copies_keeps_them_all(monkeypatch, column_block):
+    monkeypatch.setattr(knn, "COLUMN_BLOCK", column_block)
     rows = _rows(100)
     rows[10:60] = rows[10]  # 50 copies of one row: 49 neighbours each, k is 4
     found = knn.self_neighbours(rows, 4, floor=0.99, method="exact")

@@ -778,60 +778,13 @@ def dedupe(
       siglip dedupe --undo ./duplicates
     """
     with handled():
-        from . import render
-        from .dedupe import (check_move_folder, check_thresholds, embed_in_memory, find_duplicates, move_duplicates, no_inputs,
-                             read_store, undo_moves, update_store)
+        from .dedupe import DedupeRequest, run as run_dedupe
 
-        if undo is not None:
-            if inputs or index is not None or move_to is not None or dry_run:
-                raise UsageError("--undo DIR works alone: siglip dedupe --undo duplicates/")
-            if undo_moves(undo, note):
-                raise typer.Exit(1)
-            return
-        if dry_run and move_to is None:
-            raise UsageError("--dry-run goes with --move-to DIR (a plain dedupe changes nothing anyway)")
-        thresholds = check_thresholds(level.value, threshold)
-        fmt_name = output_format(fmt, json_flag)
-        if not inputs and index is None:
-            raise UsageError("nothing to compare: give image paths or folders, or --index FILE (see 'siglip dedupe --help')")
-        if move_to is not None:
-            check_move_folder(move_to, list(inputs or []), [])
-        skipped: list[str] = []
-        if inputs:
-            listing = list_inputs(inputs, recursive)
-            no_inputs(listing)
-            if index is not None:
-                skipped = update_store(options, listing, index, load_engine, progress_bar, note)
-            else:
-                found = embed_in_memory(load_engine(options), listing, progress_bar, note)
-        if index is not None:
-            found = read_store(index)
-        found.skipped = skipped or found.skipped
-        for error in found.skipped:
-            error_line(error)
-        report = find_duplicates(found, thresholds, keep.value, neighbours.value, histogram, note)
-        moves_skipped = 0
-        if move_to is not None and report.groups:
-            folder = check_move_folder(move_to, list(inputs or []), [g.keep for g in report.groups] + [d.path for g in report.groups for d in g.duplicates])
-            moved, moves_skipped = move_duplicates(report.groups, folder, dry_run, report.stamps, note)
-        render.emit(report.groups, fmt_name, render.DEDUPE_VIEW)
-        if report.histogram is not None:
-            text = render.histogram_text(report.histogram)
-            if fmt_name == "table":
-                render.stdout_console().print(text)
-            else:
-                from .terminal import stderr_console
-
-                stderr_console().print(text)
-        note(render.dedupe_summary(report.groups))
-        if move_to is not None and report.groups:
-            if dry_run:
-                note(f"dry run: nothing was moved; without --dry-run the duplicates go into {move_to}")
-            else:
-                skipped_moves = f"; {moves_skipped} skipped" if moves_skipped else ""
-                note(f"moved {moved} duplicate{'s' if moved != 1 else ''} into {move_to}{skipped_moves}; undo with: siglip dedupe --undo {move_to}")
-        _summarize_failures(len(found.skipped), len(found.names) + len(found.skipped))
-    if found.skipped or moves_skipped:
+        failed = run_dedupe(DedupeRequest(
+            inputs or [], index, level.value, threshold, keep.value, histogram, neighbours.value, move_to, dry_run, undo,
+            recursive, fmt, json_flag, options,
+        ))
+    if failed:
         raise typer.Exit(1)
 
 

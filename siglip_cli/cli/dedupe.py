@@ -258,3 +258,92 @@ def undo_moves(folder: Path, note: Callable[[str], None]) -> int:
             note(f"{outcome.source}: {outcome.note}")
     note(undo_summary(outcomes))
     return kept
+
+
+# ============================================================================ the command's flow
+@dataclass
+class DedupeRequest:
+    """Every dedupe option, parsed by app.py."""
+
+    inputs: list[str]
+    index: Path | None
+    level: str
+    threshold: float | None
+    keep: str
+    histogram: bool
+    neighbours: str
+    move_to: Path | None
+    dry_run: bool
+    undo: Path | None
+    recursive: bool
+    fmt: object  # options.Format
+    json_flag: bool
+    options: object  # options.ModelOptions
+
+
+def run(request: DedupeRequest) -> bool:
+    """The whole command: checks (before any model loads), inputs, groups, moves, output.
+    Returns whether anything failed (an input skipped, a move skipped, a file left by undo)."""
+    from . import render
+    from .app import _summarize_failures, list_inputs, load_engine, output_format
+    from .terminal import error_line, note, progress_bar
+
+    if request.undo is not None:
+        if request.inputs or request.index is not None or request.move_to is not None or request.dry_run:
+            raise UsageError("--undo DIR works alone: siglip dedupe --undo duplicates/")
+        return bool(undo_moves(request.undo, note))
+    if request.dry_run and request.move_to is None:
+        raise UsageError("--dry-run goes with --move-to DIR (a plain dedupe changes nothing anyway)")
+    thresholds = check_thresholds(request.level, request.threshold)
+    fmt_name = output_format(request.fmt, request.json_flag)
+    if not request.inputs and request.index is None:
+        raise UsageError("nothing to compare: give image paths or folders, or --index FILE (see 'siglip dedupe --help')")
+    if request.move_to is not None:
+        check_move_folder(request.move_to, request.inputs, [])
+    found = inputs_of(request, list_inputs, load_engine, progress_bar, note)
+    for error in found.skipped:
+        error_line(error)
+    report = find_duplicates(found, thresholds, request.keep, request.neighbours, request.histogram, note)
+    moved = moves_skipped = 0
+    if request.move_to is not None and report.groups:
+        grouped = [g.keep for g in report.groups] + [d.path for g in report.groups for d in g.duplicates]
+        folder = check_move_folder(request.move_to, request.inputs, grouped)
+        moved, moves_skipped = move_duplicates(report.groups, folder, request.dry_run, report.stamps, note)
+    render.emit(report.groups, fmt_name, render.DEDUPE_VIEW)
+    if report.histogram is not None:
+        show_histogram(report.histogram, fmt_name)
+    note(render.dedupe_summary(report.groups))
+    if request.move_to is not None and report.groups:
+        if request.dry_run:
+            note(f"dry run: nothing was moved; without --dry-run the duplicates go into {request.move_to}")
+        else:
+            skipped_moves = f"; {moves_skipped} skipped" if moves_skipped else ""
+            note(f"moved {moved} duplicate{'s' if moved != 1 else ''} into {request.move_to}{skipped_moves}; "
+                 f"undo with: siglip dedupe --undo {request.move_to}")
+    _summarize_failures(len(found.skipped), len(found.names) + len(found.skipped))
+    return bool(found.skipped or moves_skipped)
+
+
+def inputs_of(request: DedupeRequest, list_inputs, load_engine, progress_bar, note) -> DedupeInputs:
+    """PATHS embedded in memory; PATHS with --index: the store brought up to date, then read;
+    --index alone: the store read as it is."""
+    skipped: list[str] = []
+    if request.inputs:
+        listing = list_inputs(request.inputs, request.recursive)
+        no_inputs(listing)
+        if request.index is None:
+            return embed_in_memory(load_engine(request.options), listing, progress_bar, note)
+        skipped = update_store(request.options, listing, request.index, load_engine, progress_bar, note)
+    found = read_store(request.index)
+    found.skipped = skipped
+    return found
+
+
+def show_histogram(histogram: NeighbourHistogram, fmt_name: str) -> None:
+    """Under the table on stdout; on stderr when stdout carries JSON or CSV (which it would break)."""
+    from . import render
+    from .terminal import stderr_console
+
+    text = render.histogram_text(histogram)
+    console = render.stdout_console() if fmt_name == "table" else stderr_console()
+    console.print(text)
