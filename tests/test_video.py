@@ -74,6 +74,22 @@ def test_sampled_frames_are_the_frames_decoded_at_those_times(videos, kind):
         assert np.abs(got.astype(int) - expected.astype(int)).max() == 0, frame.time
 
 
+@pytest.mark.parametrize("every", [1.3, 0.4])
+def test_frames_skipped_on_the_way_to_a_sample_never_change_it(tmp_path, every):
+    """With B-frames, the frames nothing refers to are not decoded while the sample time is far;
+    the sampled frames are still exactly those of a full decode."""
+    path = make_video(tmp_path / "bframes.mp4", seconds=6, gop=30, preset="medium")
+    assert "B" in decoded_frames(path, kinds=True)
+    reference = decoded_frames(path)
+    sampled = list(sample_frames(str(path), path.name, VideoSampling(every=every)))
+    targets = sample_times(6.0, VideoSampling(every=every))
+    assert len(sampled) == len(targets)
+    for target, frame in zip(targets, sampled):
+        seconds, expected = next((t, pixels) for t, pixels in reference if t >= target - 0.05)  # 10 fps: half a frame
+        assert abs(seconds - frame.time) < 1e-6, (target, frame.time)
+        assert np.array_equal(np.asarray(frame.image), expected), frame.time
+
+
 def test_every_max_frames_and_sub_second_sampling(videos):
     path = videos["libx264.mp4"]
     assert _times(path) == [0, 2, 4, 6, 8]
