@@ -34,8 +34,9 @@ WIDTH, HEIGHT, FPS = 1920, 1080, 30
 
 
 def make_video(path: Path, seconds: int, gop: int) -> Path:
-    """1080p H.264 (veryfast, crf 23, yuv420p) at 30 fps: a textured picture panning, a square
-    moving across it, another picture every 10 s."""
+    """1080p H.264 (veryfast, crf 23, yuv420p) at 30 fps: a textured picture panning (jumping
+    back by 192 pixels every 64 frames, a cut for --scenes), a square moving across it, another
+    picture every 10 s."""
     if path.exists():
         return path
     import av

@@ -286,14 +286,28 @@ class ImagePipeline:
             slots[index] = queue.Queue(maxsize=4)
             todo.put(index)
 
+        stopped = threading.Event()  # the consumer left: a worker must not wait on a full slot forever
+
+        def put(slot: queue.Queue, item) -> bool:
+            while not stopped.is_set():
+                try:
+                    slot.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def work() -> None:
             while True:
                 index = todo.get()
                 if index is None:
                     return
-                for item in self._decode_items(index, sources[index]):
-                    slots[index].put(item)
-                slots[index].put(_END)
+                items = self._decode_items(index, sources[index])
+                for item in items:
+                    if not put(slots[index], item):
+                        items.close()  # a video's file is closed now, not when collected
+                        return
+                put(slots[index], _END)
 
         threads = [threading.Thread(target=work, name="siglip-decode", daemon=True) for _ in range(self.workers)]
         for thread in threads:
@@ -302,12 +316,14 @@ class ImagePipeline:
         try:
             for index in range(len(sources)):
                 slot = slots[index]
+                item = slot.get()
                 ahead = index + window
                 if ahead < len(sources):
                     slots[ahead] = queue.Queue(maxsize=4)
                     todo.put(ahead)
-                while (item := slot.get()) is not _END:
+                while item is not _END:
                     yield item
+                    item = slot.get()
                 del slots[index]
         except KeyboardInterrupt:
             interrupted = True  # Ctrl-C ends the process at once (os._exit): nothing to wait for
@@ -317,6 +333,7 @@ class ImagePipeline:
             # that is inside Pillow or numpy when the interpreter shuts down is ended with
             # pthread_exit, which aborts the process through C++ frames (exit 134). A decoder
             # stuck on a slow URL is not waited for long: its read times out on its own.
+            stopped.set()
             for _ in threads:
                 todo.put(None)
             deadline = time.monotonic() + (0.0 if interrupted else DECODER_STOP_WAIT)

@@ -74,6 +74,22 @@ def test_sampled_frames_are_the_frames_decoded_at_those_times(videos, kind):
         assert np.abs(got.astype(int) - expected.astype(int)).max() == 0, frame.time
 
 
+@pytest.mark.parametrize("every", [1.3, 0.4])
+def test_frames_skipped_on_the_way_to_a_sample_never_change_it(tmp_path, every):
+    """With B-frames, the frames nothing refers to are not decoded while the sample time is far;
+    the sampled frames are still exactly those of a full decode."""
+    path = make_video(tmp_path / "bframes.mp4", seconds=6, gop=30, preset="medium")
+    assert "B" in decoded_frames(path, kinds=True)
+    reference = decoded_frames(path)
+    sampled = list(sample_frames(str(path), path.name, VideoSampling(every=every)))
+    targets = sample_times(6.0, VideoSampling(every=every))
+    assert len(sampled) == len(targets)
+    for target, frame in zip(targets, sampled):
+        seconds, expected = next((t, pixels) for t, pixels in reference if t >= target - 0.05)  # 10 fps: half a frame
+        assert abs(seconds - frame.time) < 1e-6, (target, frame.time)
+        assert np.array_equal(np.asarray(frame.image), expected), frame.time
+
+
 def test_every_max_frames_and_sub_second_sampling(videos):
     path = videos["libx264.mp4"]
     assert _times(path) == [0, 2, 4, 6, 8]
@@ -478,3 +494,26 @@ def test_resume_redoes_a_video_the_interrupted_run_did_not_finish(tiny_checkpoin
     assert store.names == [f"{a}#t={t}" for t in (0, 2, 4, 6, 8)] + [f"{b}#t={t}" for t in (0, 2, 4, 6, 8)]
     pictures = [f.image for f in sample_frames(a, "x")]
     np.testing.assert_allclose(np.asarray(store.rows[:5]), engine.embed_images(pictures), atol=1e-5)
+
+
+def test_a_consumer_that_stops_early_leaves_no_decode_thread_waiting(tiny_checkpoint, videos):
+    """Frames stream through a small queue per video: when the reader of the results stops
+    (a `head`, an error), the decode threads end instead of blocking on a full queue."""
+    import threading
+    import time
+
+    import siglip_cli
+    from siglip_cli.sources import Source
+
+    engine = siglip_cli.load(str(tiny_checkpoint), device="cpu", dtype="fp32", use_cache=False)
+    engine.video = VideoSampling(every=0.2)  # 50 frames: more than the queue holds
+    pipeline = engine.image_pipeline(batch_size=2, workers=2)
+    path = str(videos["libx264.mp4"])
+    items = pipeline.decoded([Source(path, path), Source(path + "-2", path)])
+    first = next(items)
+    assert first.name == f"{path}#t=0" and first.time == 0
+    items.close()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(t.name == "siglip-decode" for t in threading.enumerate()):
+        time.sleep(0.05)
+    assert not any(t.name == "siglip-decode" for t in threading.enumerate())

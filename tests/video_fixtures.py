@@ -24,7 +24,8 @@ def frame_picture(number: int, size=SIZE, scene: int = 0) -> np.ndarray:
 
 
 def make_video(path: Path, codec: str = "libx264", fps: int = 10, seconds: float = 10.0, gop: int = 10, size=SIZE,
-               rotation: int | None = None, cut_at: float | None = None, times: list[float] | None = None) -> Path:
+               rotation: int | None = None, cut_at: float | None = None, times: list[float] | None = None,
+               preset: str = "ultrafast") -> Path:
     """A video of `seconds` at `fps` (or frames at the given `times`, a variable rate), a
     keyframe every `gop` frames; with `cut_at`, another scene from that time on."""
     import av
@@ -35,7 +36,7 @@ def make_video(path: Path, codec: str = "libx264", fps: int = 10, seconds: float
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = gop
         if codec == "libx264":
-            stream.options = {"crf": "18", "preset": "ultrafast"}
+            stream.options = {"crf": "18", "preset": preset}  # ultrafast: no B-frames; medium: 3
         if rotation is not None:
             stream.set_display_rotation(rotation)
         if times is not None:
@@ -58,11 +59,14 @@ def make_video(path: Path, codec: str = "libx264", fps: int = 10, seconds: float
     return path
 
 
-def decoded_frames(path: Path) -> list[tuple[float, np.ndarray]]:
-    """Every frame of the video, decoded in order from the start (no seeking): (time, RGB)."""
+def decoded_frames(path: Path, kinds: bool = False) -> list:
+    """Every frame of the video, decoded in order from the start (no seeking): (time, RGB), or
+    with `kinds` the picture types ("I", "P", "B")."""
     import av
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         start = stream.start_time or 0
+        if kinds:
+            return [" IPB"[int(f.pict_type)] if int(f.pict_type) < 4 else "?" for f in container.decode(stream)]
         return [(float((f.pts - start) * stream.time_base), f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
