@@ -43,6 +43,7 @@ import json
 import os
 import shutil
 import struct
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ from .safefiles import (  # noqa: F401  (OutputLock, atomic_write_text, temporar
     temporary_beside,
     text_temporary,
 )
+from .core.config import json_too_deep
 from .store_meta import FORMAT_NAME, FORMAT_VERSION, NORM_TOLERANCE, damaged, parse_meta_json, validate_meta
 
 OUTPUT_SUFFIXES = (".npy", ".npz", ".jsonl", ".parquet")
@@ -703,6 +705,8 @@ def _read_jsonl(path: Path) -> Store:
                 hasher.update(raw)
                 if number > meta["count"]:
                     continue  # counted below
+                if json_too_deep(raw):
+                    raise ValueError("nested too deep")
                 record = json.loads(raw.decode("utf-8", "surrogateescape"))
                 if not isinstance(record, dict):
                     raise ValueError("not an object")

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from .core.config import json_too_deep
 from .core.errors import OutputError
 
 FORMAT_NAME = "siglip-embeddings"
@@ -42,6 +43,8 @@ def damaged(path: Path, why: str) -> OutputError:
 def parse_meta_json(path: Path, text: str | bytes) -> Any:
     """JSON text -> Python, a damaged text (or one nested 100,000 deep) as one line."""
     try:
+        if json_too_deep(text):
+            raise RecursionError
         return json.loads(text)
     except RecursionError:
         raise damaged(path, "its meta is nested too deep to be one") from None

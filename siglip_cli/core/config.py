@@ -21,6 +21,7 @@ built by name without downloading anything (`siglip bench` uses it).
 from __future__ import annotations
 
 import json
+import re
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -323,11 +324,34 @@ def preprocess_config_from_hf(raw: dict[str, Any], vision: VisionConfig, source:
     return PreprocessConfig(**values)
 
 
+MAX_JSON_DEPTH = 200
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def json_too_deep(text: str | bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether JSON text nests arrays or objects deeper than `limit`, found without parsing it.
+    json.loads would find out by a RecursionError, and on CPython 3.11 a RecursionError raised
+    in C code leaves the interpreter's AST recursion counter wrong, so that a later ast.parse
+    or compile() in the same process fails (gh-106905): a long-lived process (siglip serve, the
+    test suite) must never raise one."""
+    import numpy as np
+
+    data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False
+    codes = np.frombuffer(_JSON_STRING.sub(b"", data), dtype=np.uint8)
+    steps = (np.isin(codes, (0x5B, 0x7B)).astype(np.int32) - np.isin(codes, (0x5D, 0x7D)).astype(np.int32))
+    return bool(steps.size) and int(np.cumsum(steps).max()) > limit
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON file holding an object, or ModelUnavailable naming the file and the problem."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        if json_too_deep(raw):
+            raise RecursionError
+        data = json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise ModelUnavailable(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except UnicodeDecodeError as exc:
