@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..results import BenchRow, DuplicateGroup, ImageScores, IndexInfo, InputFailure, NeighbourHistogram, SearchHit, SearchResult, SimilarityMatrix, VideoSummary
-from .terminal import printable
+from .terminal import end_activity, printable
 
 FORMATS = ("table", "json", "jsonl", "csv", "paths", "paths0")
 MATRIX_MAX_LABELS = 6  # more labels than this: the many-image table shows the best 3 instead
@@ -136,6 +136,7 @@ def emit(results: Iterable[Any], fmt: str, view: View, out: IO[str] | None = Non
     exists); the other formats need every result first. Returns the results. `note` tells
     (on stderr) what the paths format had to leave out."""
     out = out or sys.stdout
+    end_activity()  # the spinner (stderr) leaves the screen before any result is printed
     if fmt in ("paths", "paths0"):
         return _emit_paths(results, fmt == "paths0", view, out, note or _stderr_note)
     if fmt == "jsonl":
