@@ -519,3 +519,17 @@ def test_a_full_disk_during_moves_is_one_line_and_undo_restores_everything(tmp_p
         assert hashlib.sha256((there if there.exists() else here).read_bytes()).hexdigest() == before[name]
     assert cli("dedupe", "--undo", tmpfs / "dups").exit_code == 0
     assert _tree(photos) == before
+
+
+def test_a_relative_folder_updates_its_index_from_the_same_place(env, tmp_path, monkeypatch):
+    """Typed as a user does (`siglip dedupe photos --index vecs.npy` inside the folder): the
+    index names files by absolute path, as embed does, so the second run keeps every row."""
+    build_corpus(tmp_path / "photos")
+    monkeypatch.chdir(tmp_path)
+    first = cli("dedupe", "photos", "--index", "vecs.npy", "--json", env=env)
+    assert first.exit_code == 0, first.stderr
+    second = cli("dedupe", "photos", "--index", "vecs.npy", "--json", env=env)
+    assert second.exit_code == 0, second.stderr
+    assert "0 embedded, 13 kept from before" in second.stderr
+    assert all(os.path.isabs(name) for name in open_store(tmp_path / "vecs.npy").names)
+    assert _groups(second.stdout) == _groups(first.stdout)

@@ -66,7 +66,7 @@ def update_store(options, listing, index: Path, load_engine, progress_bar, note:
     from .embed import embed_to_store, previous_meta, refuse_foreign_file, refuse_overwriting_inputs
 
     check_output_path(index)
-    plan = EmbedPlan(listing.sources, [], listing.failures)
+    plan = EmbedPlan.from_listing(listing)  # files by absolute path, as embed stores them
     refuse_overwriting_inputs(index, plan, [])
     update = index.exists()
     refuse_foreign_file(index)
