@@ -49,6 +49,7 @@ class ImageResult:
     name: str
     vector: np.ndarray | None = None
     error: str | None = None
+    time: float = -1.0  # a video frame's time; the server embeds still images only, so always -1
 
 
 @dataclass
