@@ -413,10 +413,17 @@ def settle_stored_paths(base: Store, plan: EmbedPlan, relative_to: Path | None, 
     images = names[: base.image_count]
     relative = [i for i, name in enumerate(images) if is_relative_name(name)]
     wanted = {s.name for s in plan.images}
+    frames = base.times[: base.image_count] >= 0
+
+    def files(names: Sequence[str]) -> list[str]:
+        """The files that rows come from: a video frame's row names the video plus #t=."""
+        return [name.rpartition("#t=")[0] if frame else name for name, frame in zip(names, frames)]
+
     if relative:
         folders = [str(relative_to.expanduser().absolute())] if relative_to is not None else list(
             dict.fromkeys([os.getcwd(), str(base.path.parent.absolute())]))
-        found = {folder: sum(absolute_name(images[i], folder) in wanted for i in relative) for folder in folders}
+        from_files = files(images)
+        found = {folder: sum(absolute_name(from_files[i], folder) in wanted for i in relative) for folder in folders}
         folder = max(folders, key=lambda f: found[f])  # the first, on a tie
         if not found[folder] and wanted:
             where = f"--relative-to {folders[0]}" if relative_to is not None else f"the working folder ({folders[0]})" + (
@@ -431,7 +438,7 @@ def settle_stored_paths(base: Store, plan: EmbedPlan, relative_to: Path | None, 
              f"absolute); read against {folder}, they are stored absolute from now on")
         base = base.with_names(names)
         images = names[: base.image_count]
-    if images and wanted and wanted.isdisjoint(images):
+    if images and wanted and wanted.isdisjoint(files(images)):
         raise UsageError(
             f"--update: none of the {len(images)} images in {base.path} is among the inputs (a moved or renamed folder?), "
             "so the update would embed every input again; check the paths, or run without --update to embed them anew")
