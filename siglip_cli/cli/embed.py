@@ -115,7 +115,9 @@ def embed_to_store(
                 note(f"resuming: {run.resumed} rows already done in {run.partial.folder}")
             images, _, texts = run.todo()
             if base is not None:
-                known = {**base.image_rows(), **base.video_rows()}
+                times = base.times
+                stills = {name: row for name, row in base.image_rows().items() if times[row] < 0}
+                known = {**stills, **base.video_rows()}  # files: a video once, not each frame
                 changed = sum(1 for s in images if s.name in known)
                 gone = len(set(known) - {s.name for s in plan.images})
                 note(f"--update: {len(images) - changed} new (or skipped before), {changed} changed, "
