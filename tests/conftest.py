@@ -255,3 +255,20 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
 
     Image.new("1", (12000, 12000)).save(bomb)
     return {"truncated": truncated, "not_image": not_image, "empty": empty, "bomb": bomb}
+
+
+@pytest.fixture()
+def run(tiny_checkpoint, tmp_path, monkeypatch):
+    """The CLI in-process on the tiny checkpoint, with a label cache of the test's own:
+    run("classify", path, "--labels", "a,b") -> typer's Result (stdout, stderr, exit_code)."""
+    from typer.testing import CliRunner
+
+    from siglip_cli.cli.app import app
+
+    monkeypatch.setenv("SIGLIP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SIGLIP_MODEL", str(tiny_checkpoint))
+
+    def invoke(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    return invoke

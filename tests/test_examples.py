@@ -43,17 +43,6 @@ def corpus(tmp_path) -> tuple[Path, Path]:
     return examples, queries
 
 
-@pytest.fixture()
-def run(tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("SIGLIP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("SIGLIP_MODEL", str(tiny_checkpoint))
-
-    def invoke(*args):
-        return CliRunner().invoke(app, [str(a) for a in args])
-
-    return invoke
-
-
 def accuracy(stdout: str) -> float:
     records = json.loads(stdout)
     return float(np.mean([Path(r["path"]).name.split("-")[0] == r["labels"][0]["label"] for r in records]))

@@ -48,17 +48,6 @@ def victim(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture()
-def run(tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("SIGLIP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("SIGLIP_MODEL", str(tiny_checkpoint))
-
-    def invoke(*args):
-        return CliRunner().invoke(app, [str(a) for a in args])
-
-    return invoke
-
-
 def _one_error_line(stderr: str) -> str:
     assert "Traceback" not in stderr, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("siglip: error:")]

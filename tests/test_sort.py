@@ -30,17 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
-def run(tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("SIGLIP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("SIGLIP_MODEL", str(tiny_checkpoint))
-
-    def invoke(*args):
-        return CliRunner().invoke(app, [str(a) for a in args])
-
-    return invoke
-
-
-@pytest.fixture()
 def photos(tmp_path) -> Path:
     """Eight images, two of them sharing a file name in different folders."""
     folder = tmp_path / "photos"

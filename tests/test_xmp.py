@@ -76,17 +76,6 @@ def listed(value) -> list:
 
 
 @pytest.fixture()
-def run(tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("SIGLIP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("SIGLIP_MODEL", str(tiny_checkpoint))
-
-    def invoke(*args):
-        return CliRunner().invoke(app, [str(a) for a in args])
-
-    return invoke
-
-
-@pytest.fixture()
 def photos(tmp_path) -> Path:
     folder = tmp_path / "photos"
     folder.mkdir()
