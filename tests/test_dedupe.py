@@ -533,3 +533,17 @@ def test_a_relative_folder_updates_its_index_from_the_same_place(env, tmp_path, 
     assert "0 embedded, 13 kept from before" in second.stderr
     assert all(os.path.isabs(name) for name in open_store(tmp_path / "vecs.npy").names)
     assert _groups(second.stdout) == _groups(first.stdout)
+
+
+def test_videos_are_reported_not_silently_dropped(env, tmp_path):
+    """dedupe compares image files: a named video is one error line (the images still grouped),
+    and --video is refused rather than walking folders for videos it would ignore."""
+    folder = tmp_path / "photos"
+    build_corpus(folder)
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(64))
+    result = cli("dedupe", folder, tmp_path / "clip.mp4", "--json", env=env)
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'clip.mp4'}: a video; dedupe compares images only" in result.stderr
+    assert _members(_groups(result.stdout))  # the photos were still compared
+    refused = cli("dedupe", folder, "--video", env=env)
+    assert refused.exit_code == 2 and "videos are not supported yet" in refused.stderr

@@ -324,12 +324,35 @@ def run(request: DedupeRequest) -> bool:
     return bool(found.skipped or moves_skipped)
 
 
+def without_videos(listing):
+    """A video named as an input is reported and left out: dedupe compares image files (a video's
+    frames are not files it could move)."""
+    from ..core.video import is_video_name
+    from ..sources import Failure, Listing
+
+    kept, failures, removed = [], [], 0
+    pending = sorted(listing.failures, key=lambda f: f.before)
+    for position, source in enumerate(listing.sources):
+        while pending and pending[0].before <= position:
+            failure = pending.pop(0)
+            failures.append(Failure(failure.name, failure.error, failure.before - removed))
+        if isinstance(source.value, str) and is_video_name(source.value):
+            failures.append(Failure(source.name, f"{source.name}: a video; dedupe compares images only (videos are not supported yet)", len(kept)))
+            removed += 1
+        else:
+            kept.append(source)
+    failures += [Failure(f.name, f.error, f.before - removed) for f in pending]
+    return Listing(kept, failures, listing.duplicates)
+
+
 def inputs_of(request: DedupeRequest, list_inputs, load_engine, progress_bar, note) -> DedupeInputs:
     """PATHS embedded in memory; PATHS with --index: the store brought up to date, then read;
     --index alone: the store read as it is."""
     skipped: list[str] = []
+    if request.options.video:
+        raise UsageError("dedupe compares image files; videos are not supported yet (leave out --video)")
     if request.inputs:
-        listing = list_inputs(request.inputs, request.recursive)
+        listing = without_videos(list_inputs(request.inputs, request.recursive))
         no_inputs(listing)
         if request.index is None:
             return embed_in_memory(load_engine(request.options), listing, progress_bar, note)
