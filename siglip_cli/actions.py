@@ -48,6 +48,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from .core.errors import InputError, OutputError, UsageError
+from .safefiles import _read_owner  # the lock's owner, as the output lock reports it
 
 SORT_MANIFEST = "siglip-sort.jsonl"
 DEDUPE_MANIFEST = "siglip-dedupe.jsonl"
@@ -222,13 +223,23 @@ class FolderLock:
         self.fd = None
 
 
-def _read_owner(fd: int) -> str:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        owner = json.loads(os.read(fd, 4096) or b"{}")
-        return f"pid {owner['pid']}, started {owner['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+def is_inside(path: Path, folder: Path) -> bool:
+    """`path` is `folder` or below it (both resolved by the caller)."""
+    return path == folder or folder in path.parents
+
+
+def check_destination(flag: str, given: Path, target: Path, input_folders: list[Path]) -> None:
+    """A destination folder for the user's files (--sort-into, --move-to), refused before any
+    work when it lies inside an input folder (the next run would take what we put there as
+    inputs) or when the nearest existing folder on its way is not writable."""
+    for root in input_folders:
+        if is_inside(target, root):
+            raise UsageError(f"{flag} {given}: is inside the input folder {root}; choose a folder outside the inputs")
+    parent = target
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {given}: {parent} is not writable")
 
 
 # ============================================================================ reading a manifest

@@ -13,7 +13,6 @@ import errno
 import os
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Iterator, List, Optional
 
@@ -53,6 +52,9 @@ from .options import (
     RecursiveOpt,
     ServerOpt,
     SortAction,
+    DedupeLevel,
+    KeepRule,
+    NeighbourMethod,
     ShardSizeOpt,
     TemplateOpt,
     TextsFileOpt,
@@ -722,25 +724,6 @@ def info(
 
 
 # ----------------------------------------------------------------------------- dedupe
-class DedupeLevel(str, Enum):
-    exact = "exact"
-    near = "near"
-    similar = "similar"
-
-
-class KeepRule(str, Enum):
-    largest = "largest"
-    oldest = "oldest"
-    newest = "newest"
-    first = "first"
-
-
-class NeighbourMethod(str, Enum):
-    auto = "auto"
-    exact = "exact"
-    approximate = "approximate"
-
-
 @app.command()
 @model_options()
 def dedupe(

@@ -25,6 +25,7 @@ from ..core.errors import InputError, SiglipError, UsageError
 from ..core.scoring import rank
 from ..results import FileAction, ImageScores, LabelOverTime, LabelScore, VideoSummary
 from ..sources import Listing, Source
+from ..actions import check_destination, is_inside
 from .terminal import printable
 
 UNSORTED = "_unsorted"
@@ -151,36 +152,18 @@ def label_folders(labels: Sequence[str]) -> dict[str, str]:
 
 
 # ============================================================================ checks before any work
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-        return True
-    except ValueError:
-        return False
-
-
 def check_sort_folder(folder: Path, arguments: Sequence[str], listing: Listing) -> Path:
     """The resolved DIR, refused when it and the inputs nest (sorting a folder into itself would
     feed the sorted files back into the next run) or when it cannot be a folder."""
     target = Path(os.path.realpath(folder))
     if target.exists() and not target.is_dir():
         raise UsageError(f"--sort-into {folder}: is a file, not a folder")
-    for argument in arguments:
-        if argument == "-" or "://" in argument:
-            continue
-        if os.path.isdir(argument):
-            where = Path(os.path.realpath(argument))
-            if _inside(target, where):
-                raise UsageError(f"--sort-into {folder}: is inside the input folder {argument}; choose a folder outside the inputs")
+    folders = [Path(os.path.realpath(a)) for a in arguments if a != "-" and "://" not in a and os.path.isdir(a)]
+    check_destination("--sort-into", folder, target, folders)
     for source in listing.sources:
         if isinstance(source.value, str) and "://" not in source.value:
-            if _inside(Path(os.path.realpath(source.value)), target):
+            if is_inside(Path(os.path.realpath(source.value)), target):
                 raise UsageError(f"--sort-into {folder}: input {source.name} is already inside it; choose another folder")
-    parent = target
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--sort-into {folder}: {parent} is not writable")
     return target
 
 

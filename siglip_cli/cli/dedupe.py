@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..actions import check_destination
 from ..core.errors import InputError, UsageError
 from ..duplicates import Thresholds, candidate_links, exact_classes, file_facts, form_groups, keep_order, nearest_histogram
 from ..knn import self_neighbours
@@ -167,10 +168,6 @@ def no_inputs(listing) -> None:
 
 
 # ============================================================================ moves
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
 def common_root(paths: list[str]) -> Path:
     folders = [os.path.dirname(os.path.realpath(p)) for p in paths]
     return Path(os.path.commonpath(folders)) if folders else Path.cwd()
@@ -186,14 +183,7 @@ def check_move_folder(folder: Path, arguments: list[str], names: list[str]) -> P
     local = [n for n in names if "://" not in n]
     if local:
         roots.append(common_root(local))
-    for root in roots:
-        if _inside(target, root):
-            raise UsageError(f"--move-to {folder}: is inside the input folder {root}; choose a folder outside the inputs")
-    parent = target
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--move-to {folder}: {parent} is not writable")
+    check_destination("--move-to", folder, target, roots)
     return target
 
 

@@ -55,6 +55,25 @@ class ListFormat(str, Enum):
     paths = "paths"
 
 
+class DedupeLevel(str, Enum):
+    exact = "exact"
+    near = "near"
+    similar = "similar"
+
+
+class KeepRule(str, Enum):
+    largest = "largest"
+    oldest = "oldest"
+    newest = "newest"
+    first = "first"
+
+
+class NeighbourMethod(str, Enum):
+    auto = "auto"
+    exact = "exact"
+    approximate = "approximate"
+
+
 class SortAction(str, Enum):
     copy = "copy"
     link = "link"

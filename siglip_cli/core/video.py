@@ -190,7 +190,7 @@ class _Video:
             raise
 
     def _check(self, max_pixels: int | None) -> None:
-        av, name = self.av, self.name
+        name = self.name
         format_name = self.container.format.name
         if any(part in format_name for part in _STILL_FORMATS):
             raise InputError(f"{name}: is a still image ({format_name}), not a video; give it an image suffix")
@@ -202,14 +202,11 @@ class _Video:
         context = self.stream.codec_context
         if context is None or context.codec is None:
             raise InputError(f"{name}: its video codec cannot be decoded here (unsupported codec)")
-        width, height = context.width, context.height
-        if max_pixels and width * height > max_pixels:
-            raise InputError(
-                f"{name}: its frames are {width}x{height}, {width * height / 1e6:.1f} megapixels, over the "
-                f"--max-pixels limit of {max_pixels / 1e6:g} megapixels"
-            )
-        if width == 0 or height == 0:
-            raise InputError(f"{name}: its frames are {width}x{height} pixels: nothing to look at")
+        from .images import _too_many_pixels  # the same cap and message as for photos
+
+        refused = _too_many_pixels(name, context.width, context.height, max_pixels)
+        if refused is not None:
+            raise refused
         self.time_base = self.stream.time_base
         self.start = self.stream.start_time or 0
         rate = self.stream.average_rate or self.stream.guessed_rate
