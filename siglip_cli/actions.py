@@ -258,10 +258,13 @@ class Step:
     undo_temporary: str | None = None  # beside the source, for a cross-device move back
 
 
-def read_manifest(path: Path) -> list[Step]:
+def read_manifest(path: Path, make_step=None) -> list:
     """The steps a manifest records, checked whole before anything acts on them. A last line
     without its newline is a write a crash cut short (its step never began) and is ignored;
-    anything else that does not parse is refused."""
+    anything else that does not parse is refused. `make_step(record, number)` builds a step from
+    its `begin` record (the sort and dedupe manifests' Step by default; the sidecar journal's
+    SidecarStep), raising ValueError, TypeError or KeyError for one that does not check out."""
+    make_step = make_step or _step_from
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -299,7 +302,7 @@ def read_manifest(path: Path) -> list[Step]:
             raise refuse(number, "no step number")
         if event == "begin":
             try:
-                step = _step_from(record, step_number)
+                step = make_step(record, step_number)
             except (ValueError, TypeError, KeyError) as exc:
                 raise refuse(number, str(exc)) from None
             if step_number in steps:
@@ -339,12 +342,16 @@ def _step_from(record: dict, number: int) -> Step:
     destination = _check_relative(record["destination"], "destination")
     temporary = record.get("temporary")
     temporary = _check_relative(temporary, "temporary") if temporary is not None else None
-    size, sha = record["size"], record["sha256"]
+    size, sha = _checked_digest(record["size"], record["sha256"])
+    return Step(number, op, Path(source), destination, temporary, size, sha)
+
+
+def _checked_digest(size, sha) -> tuple[int, str]:
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ValueError("bad size")
     if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
         raise ValueError("bad sha256")
-    return Step(number, op, Path(source), destination, temporary, size, sha)
+    return size, sha
 
 
 # ============================================================================ the journal
@@ -358,6 +365,8 @@ class Journal:
     a read-only source folder) come back as a skipped Outcome; problems that would hit every
     later file too (a full disk, an unwritable folder) raise OutputError after the journal says
     so and the half-made temporary is gone."""
+
+    make_step = staticmethod(_step_from)  # a `begin` record -> its step, for read_manifest
 
     def __init__(self, folder: Path, manifest: str = SORT_MANIFEST, command: str = "siglip"):
         self.root = Path(folder)
@@ -385,7 +394,7 @@ class Journal:
         self._lock = FolderLock(self._root_fd, self.root, self.manifest_name)
         try:
             self._lock.acquire()
-            steps = read_manifest(self.manifest)
+            steps = read_manifest(self.manifest, self.make_step)
             self._next = max((step.number for step in steps), default=0) + 1
             self._log_fd = self._open_log()
         except BaseException:
@@ -857,3 +866,269 @@ def undo_summary(outcomes: list[UndoOutcome]) -> str:
     if not outcomes:
         return "nothing to undo (everything recorded was undone already)"
     return f"undo: {counts['restored']} moved back, {counts['removed']} copies or links removed, {counts['kept']} left in place"
+
+
+# ============================================================================ files edited in place: XMP sidecars
+XMP_MANIFEST = "siglip-xmp.jsonl"
+SAVED_FOLDER = ".siglip-xmp-previous"  # each replaced sidecar's bytes, named by their sha256; a dot, so never a label folder
+
+
+@dataclass
+class SidecarStep:
+    """One sidecar write as its `begin` record states it: the file, what it held before (nothing,
+    or `previous_size` bytes with `previous_sha256`, kept in the journal under that digest, and
+    its permission bits) and what we were about to write (`size`, `sha256`)."""
+
+    number: int
+    path: Path
+    existed: bool
+    previous_size: int | None
+    previous_sha256: str | None
+    mode: int | None
+    size: int
+    sha256: str
+    finished: str | None = None
+    method: str = ""
+    undone: bool = False
+    undo_temporary: str | None = None
+
+
+def _sidecar_step_from(record: dict, number: int) -> SidecarStep:
+    if record["op"] != "xmp":
+        raise ValueError(f"unknown op {record['op']!r}")
+    path = record["path"]
+    # undo writes and removes only files named *.xmp, wherever a hand-edited journal points
+    if not isinstance(path, str) or not os.path.isabs(path) or "\x00" in path or not path.lower().endswith(".xmp"):
+        raise ValueError(f"path {path!r} is not an absolute path to an .xmp file")
+    existed = record["existed"]
+    if not isinstance(existed, bool):
+        raise ValueError("bad existed")
+    size, sha = _checked_digest(record["size"], record["sha256"])
+    previous_size = previous_sha = mode = None
+    if existed:
+        previous_size, previous_sha = _checked_digest(record["previous_size"], record["previous_sha256"])
+        mode = record["mode"]
+        if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777:
+            raise ValueError("bad mode")
+    return SidecarStep(number, Path(path), existed, previous_size, previous_sha, mode, size, sha)
+
+
+def default_state_dir() -> Path:
+    """Where siglip keeps what it must find again (the XMP journals): $SIGLIP_STATE_DIR, else
+    $XDG_STATE_HOME/siglip-cli, else ~/.local/state/siglip-cli (named like the cache dir)."""
+    if os.environ.get("SIGLIP_STATE_DIR"):
+        return Path(os.environ["SIGLIP_STATE_DIR"]).expanduser()
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "siglip-cli"
+
+
+def new_sidecar_journal_folder() -> Path:
+    """A new, empty folder for one --write-xmp run's journal: <state dir>/xmp/<UTC time>-<pid>/
+    (private: it keeps copies of the sidecars it replaces)."""
+    parent = default_state_dir() / "xmp"
+    stamp = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
+    try:
+        os.makedirs(parent, 0o700, exist_ok=True)
+        for number in range(1, 100):
+            folder = parent / (stamp if number == 1 else f"{stamp}-{number}")
+            try:
+                os.mkdir(folder, 0o700)
+                return folder
+            except FileExistsError:
+                continue
+    except OSError as exc:
+        raise _cannot_write(parent, exc) from None
+    raise OutputError(f"{parent}: no free name for a new journal folder")
+
+
+class SidecarJournal(Journal):
+    """Rewrites of files that live beside the user's images, in many folders (XMP sidecars),
+    recorded in `folder/siglip-xmp.jsonl`, a folder of their own. Before each write the journal
+    holds a verified copy of the bytes it replaces (`folder/.siglip-xmp-previous/<sha256>`) and a `begin`
+    record (path, whether it existed, the previous size, sha256 and permissions, the new size and
+    sha256), fsynced; the write itself is atomic (temporary beside, fsync, rename); `done` follows
+    with the new sha256. So `undo_sidecars` can put every sidecar back byte for byte, also after
+    a SIGKILL at any point."""
+
+    make_step = staticmethod(_sidecar_step_from)
+
+    def __init__(self, folder: Path, command: str = "siglip classify --write-xmp"):
+        super().__init__(folder, XMP_MANIFEST, command)
+
+    def replace(self, path: Path, previous: bytes | None, mode: int | None, new: bytes) -> Outcome:
+        """Write `new` at `path`, which held `previous` (None: nothing) with permissions `mode`.
+        A per-file problem (the sidecar changed meanwhile, a read-only folder) comes back as a
+        skipped Outcome; one with the journal itself raises OutputError before the sidecar is
+        touched."""
+        from .safefiles import bytes_temporary, replace_into_place
+
+        path = Path(os.path.abspath(path))
+        size, sha = len(new), hashlib.sha256(new).hexdigest()
+        about = {"existed": previous is not None}
+        if previous is not None:
+            about.update(previous_size=len(previous), previous_sha256=self._save(previous), mode=mode)
+        step = self._next
+        self._next += 1
+        self.record(event="begin", step=step, op="xmp", path=str(path), size=size, sha256=sha, **about)
+        if _digest_now(path) != ((len(previous), about["previous_sha256"]) if previous is not None else None):
+            why = f"{path}: changed while being tagged; left as it is"
+            self.record(event="failed", step=step, reason=why)
+            return Outcome("xmp", path, skipped=why)
+        try:
+            tmp = bytes_temporary(path, new)
+            if mode is not None:
+                os.chmod(tmp, mode)
+            replace_into_place(tmp, path)
+        except OSError as exc:
+            self.record(event="failed", step=step, reason=exc.strerror or str(exc))
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                why = f"{path}: cannot write the sidecar ({exc.strerror}); the folder is read-only"
+                return Outcome("xmp", path, skipped=why)
+            raise _cannot_write(path, exc) from None
+        method = "merged" if previous is not None else "new"
+        self.record(event="done", step=step, sha256=sha, method=method)
+        return Outcome("xmp", path, path, method)
+
+    def _save(self, data: bytes) -> str:
+        """Keep `data` as SAVED_FOLDER/<its sha256> in the journal, verified by reading it back; an
+        identical copy already there is reused. Returns the sha256."""
+        sha = hashlib.sha256(data).hexdigest()
+        folder = self.folder_fd((SAVED_FOLDER,))
+        where = self.root / SAVED_FOLDER / sha
+        try:
+            if _exists_at(sha, folder):
+                if file_digest(sha, folder, follow=False) == (len(data), sha):
+                    return sha
+                os.unlink(sha, dir_fd=folder)  # a damaged copy of ours: made again below
+            temporary = f".{sha}.{secrets.token_hex(4)}.siglip-tmp"
+            fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=folder)
+            try:
+                _reserve(fd, len(data))
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+                if _hash_fd(fd) != (len(data), sha):
+                    raise OutputError(f"{where}: the copy of a sidecar read back differently; the journal's disk is failing")
+                _claim(temporary, sha, folder)
+            finally:
+                os.close(fd)
+                _unlink_quietly(temporary, folder)
+        except _Skip:  # another copy of the same bytes took the name meanwhile
+            pass
+        except OSError as exc:
+            raise _cannot_write(where, exc) from None
+        _fsync(folder)
+        return sha
+
+    def saved(self, sha: str) -> bytes | None:
+        """The journal's copy of the bytes with this sha256, or None when missing or damaged."""
+        folder = self.folder_fd((SAVED_FOLDER,), create=False)
+        if folder is None:
+            return None
+        try:
+            fd = os.open(sha, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=folder)
+        except OSError:
+            return None
+        try:
+            with os.fdopen(fd, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            return None
+        return data if hashlib.sha256(data).hexdigest() == sha else None
+
+
+def _digest_now(path: Path) -> tuple[int, str] | None | str:
+    """(size, sha256) of the regular file at `path`, None when there is none, or a word for what
+    is there instead (a symbolic link, a folder...)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if not stat.S_ISREG(info.st_mode):
+        return "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+    try:
+        return file_digest(path, follow=False)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+
+
+def is_sidecar_journal(folder: Path) -> bool:
+    return os.path.lexists(Path(folder) / XMP_MANIFEST)
+
+
+def undo_sidecars(folder: Path) -> list[UndoOutcome]:
+    """Put back what the sidecar journal in `folder` records, newest step first: a sidecar that
+    still holds what we wrote gets its previous bytes back (atomically, with its permissions), or
+    is removed when we created it; one changed since by anyone else is left with a note. Decided
+    by what is on disk, so it also finishes after a SIGKILL, and a second undo does nothing. The
+    journal and its copies stay, recording the undo."""
+    from .safefiles import remove_stale_temporaries
+
+    folder = Path(folder)
+    if not is_sidecar_journal(folder):
+        if not folder.is_dir():
+            raise UsageError(f"{folder}: no such folder")
+        raise UsageError(f"{folder}: holds no {XMP_MANIFEST}, so there is nothing to undo")
+    journal = SidecarJournal(folder, command="undo")
+    journal.open(create=False)
+    outcomes: list[UndoOutcome] = []
+    try:
+        steps = read_manifest(journal.manifest, _sidecar_step_from)
+        pending = [step for step in reversed(steps) if not step.undone]
+        if pending:
+            journal.start_run(undo=True)
+        # a run killed between making a temporary and renaming it left that temporary beside the sidecar
+        remove_stale_temporaries(step.path for step in pending if step.finished is None)
+        for step in pending:
+            outcome = _undo_sidecar(journal, step)
+            journal.record(event="undone", step=step.number, result=outcome.result, note=outcome.note)
+            outcomes.append(outcome)
+    finally:
+        journal.close()
+    return outcomes
+
+
+def _undo_sidecar(journal: SidecarJournal, step: SidecarStep) -> UndoOutcome:
+    from .safefiles import bytes_temporary, fsync_directory, replace_into_place
+
+    def result(kind: str, note: str = "") -> UndoOutcome:
+        return UndoOutcome("xmp", step.path, step.path, kind, note)
+
+    if step.finished == "failed":
+        return result("nothing", "the step had failed; nothing was changed then")
+    now = _digest_now(step.path)
+    if isinstance(now, str):
+        return result("kept", f"now {now}, not the file siglip wrote")
+    if now is None:
+        if step.existed:
+            return result("kept", "removed since siglip wrote it; not recreated")
+        return result("nothing", "not there (never written, or already undone)")
+    if now != (step.size, step.sha256):
+        if step.existed and now == (step.previous_size, step.previous_sha256):
+            return result("nothing", "holds what it held before (never written, or already undone)")
+        return result("kept", "changed since siglip wrote it")
+    if not step.existed:
+        os.unlink(step.path)
+        fsync_directory(step.path.parent)
+        return result("removed")
+    previous = journal.saved(step.previous_sha256)
+    if previous is None:
+        return result("kept", f"the journal's copy of what it held before ({SAVED_FOLDER}/{step.previous_sha256}) is missing or damaged")
+    try:
+        tmp = bytes_temporary(step.path, previous)
+        os.chmod(tmp, step.mode)
+        replace_into_place(tmp, step.path)
+    except OSError as exc:
+        return result("kept", f"cannot write it back ({exc.strerror or exc})")
+    return result("restored")
+
+
+def undo_sidecars_summary(outcomes: list[UndoOutcome]) -> str:
+    if not outcomes:
+        return "nothing to undo (everything recorded was undone already)"
+    counts = {kind: sum(1 for o in outcomes if o.result == kind) for kind in ("restored", "removed", "kept")}
+    return (f"undo: {counts['restored']} sidecars given back what they held before, {counts['removed']} that siglip "
+            f"created removed, {counts['kept']} changed since and left in place")

@@ -11,12 +11,13 @@ elements are replaced; every other byte (ratings, darktable's history, someone's
 the indentation) stays as it was. Parsing is safe: Python's expat with any DOCTYPE refused, so
 no entity can be declared, let alone expanded (no billion laughs, no external files); a sidecar
 over 16 MiB is refused before it is read. The new file replaces the old atomically, with the
-old one's permissions; the image itself is never opened for writing.
+old one's permissions, through a journal (`actions.SidecarJournal`) that keeps the old bytes
+first, so `siglip classify --undo` can put every sidecar back; the image itself is never
+opened for writing.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import stat
@@ -26,7 +27,7 @@ from typing import Sequence
 from xml.parsers import expat
 from xml.sax.saxutils import escape
 
-from .core.errors import InputError, OutputError
+from .core.errors import InputError
 
 RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
 DC = "http://purl.org/dc/elements/1.1/"
@@ -351,12 +352,12 @@ def read_sidecar(path: Path) -> tuple[bytes | None, int | None]:
     return data, stat.S_IMODE(info.st_mode)
 
 
-def write_keywords(image: str | os.PathLike, keywords: Keywords, stem: bool = False) -> tuple[Path, str]:
-    """Merge `keywords` into the image's sidecar (created when missing); returns (sidecar path,
-    "merged" or "new"). The image is only read about, never opened. Raises InputError for a
-    sidecar that cannot be merged (left untouched) and OutputError when it cannot be written."""
-    from .safefiles import bytes_temporary, cannot_write, replace_into_place
-
+def write_keywords(image: str | os.PathLike, keywords: Keywords, journal, stem: bool = False) -> tuple[Path, str]:
+    """Merge `keywords` into the image's sidecar (created when missing) through `journal` (an
+    actions.SidecarJournal, which records the step and keeps the old bytes before the atomic
+    write); returns (sidecar path, "merged", "new" or "unchanged"). The image is only read about,
+    never opened. Raises InputError for a sidecar that cannot be merged or written (left as it
+    is); OutputError from the journal stops the run."""
     path = sidecar_path(image, stem)
     data, mode = read_sidecar(path)
     try:
@@ -365,13 +366,7 @@ def write_keywords(image: str | os.PathLike, keywords: Keywords, stem: bool = Fa
         raise InputError(f"{path}: {exc}; left as it is") from None
     if merged == data:
         return path, "unchanged"
-    try:
-        tmp = bytes_temporary(path, merged)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        replace_into_place(tmp, path)
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise OutputError(f"{path}: cannot write the sidecar ({exc.strerror}); the folder is read-only") from None
-        raise cannot_write(path, exc) from None
-    return path, "merged" if data is not None else "new"
+    outcome = journal.replace(path, data, mode, merged)
+    if not outcome.done:
+        raise InputError(outcome.skipped)
+    return path, outcome.method

@@ -266,6 +266,7 @@ def run(tiny_checkpoint, tmp_path, monkeypatch):
     from siglip_cli.cli.app import app
 
     monkeypatch.setenv("SIGLIP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SIGLIP_STATE_DIR", str(tmp_path / "state"))  # --write-xmp journals
     monkeypatch.setenv("SIGLIP_MODEL", str(tiny_checkpoint))
 
     def invoke(*args):

@@ -327,10 +327,11 @@ def classify(
     multi: Annotated[bool, typer.Option("--multi", metavar="", help="With --sort-into: into the folder of every label that passes --threshold.", rich_help_panel="Act on the labels")] = False,
     action: Annotated[SortAction, typer.Option("--action", metavar=choices(SortAction), help="With --sort-into: copy, link (a hard link; a symbolic link where impossible, and says so) or move.", rich_help_panel="Act on the labels")] = SortAction.copy,
     dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="With --sort-into: print the plan, change nothing.", rich_help_panel="Act on the labels")] = False,
-    undo: Annotated[Optional[Path], typer.Option("--undo", metavar="DIR", help="Put back what --sort-into DIR did: moved files return, copies and links that still match are removed.", rich_help_panel="Act on the labels")] = None,
+    undo: Annotated[Optional[Path], typer.Option("--undo", metavar="DIR", help="Put back what --sort-into DIR did (moved files return, copies and links that still match are removed), or what --write-xmp did (the journal DIR it printed: sidecars get their old bytes back, new ones are removed).", rich_help_panel="Act on the labels")] = None,
     write_xmp: Annotated[bool, typer.Option("--write-xmp", metavar="", help="Write the labels that pass --threshold (or --top-k) as keywords into XMP sidecars beside the images (photo.jpg.xmp), merged into any sidecar already there; the images are never modified.", rich_help_panel="Act on the labels")] = False,
     xmp_prefix: Annotated[str, typer.Option("--xmp-prefix", metavar="PREFIX", help="With --write-xmp: the parent of the hierarchical keywords (lr:hierarchicalSubject PREFIX|label).", rich_help_panel="Act on the labels")] = "siglip",
     xmp_stem: Annotated[bool, typer.Option("--xmp-stem", metavar="", help="With --write-xmp: name sidecars photo.xmp (Lightroom, Capture One) instead of photo.jpg.xmp (darktable, digiKam, Immich).", rich_help_panel="Act on the labels")] = False,
+    journal: Annotated[Optional[Path], typer.Option("--journal", metavar="DIR", help="With --write-xmp: keep the journal of the sidecar writes (and copies of the sidecars replaced) in DIR, for --undo DIR. Default: the --sort-into folder, else a new folder under ~/.local/state/siglip-cli/xmp/ ($SIGLIP_STATE_DIR, $XDG_STATE_HOME), printed at the end.", rich_help_panel="Act on the labels")] = None,
     options: ModelOptions = None,  # every model option: see options.model_options
 ) -> None:
     """Score images against labels (zero-shot).
@@ -361,7 +362,7 @@ def classify(
         failed = run_classify(ClassifyRequest(
             images or [], labels or [], label or [], labels_file or [], template, no_template, softmax, top_k, threshold,
             recursive, fmt, json_flag, options, null=null, sort_into=sort_into, multi=multi, action=action.value, dry_run=dry_run,
-            undo=undo, write_xmp=write_xmp, xmp_prefix=xmp_prefix, xmp_stem=xmp_stem, examples=examples, frames=frames,
+            undo=undo, write_xmp=write_xmp, xmp_prefix=xmp_prefix, xmp_stem=xmp_stem, journal=journal, examples=examples, frames=frames,
         ))
     if failed:
         raise typer.Exit(1)

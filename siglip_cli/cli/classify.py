@@ -12,6 +12,7 @@ label stays at or above it (runs of consecutive samples).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import unicodedata
@@ -21,7 +22,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..core.errors import InputError, SiglipError, UsageError
+from ..core.errors import InputError, UsageError
 from ..core.scoring import rank
 from ..results import FileAction, ImageScores, LabelOverTime, LabelScore, VideoSummary
 from ..sources import Listing, Source
@@ -257,13 +258,25 @@ class Sorter:
 
 
 class Tagger:
-    """--write-xmp: each image's passing labels as keywords in its XMP sidecar."""
+    """--write-xmp: each image's passing labels as keywords in its XMP sidecar, every write
+    through a sidecar journal (opened, and so checked writable, before the model loads)."""
 
-    def __init__(self, prefix: str, stem: bool):
+    def __init__(self, prefix: str, stem: bool, journal_folder: Path, command: str = "siglip classify --write-xmp"):
+        from ..actions import SidecarJournal
+
         self.prefix, self.stem = prefix, stem
         self.model = ""
         self.counts: dict[str, int] = {}
         self.failed = 0
+        self.journal = SidecarJournal(journal_folder, command=command)
+
+    def __enter__(self) -> "Tagger":
+        self.journal.open()
+        self.journal.start_run(prefix=self.prefix, stem=self.stem)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.journal.close()
 
     def tag(self, result: ImageScores, source: Source) -> list[FileAction]:
         from ..xmp import Keywords, write_keywords
@@ -274,8 +287,8 @@ class Tagger:
         keywords = Keywords([item.label for item in result.labels], self.prefix, self.model,
                             {item.label: item.score for item in result.labels})
         try:
-            path, how = write_keywords(source.value, keywords, self.stem)
-        except SiglipError as exc:
+            path, how = write_keywords(source.value, keywords, self.journal, self.stem)
+        except InputError as exc:
             self.failed += 1
             return [FileAction("xmp", skipped=str(exc))]
         self.counts[how] = self.counts.get(how, 0) + 1
@@ -284,7 +297,8 @@ class Tagger:
     def summary(self) -> str:
         done = ", ".join(f"{count} {how}" for how, count in sorted(self.counts.items())) or "none written"
         failed = f"; {self.failed} could not be written" if self.failed else ""
-        return f"XMP sidecars: {done}{failed}"
+        folder = self.journal.root
+        return f"XMP sidecars: {done}{failed}; journal in {folder}; undo with: siglip classify --undo {folder}"
 
 
 def act_on(results: Iterable[ImageScores], listing: Listing, sorter: Sorter | None, tagger, report) -> Iterator[ImageScores]:
@@ -303,10 +317,20 @@ def act_on(results: Iterable[ImageScores], listing: Listing, sorter: Sorter | No
         yield result
 
 
-def undo_sort(folder: Path, note) -> None:
-    """`classify --undo DIR`: put back what DIR's manifest records; what stays is named."""
-    from ..actions import SORT_MANIFEST, undo, undo_summary
+def undo_actions(folder: Path, note) -> None:
+    """`classify --undo DIR`: put back what DIR's journals record (a --sort-into folder's
+    manifest, a --write-xmp journal, or both when they share DIR); what stays is named."""
+    from ..actions import SORT_MANIFEST, is_sidecar_journal, undo, undo_sidecars, undo_sidecars_summary, undo_summary
 
+    sidecars = is_sidecar_journal(folder)
+    if sidecars:
+        outcomes = undo_sidecars(folder)
+        for outcome in outcomes:
+            if outcome.result == "kept":
+                note(printable(f"kept {outcome.destination}: {outcome.note}"))
+        note(undo_sidecars_summary(outcomes))
+    if sidecars and not os.path.lexists(folder / SORT_MANIFEST):
+        return
     outcomes = undo(folder, SORT_MANIFEST)
     for outcome in outcomes:
         if outcome.result == "kept":
@@ -344,12 +368,15 @@ class ClassifyRequest:
     write_xmp: bool = False
     xmp_prefix: str = "siglip"
     xmp_stem: bool = False
+    journal: Path | None = None
     examples: Path | None = None
 
 
 def check_action_options(request: ClassifyRequest) -> None:
     """Option combinations that cannot work, refused before the model loads."""
     sorting = request.sort_into is not None
+    if request.journal is not None and not request.write_xmp:
+        raise UsageError("--journal DIR goes with --write-xmp (a --sort-into folder keeps its own journal)")
     if request.undo is not None:
         if request.images or sorting or request.dry_run or request.write_xmp:
             raise UsageError("--undo DIR works alone: siglip classify --undo sorted/")
@@ -389,7 +416,7 @@ def run(request: ClassifyRequest) -> int:
 
     check_action_options(request)
     if request.undo is not None:
-        undo_sort(request.undo, note)
+        undo_actions(request.undo, note)
         return 0
     if not request.images:
         raise UsageError("no images given: name files, folders, patterns or URLs (see 'siglip classify --help')")
@@ -422,7 +449,13 @@ def run(request: ClassifyRequest) -> int:
     if request.sort_into is not None:
         target = check_sort_folder(request.sort_into, request.images, listing)
         sorter = Sorter(SortPlan(target, request.action, request.multi, request.dry_run, folders))
-    tagger = Tagger(request.xmp_prefix, request.xmp_stem) if request.write_xmp else None
+    tagger = None
+    if request.write_xmp:
+        from ..actions import new_sidecar_journal_folder
+
+        # with --sort-into DIR and no --journal, DIR keeps both journals: one --undo DIR undoes the run
+        journal_folder = request.journal or (sorter.plan.folder if sorter is not None else None)
+        tagger = Tagger(request.xmp_prefix, request.xmp_stem, journal_folder or new_sidecar_journal_folder())
     total = len(listing.sources) + len(listing.failures)
     failed = 0
 
@@ -434,7 +467,10 @@ def run(request: ClassifyRequest) -> int:
                 error_line(result.error)
             yield result
 
-    with sorter if sorter is not None else _nothing():  # the journal is locked before the model loads
+    with contextlib.ExitStack() as journals:  # locked (and so known writable) before the model loads
+        for journal in (sorter, tagger):
+            if journal is not None:
+                journals.enter_context(journal)
         engine = load_engine(request.options) if listing.sources else None
         scorer = None
         if example_set is not None and engine is not None:
@@ -478,9 +514,4 @@ def _status(message):
     return status(message)
 
 
-class _nothing:
-    def __enter__(self):
-        return None
 
-    def __exit__(self, *exc):
-        return None
