@@ -294,16 +294,20 @@ class IndexInfo:
 class FileAction:
     """What `classify --sort-into` / `--write-xmp` did (or, with `planned`, would do) for one image:
     `action` copy, move, link or xmp; `destination` the file written; `method` how (rename,
-    copy+delete, hardlink, symlink; merged or new for a sidecar); `skipped` why nothing was done."""
+    copy+delete, hardlink, symlink; merged or new for a sidecar); `skipped` why nothing was done;
+    `label` the label whose folder a sort put it in (None for _unsorted and for sidecars)."""
 
     action: str
     destination: str | None = None
     method: str = ""
     planned: bool = False
     skipped: str | None = None
+    label: str | None = None
 
     def to_record(self) -> dict:
         record = {"action": self.action, "destination": self.destination}
+        if self.label is not None:
+            record["label"] = self.label
         if self.method:
             record["method"] = self.method
         if self.planned:

@@ -5,6 +5,8 @@ or above --threshold with --multi), so a sort that ignored the scores would fail
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import signal
@@ -147,6 +149,40 @@ def test_the_table_lists_the_actions(run, photos, tmp_path):
     assert "files written" in result.stdout and "copy" in result.stdout
     [written] = [p for p in out.rglob("p1.jpg")]
     assert written.parent.name in result.stdout
+
+
+def test_csv_lists_what_was_done_on_each_label_row(run, photos, tmp_path):
+    """--format csv gains sorted_to, planned and xmp: each label's row names the copy in that
+    label's folder (the label-less row of an image no label passed: its _unsorted copy), every
+    row the sidecar; checked against the files on disk and against the same run's JSON."""
+    out, threshold = tmp_path / "sorted", None
+    every = scored(run("classify", photos, "-l", LABELS, "--json"))
+    threshold = sorted(l["score"] for r in every for l in r["labels"])[len(every) * 2]  # some pass, some images none
+    result = run("classify", photos, "-l", LABELS, "--format", "csv", "--threshold", threshold,
+                 "--sort-into", out, "--multi", "--write-xmp")
+    assert result.exit_code == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert list(rows[0]) == ["path", "rank", "label", "score", "logit", "error", "sorted_to", "planned", "xmp"]
+    for row in rows:
+        copy = Path(row["sorted_to"])
+        assert copy.parent == out / (folder_name(row["label"]) if row["label"] else "_unsorted")
+        assert copy.read_bytes() == Path(row["path"]).read_bytes() and row["planned"] == ""
+        assert row["xmp"] == row["path"] + ".xmp" and Path(row["xmp"]).exists()
+    assert {r["label"] == "" for r in rows} == {True, False}  # the threshold sent some to _unsorted
+    assert sorted(r["sorted_to"] for r in rows) == sorted(str(p) for p in out.rglob("*.jpg"))  # every copy, once
+    # the JSON of the same plan says the same
+    plan = scored(run("classify", photos, "-l", LABELS, "--json", "--threshold", threshold, "--sort-into", tmp_path / "plan",
+                      "--multi", "--dry-run"))
+    planned = run("classify", photos, "-l", LABELS, "--format", "csv", "--threshold", threshold, "--sort-into", tmp_path / "plan",
+                  "--multi", "--dry-run")
+    from_csv = sorted((r["path"], r["label"], r["sorted_to"], r["planned"], r["xmp"]) for r in csv.DictReader(io.StringIO(planned.stdout)))
+    from_json = sorted((r["path"], a.get("label", ""), a["destination"], "yes", "") for r in plan for a in r["actions"])
+    assert from_csv == from_json
+
+
+def test_csv_without_actions_keeps_its_columns(run, photos):
+    result = run("classify", photos / "p1.jpg", "-l", LABELS, "--format", "csv")
+    assert result.stdout.splitlines()[0] == "path,rank,label,score,logit,error"
 
 
 # ----------------------------------------------------------------------------- bad input

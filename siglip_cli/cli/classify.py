@@ -215,20 +215,22 @@ class Sorter:
             plan.skipped += 1
             return [FileAction(plan.action, skipped="not a local file; only files can be sorted")]
         actions = []
+        label_of = {folder: label for label, folder in plan.folders.items()}  # one folder per label (checked)
         for target in plan.targets(result):
             wanted = PurePosixPath(target, os.path.basename(source.value))
+            label = label_of.get(target) if target != UNSORTED else None
             if plan.dry_run:
-                actions.append(FileAction(plan.action, str(plan.folder / self._predict(wanted)), planned=True))
+                actions.append(FileAction(plan.action, str(plan.folder / self._predict(wanted)), planned=True, label=label))
                 plan.counts[target] = plan.counts.get(target, 0) + 1
                 continue
             outcome = getattr(self.journal, plan.action)(Path(source.value), wanted, expected=source.stamp)
             if outcome.done:
                 plan.counts[target] = plan.counts.get(target, 0) + 1
                 plan.methods[outcome.method] = plan.methods.get(outcome.method, 0) + 1
-                actions.append(FileAction(plan.action, str(outcome.destination), outcome.method))
+                actions.append(FileAction(plan.action, str(outcome.destination), outcome.method, label=label))
             else:
                 plan.skipped += 1
-                actions.append(FileAction(plan.action, skipped=outcome.skipped))
+                actions.append(FileAction(plan.action, skipped=outcome.skipped, label=label))
         return actions
 
     def _predict(self, wanted: PurePosixPath) -> PurePosixPath:
@@ -484,7 +486,8 @@ def run(request: ClassifyRequest) -> int:
                                         request.threshold, advance, scorer))
             if sorter is not None or tagger is not None:
                 results = act_on(results, listing, sorter, tagger, error_line)
-            view = render.classify_view(label_set.labels, "softmax" if request.softmax else "sigmoid", request.frames)
+            view = render.classify_view(label_set.labels, "softmax" if request.softmax else "sigmoid", request.frames,
+                                        actions=sorter is not None or tagger is not None)
             collected = render.emit(results, fmt_name, view, note=note) if streaming else list(results)
     if not streaming:  # printed once the progress bar is gone
         render.emit(collected, fmt_name, view)

@@ -400,11 +400,30 @@ def _classify_csv(result) -> Iterable[Sequence]:
     return [[result.path, rank, s.label, s.score, s.logit, ""] for rank, s in enumerate(result.labels, 1)]
 
 
-def classify_view(labels: Sequence[str], mode: str, frames: bool = False) -> View:
+CLASSIFY_ACTION_COLUMNS = ["sorted_to", "planned", "xmp"]
+
+
+def _classify_csv_with_actions(result) -> Iterable[Sequence]:
+    """--sort-into / --write-xmp: each label's row says where the sort put the image for that
+    label (the label-less row of an image no label passed: its _unsorted copy), `planned` on a
+    --dry-run, and every row of the image names the sidecar its labels were written into. Empty
+    where nothing was done (skipped actions are reported on stderr)."""
+    actions = getattr(result, "actions", [])
+    sidecar = next((a.destination for a in actions if a.action == "xmp" and a.destination), "") or ""
+    rows = []
+    for row in _classify_csv(result):
+        label = row[2] or None
+        sort = next((a for a in actions if a.action != "xmp" and a.destination and a.label == label), None)
+        rows.append([*row, sort.destination if sort else "", "yes" if sort and sort.planned else "", sidecar])
+    return rows
+
+
+def classify_view(labels: Sequence[str], mode: str, frames: bool = False, actions: bool = False) -> View:
+    """`actions`: the run sorts or tags, so the CSV gains sorted_to, planned and xmp columns."""
     return View(
         table=lambda results, console: classify_table(results, console, labels, mode, frames),
-        csv_header=["path", "rank", "label", "score", "logit", "error"],
-        csv_rows=_classify_csv,
+        csv_header=["path", "rank", "label", "score", "logit", "error", *(CLASSIFY_ACTION_COLUMNS if actions else [])],
+        csv_rows=_classify_csv_with_actions if actions else _classify_csv,
         paths=lambda result: [result.path] if result.error is None and result.labels else [],
     )
 
