@@ -325,6 +325,8 @@ def undo_actions(folder: Path, note) -> None:
     from ..actions import SORT_MANIFEST, is_sidecar_journal, undo, undo_sidecars, undo_sidecars_summary, undo_summary
 
     sidecars = is_sidecar_journal(folder)
+    if not sidecars and not os.path.lexists(folder / SORT_MANIFEST) and folder.is_dir():
+        raise UsageError(f"{folder}: holds no {SORT_MANIFEST} (--sort-into) or siglip-xmp.jsonl (--write-xmp journal), so there is nothing to undo")
     if sidecars:
         outcomes = undo_sidecars(folder)
         for outcome in outcomes:
