@@ -27,6 +27,10 @@ git's (lock, write beside, rename into place) with a journal in front:
   move's source after its verified copy, and (by `undo`) our own copies and links while they
   still hold what we wrote.
 
+Files edited in place elsewhere (XMP sidecars beside the images, `classify --write-xmp`) go
+through `SidecarJournal`, the same journal with other records: a verified copy of the bytes a
+write replaces and its hashes before, the new hash after; `undo_sidecars` puts them back.
+
 `undo(DIR, manifest)` reads the whole manifest first (a hand-edited one with bad JSON, or with a
 destination outside DIR, is refused in one line before anything is touched), then goes back
 through the steps, newest first, and decides each by looking at the disk, so it also finishes
