@@ -278,6 +278,11 @@ def test_a_video_cut_short_is_reported_and_left_out(env, tmp_path):
     assert "cut-short.mkv: was not sampled to its end when embedded; left out of the groups" in alone.stderr
     grouped = {Path(g["keep"]).name for g in json.loads(alone.stdout)} | set(_members(json.loads(alone.stdout)))
     assert grouped == {"long.mkv", "another.mp4"}
+    # kept out run after run: an update that keeps the video's rows (unchanged file) still knows
+    for _ in range(2):
+        updated = cli("dedupe", folder, "--video", "--index", store, *everything, env=env)
+        grouped = {Path(g["keep"]).name for g in json.loads(updated.stdout)} | set(_members(json.loads(updated.stdout)))
+        assert grouped == {"long.mkv", "another.mp4"}, updated.stderr
 
 
 def test_without_pyav_a_video_is_one_line_naming_the_extra(env, tmp_path, clips, monkeypatch):
