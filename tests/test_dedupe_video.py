@@ -192,6 +192,11 @@ def test_stills_and_videos_are_never_compared_with_each_other(tmp_path):
     groups = json.loads(result.stdout)
     assert [(Path(g["keep"]).name, _members([g])) for g in groups] == [("v1.mp4", {"v3.mp4": ("v1.mp4", "near")})]
     assert groups[0]["duplicates"][0]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    # --histogram counts each still and each video once, its nearest of its own kind
+    shown = cli("dedupe", "--index", store, "--json", "--histogram")
+    bars = [line.split() for line in shown.stderr.splitlines() if "–" in line and "threshold" not in line]
+    assert sum(int(parts[1]) for parts in bars) == 5
+    assert int(bars[-1][1]) == 2  # v1 and v3 at cosine 1; still.png's nearest (other.png) is at 0
 
 
 def test_a_video_vector_is_the_normalised_mean_of_its_frames(tmp_path):
