@@ -12,6 +12,13 @@ image not yet in a group starts one and keeps itself, and every image not yet in
 is within the threshold of it (or has its bytes) joins as a duplicate. So an image joins a
 group only when it is close to that group's kept image: A~B and B~C never glue A and C
 together unless A~C. A duplicate is never itself a kept image; each image is in one group.
+
+Videos: one item per video file, its vector the L2-normalised mean of its sampled frames'
+embeddings (`mean_vector`), grouped by the same levels, thresholds and rule, but only with
+other videos: stills and videos are two separate runs of the rule, so neither is ever set
+aside for looking like the other. The mean weighs every sampled frame alike, so two videos
+that share an intro (black, a title card) but differ after it are as alike as the share of
+their samples the intro takes, not identical as their first frames are.
 """
 
 from __future__ import annotations
@@ -93,6 +100,15 @@ def exact_classes(paths: Sequence[str], sizes: Sequence[int], on_error: Callable
     return classes
 
 
+def mean_vector(frames: np.ndarray) -> np.ndarray:
+    """A video's vector: the L2-normalised mean of its frames' unit embeddings (each frame made
+    unit first, so a store kept unnormalised weighs every frame alike too)."""
+    frames = np.asarray(frames, np.float32)
+    frames = frames / np.maximum(np.linalg.norm(frames, axis=1, keepdims=True), 1e-12)
+    mean = frames.mean(axis=0)
+    return mean / max(float(np.linalg.norm(mean)), 1e-12)
+
+
 # ============================================================================ keep rules
 @dataclass(frozen=True)
 class FileFacts:
@@ -132,6 +148,19 @@ def file_facts(path: str) -> FileFacts:
     except Exception:  # not readable as an image any more: bytes and time still count
         pass
     return FileFacts(pixels, st.st_size, taken if taken is not None else st.st_mtime, (st.st_size, st.st_mtime_ns))
+
+
+def video_facts(path: str) -> FileFacts:
+    """A video's facts for the keep rules: pixels of one frame (from the stream header), bytes,
+    and the modification time (a container's creation_time is not read: editors and copies
+    rewrite it, and it has no agreed meaning as EXIF DateTimeOriginal has). Raises OSError
+    when the file is gone."""
+    from .core.video import frame_size
+
+    st = os.stat(path)
+    size = frame_size(path)
+    pixels = size[0] * size[1] if size else 0
+    return FileFacts(pixels, st.st_size, st.st_mtime, (st.st_size, st.st_mtime_ns))
 
 
 def keep_order(rule: str, candidates: Sequence[int], facts: dict[int, FileFacts]) -> list[int]:

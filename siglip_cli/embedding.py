@@ -194,6 +194,8 @@ class EmbedRun:
             return True  # finished by the interrupted run (URLs and in-memory inputs are trusted there)
         row = base_rows.get(source.name)
         if row is None and source.name in self._base_videos():
+            if source.name in self.cut_short_videos():
+                return False  # sampled again, as a skipped input is: kept, it would lose its skipped record
             row = self._base_videos()[source.name][0]  # a video: its frames share the file's stamp
         if row is not None:
             old = tuple(self.base.stamps[row].tolist())
@@ -205,6 +207,17 @@ class EmbedRun:
     def _finished_videos(self) -> dict[str, int]:
         """video name -> the partial row of its last frame, for videos the interrupted run finished."""
         return {r["video"]: i for i, r in enumerate(self.partial.records) if r.get("end")}
+
+    def cut_short_videos(self) -> set[str]:
+        """Videos the previous store lists as skipped although it holds some of their frames (cut
+        short, or a frame unusable): an update samples them again, so that the new store lists
+        them as skipped too (dedupe leaves such a video out; a reader can tell it is partial)."""
+        if self.base is None:
+            return set()
+        if not hasattr(self, "_base_cut_short_videos"):
+            self._base_cut_short_videos = {entry["path"].rpartition("#t=")[0] if "#t=" in entry["path"] else entry["path"]
+                                           for entry in self.base.meta.get("skipped", [])}
+        return self._base_cut_short_videos
 
     def _base_videos(self) -> dict[str, list[int]]:
         if self.base is None:

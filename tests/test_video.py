@@ -369,6 +369,13 @@ def test_a_truncated_video_keeps_its_frames_in_the_store_and_is_listed_as_skippe
     store = open_store(out)
     assert store.count >= 1 and (store.times >= 0).all()
     assert "truncated?" in store.meta["skipped"][0]["error"]
+    # --update samples it again rather than keeping it as unchanged: the store still says it is cut short
+    rows = store.count
+    updated = cli("embed", bad_videos["cut-short"].with_suffix(".mkv"), "--out", out, "--update", env=env)
+    assert updated.exit_code == 1, updated.stderr
+    assert "--update: 1 new (or skipped before), 0 changed, 0 unchanged" in updated.stderr
+    store = open_store(out)
+    assert store.count == rows and "truncated?" in store.meta["skipped"][0]["error"]
 
 
 @pytest.fixture()

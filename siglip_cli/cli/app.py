@@ -728,11 +728,11 @@ def info(
 @app.command()
 @model_options()
 def dedupe(
-    inputs: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", hidden=True, help="Image files, folders (walked recursively, sorted), glob patterns, or - for paths on stdin. Optional with --index.", show_default=False)] = None,
+    inputs: Annotated[Optional[List[str]], typer.Argument(metavar="IMAGE", hidden=True, help="Image or video files, folders (walked recursively, sorted; videos with --video), glob patterns, or - for paths on stdin. Optional with --index.", show_default=False)] = None,
     index: Annotated[Optional[Path], typer.Option("--index", metavar="FILE", help="An embedding store (.npy, .npz, .jsonl, .parquet). With IMAGEs it is made, or brought up to date first exactly as embed --update would; alone, it is used as it is.", rich_help_panel="Input", show_default=False)] = None,
     level: Annotated[DedupeLevel, typer.Option("--level", metavar=choices(DedupeLevel), help="How alike images must be: exact (the same bytes), near (the same picture re-encoded, resized, lightly edited; the default) or similar (also the same scene, e.g. burst shots).", rich_help_panel="Duplicates")] = DedupeLevel.near,
     threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="COSINE", help="The cosine (with the kept image) that the chosen level needs, instead of its default (near 0.98, similar 0.90; see --histogram).", rich_help_panel="Duplicates", show_default=False)] = None,
-    keep: Annotated[KeepRule, typer.Option("--keep", metavar=choices(KeepRule), help="Which image of a group is kept: largest (pixels, then bytes), oldest or newest (EXIF DateTimeOriginal, else modification time), or first (input order).", rich_help_panel="Duplicates")] = KeepRule.largest,
+    keep: Annotated[KeepRule, typer.Option("--keep", metavar=choices(KeepRule), help="Which file of a group is kept: largest (pixels, per frame for videos, then bytes), oldest or newest (EXIF DateTimeOriginal, else modification time; videos: modification time), or first (input order).", rich_help_panel="Duplicates")] = KeepRule.largest,
     histogram: Annotated[bool, typer.Option("--histogram", metavar="", help="Also print a histogram of every image's nearest-neighbour cosine with the thresholds marked, to pick a threshold for your library.", rich_help_panel="Output")] = False,
     neighbours: Annotated[NeighbourMethod, typer.Option("--neighbours", metavar=choices(NeighbourMethod), help="How neighbours are found: exact (every pair), approximate (a usearch index saved beside --index; pip install 'siglip-cli\\[ann]'), or auto (approximate above 25,000 images when usearch is installed).", rich_help_panel="Duplicates")] = NeighbourMethod.auto,
     move_to: Annotated[Optional[Path], typer.Option("--move-to", metavar="DIR", help="Move every duplicate (never a kept image) into DIR, at its path relative to the grouped files' common root. One file at a time, never overwriting (a numbered name instead), each move recorded in DIR/siglip-dedupe.jsonl before it happens. Nothing is ever deleted.", rich_help_panel="Act on the duplicates", show_default=False)] = None,
@@ -743,11 +743,13 @@ def dedupe(
     json_flag: JsonOpt = False,
     options: ModelOptions = None,  # every model option: see options.model_options
 ) -> None:
-    """Find duplicate and near-duplicate images; a report unless --move-to says otherwise.
+    """Find duplicate and near-duplicate images and videos; a report unless --move-to says otherwise.
 
-    IMAGE: image files, folders (walked recursively, sorted), glob patterns, or - for paths on stdin; optional with --index.
+    IMAGE: image or video files, folders (walked recursively, sorted; their videos with --video), glob patterns, or - for paths on stdin; optional with --index.
 
     Each group is one kept image and its duplicates, each with its level (exact, near, similar) and its cosine with the kept image. An image joins a group only when it is within the threshold of that group's kept image, so chains (A like B, B like C) never glue A and C together. A summary line (groups, duplicates, the bytes they take) goes to stderr.
+
+    A video is one item, the mean of its sampled frames' embeddings, named by its file and compared only with other videos (photos only with photos).
 
     [bold]Examples[/bold]
 
@@ -760,6 +762,8 @@ def dedupe(
       siglip dedupe ./photos --move-to ./duplicates --dry-run
 
       siglip dedupe --undo ./duplicates
+
+      siglip dedupe ~/Videos --video --index videos.npz
     """
     with handled():
         from .dedupe import DedupeRequest, run as run_dedupe

@@ -3,6 +3,10 @@
 Inputs are listed and embedded as `embed` does: in memory for PATHS alone; with --index, the
 store is brought up to date first by the very code `embed --update` runs (embed_to_store), so a
 second run embeds only what changed; --index alone reads the store as it is.
+
+Videos (named, or in folders with --video) are sampled as `embed` samples them; each video is
+one item, its vector the mean of its frames' (duplicates.mean_vector), named by its file, and
+compared only with other videos (stills only with stills): two runs of one grouping rule.
 """
 
 from __future__ import annotations
@@ -17,7 +21,17 @@ import numpy as np
 
 from ..actions import check_destination
 from ..core.errors import InputError, UsageError
-from ..duplicates import Thresholds, candidate_links, exact_classes, file_facts, form_groups, keep_order, nearest_histogram
+from ..duplicates import (
+    Thresholds,
+    candidate_links,
+    exact_classes,
+    file_facts,
+    form_groups,
+    keep_order,
+    mean_vector,
+    nearest_histogram,
+    video_facts,
+)
 from ..knn import self_neighbours
 from ..results import DuplicateGroup, NeighbourHistogram
 
@@ -26,11 +40,13 @@ NEIGHBOURS_PER_IMAGE = 16  # a row with more above the floor is asked again (knn
 
 @dataclass
 class DedupeInputs:
-    names: list[str]  # images in input order
-    rows: np.ndarray  # (N, D) L2-normalised rows (a memory map for a .npy/.npz store)
+    names: list[str]  # still images in input order
+    rows: np.ndarray  # (N, D) L2-normalised rows (a memory map for a .npy/.npz store of stills)
     store: Path | None = None
     identity: str | None = None  # the store's meta digest: ties a saved index to this store
     skipped: list[str] = field(default_factory=list)  # inputs that could not be embedded, as error lines
+    video_names: list[str] = field(default_factory=list)  # video files in input order
+    video_rows: np.ndarray | None = None  # (V, D): each video's mean_vector
 
 
 @dataclass
@@ -44,18 +60,41 @@ class DedupeReport:
 
 # ============================================================================ inputs
 def embed_in_memory(engine, listing, progress_bar, note: Callable[[str], None]) -> DedupeInputs:
-    """PATHS without --index: embedded as `embed --format jsonl` does, kept in memory."""
+    """PATHS without --index: embedded as `embed --format jsonl` does, kept in memory; a video's
+    frames summed as they come (never all held), then made its mean vector."""
     skipped = [failure.error for failure in listing.failures]
     names, vectors = [], []
+    frame_sums: dict[int, np.ndarray] = {}  # source position -> the sum of its frames' unit vectors
+    failed: set[int] = set()
     with progress_bar(len(listing.sources), "images") as advance:
         for item in engine.iter_image_features(listing.sources, True, on_progress=advance):
             if item.error is not None:
-                skipped.append(item.error)
+                if item.index in frame_sums or item.time >= 0:
+                    failed.add(item.index)  # a video cut short, or one of its frames unusable
+                    skipped.append(partial_video_error(item.error, listing.sources[item.index].name))
+                else:
+                    skipped.append(item.error)
+                continue
+            if item.time >= 0:
+                vector = item.vector.astype(np.float32)
+                frame_sums[item.index] = frame_sums.get(item.index, 0) + vector / max(float(np.linalg.norm(vector)), 1e-12)
                 continue
             names.append(item.name)
             vectors.append(item.vector.astype(np.float32))
     rows = np.stack(vectors) if vectors else np.zeros((0, engine.embed_dim), np.float32)
-    return DedupeInputs(names, rows, skipped=skipped)
+    videos = [i for i in sorted(frame_sums) if i not in failed]
+    video_rows = np.stack([mean_vector(frame_sums[i][None]) for i in videos]) if videos else None
+    return DedupeInputs(names, rows, skipped=skipped, video_names=[listing.sources[i].name for i in videos], video_rows=video_rows)
+
+
+def partial_video_error(error: str, video: str) -> str:
+    """A video that did not decode to its end, or one of whose frames could not be used: its mean
+    would stand for part of it only, so it is left out of the groups. The pipeline's message
+    says the frames before the fault are kept (true of a store); here they are not."""
+    import re
+
+    error = re.sub(r"; the \d+ frames? before are kept$", "", error)
+    return f"{error}; {video} is left out of the groups (a part of a video is not compared)"
 
 
 def update_store(options, listing, index: Path, load_engine, progress_bar, note: Callable[[str], None]) -> list[str]:
@@ -86,20 +125,39 @@ def update_store(options, listing, index: Path, load_engine, progress_bar, note:
     return [s["error"] if s["error"].startswith(s["path"]) else f"{s['path']}: {s['error']}" for s in summary.skipped]
 
 
-def read_store(index: Path) -> DedupeInputs:
-    """The image rows of a store as they are (--index alone)."""
+def read_store(index: Path, note: Callable[[str], None]) -> DedupeInputs:
+    """The image rows of a store as they are (--index alone, or after the update): still rows
+    as stored; each video's frame rows (named clip.mp4#t=...) made one mean vector named by
+    the video. A video the store lists as skipped (cut short, or a frame unusable) is left out."""
     from ..store import open_store, sidecar
 
     store = open_store(index)
     count = store.image_count
     if count == 0:
         raise UsageError(f"{index}: holds no image rows")
-    rows = store.rows[:count]
+    identity = hashlib.sha256(sidecar(index, ".meta.json").read_bytes()).hexdigest()
+    times = store.times[:count]
+    stills = np.flatnonzero(times < 0)
+    if len(stills) == count:  # no video rows: the rows as they are (a memory map, no copy)
+        rows, names = store.rows[:count], store.names_at(range(count))
+    else:
+        rows, names = store.rows[stills], store.names_at(stills.tolist())
+        identity += ":stills"  # a saved index of these rows only, never one of every image row
     if not store.meta.get("normalized", True):
         rows = np.asarray(rows, np.float32)
         rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-    identity = hashlib.sha256(sidecar(index, ".meta.json").read_bytes()).hexdigest()
-    return DedupeInputs(store.names_at(range(count)), rows, index, identity)
+    video_names, video_rows = [], []
+    if len(stills) < count:
+        partial = {entry["path"].rpartition("#t=")[0] if "#t=" in entry["path"] else entry["path"]
+                   for entry in store.meta.get("skipped", [])}
+        for video, frames in store.video_rows().items():
+            if video in partial:
+                note(f"{video}: was not sampled to its end when embedded; left out of the groups")
+                continue
+            video_names.append(video)
+            video_rows.append(mean_vector(store.rows[frames]))
+    return DedupeInputs(names, rows, index, identity, video_names=video_names,
+                        video_rows=np.stack(video_rows) if video_rows else None)
 
 
 # ============================================================================ groups
@@ -119,15 +177,20 @@ def current_sizes(names: list[str], note: Callable[[str], None]) -> tuple[list[i
     return sizes, gone
 
 
-def find_duplicates(inputs: DedupeInputs, thresholds: Thresholds, keep: str, method: str, histogram: bool,
-                    note: Callable[[str], None]) -> DedupeReport:
-    names, rows = inputs.names, inputs.rows
-    if len(names) < 2:
-        return DedupeReport([], None, "exact", inputs.skipped)
-    from ..store import sidecar
+@dataclass
+class _Grouped:
+    groups: list[DuplicateGroup]
+    nearest: np.ndarray
+    method: str
+    stamps: dict[str, tuple[int, int]]
 
-    index_path = sidecar(inputs.store, ".usearch") if inputs.store is not None else None
-    neighbours = self_neighbours(rows, NEIGHBOURS_PER_IMAGE, thresholds.floor, method, index_path, inputs.identity, note)
+
+def group_items(names: list[str], rows, thresholds: Thresholds, keep: str, method: str, index_path: Path | None,
+                identity: str | None, facts_of: Callable, note: Callable[[str], None]) -> _Grouped:
+    """One kind of item (stills, or videos) grouped among itself."""
+    if len(names) < 2:
+        return _Grouped([], np.zeros(0, np.float32), "exact", {})
+    neighbours = self_neighbours(rows, NEIGHBOURS_PER_IMAGE, thresholds.floor, method, index_path, identity, note)
     sizes, gone = current_sizes(names, note)
     classes = exact_classes(names, [(-1 if i in gone else s) for i, s in enumerate(sizes)], note)
     links = candidate_links(len(names), neighbours, classes, thresholds)
@@ -137,14 +200,30 @@ def find_duplicates(inputs: DedupeInputs, thresholds: Thresholds, keep: str, met
     facts = {}
     for i in links:
         try:
-            facts[i] = file_facts(names[i])
+            facts[i] = facts_of(names[i])
         except OSError as exc:
             note(f"{names[i]}: {exc.strerror or exc}; left out of the groups")
     links = {a: {b for b in others if b in facts} for a, others in links.items() if a in facts}
     order = keep_order(keep, list(links), facts)
     groups = form_groups(order, links, rows, classes, thresholds, names, {i: facts[i].size for i in facts})
-    shown = nearest_histogram(neighbours.nearest, thresholds) if histogram else None
-    return DedupeReport(groups, shown, neighbours.method, inputs.skipped, {names[i]: facts[i].stamp for i in facts})
+    return _Grouped(groups, neighbours.nearest, neighbours.method, {names[i]: facts[i].stamp for i in facts})
+
+
+def find_duplicates(inputs: DedupeInputs, thresholds: Thresholds, keep: str, method: str, histogram: bool,
+                    note: Callable[[str], None]) -> DedupeReport:
+    """Stills grouped among stills, then videos among videos (their groups follow, numbered on)."""
+    from ..store import sidecar
+
+    index_path = sidecar(inputs.store, ".usearch") if inputs.store is not None else None
+    stills = group_items(inputs.names, inputs.rows, thresholds, keep, method, index_path, inputs.identity, file_facts, note)
+    videos = group_items(inputs.video_names, inputs.video_rows, thresholds, keep, method, None, None, video_facts, note)
+    for number, group in enumerate(videos.groups, len(stills.groups) + 1):
+        group.group = number
+    shown = None
+    if histogram and len(inputs.names) + len(inputs.video_names) >= 2:
+        shown = nearest_histogram(np.concatenate([stills.nearest, videos.nearest]), thresholds)
+    return DedupeReport(stills.groups + videos.groups, shown, stills.method if len(inputs.names) >= 2 else videos.method,
+                        inputs.skipped, {**stills.stamps, **videos.stamps})
 
 
 def check_thresholds(level: str, threshold: float | None) -> Thresholds:
@@ -164,7 +243,7 @@ def check_thresholds(level: str, threshold: float | None) -> Thresholds:
 
 def no_inputs(listing) -> None:
     if not listing.sources:
-        raise InputError("nothing to compare: no readable images among the inputs")
+        raise InputError("nothing to compare: no readable images or videos among the inputs")
 
 
 # ============================================================================ moves
@@ -310,44 +389,21 @@ def run(request: DedupeRequest) -> bool:
             skipped_moves = f"; {moves_skipped} skipped" if moves_skipped else ""
             note(f"moved {moved} duplicate{'s' if moved != 1 else ''} into {request.move_to}{skipped_moves}; "
                  f"undo with: siglip dedupe --undo {request.move_to}")
-    _summarize_failures(len(found.skipped), len(found.names) + len(found.skipped))
+    _summarize_failures(len(found.skipped), len(found.names) + len(found.video_names) + len(found.skipped))
     return bool(found.skipped or moves_skipped)
-
-
-def without_videos(listing):
-    """A video named as an input is reported and left out: dedupe compares image files (a video's
-    frames are not files it could move)."""
-    from ..core.video import is_video_name
-    from ..sources import Failure, Listing
-
-    kept, failures, removed = [], [], 0
-    pending = sorted(listing.failures, key=lambda f: f.before)
-    for position, source in enumerate(listing.sources):
-        while pending and pending[0].before <= position:
-            failure = pending.pop(0)
-            failures.append(Failure(failure.name, failure.error, failure.before - removed))
-        if isinstance(source.value, str) and is_video_name(source.value):
-            failures.append(Failure(source.name, f"{source.name}: a video; dedupe compares images only (videos are not supported yet)", len(kept)))
-            removed += 1
-        else:
-            kept.append(source)
-    failures += [Failure(f.name, f.error, f.before - removed) for f in pending]
-    return Listing(kept, failures, listing.duplicates)
 
 
 def inputs_of(request: DedupeRequest, list_inputs, load_engine, progress_bar, note) -> DedupeInputs:
     """PATHS embedded in memory; PATHS with --index: the store brought up to date, then read;
     --index alone: the store read as it is."""
     skipped: list[str] = []
-    if request.options.video:
-        raise UsageError("dedupe compares image files; videos are not supported yet (leave out --video)")
     if request.inputs:
-        listing = without_videos(list_inputs(request.inputs, request.recursive))
+        listing = list_inputs(request.inputs, request.recursive, request.options.video)
         no_inputs(listing)
         if request.index is None:
             return embed_in_memory(load_engine(request.options), listing, progress_bar, note)
         skipped = update_store(request.options, listing, request.index, load_engine, progress_bar, note)
-    found = read_store(request.index)
+    found = read_store(request.index, note)
     found.skipped = skipped
     return found
 

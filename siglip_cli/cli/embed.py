@@ -118,6 +118,8 @@ def embed_to_store(
                 times = base.times
                 stills = {name: row for name, row in base.image_rows().items() if times[row] < 0}
                 known = {**stills, **base.video_rows()}  # files: a video once, not each frame
+                for video in run.cut_short_videos():
+                    known.pop(video, None)  # cut short before: sampled again, as a skipped input
                 changed = sum(1 for s in images if s.name in known)
                 gone = len(set(known) - {s.name for s in plan.images})
                 note(f"--update: {len(images) - changed} new (or skipped before), {changed} changed, "

@@ -154,6 +154,26 @@ def _problem(av, exc: Exception) -> str:
     return text
 
 
+def frame_size(path: str) -> tuple[int, int] | None:
+    """(width, height) of a video's frames, from its stream header (nothing decoded); None
+    when PyAV is missing or the file holds no readable video stream. For `dedupe --keep
+    largest`, as an image's header size is."""
+    av = _av()
+    if av is None:
+        return None
+    from .images import _open_file
+
+    try:
+        _open_file(path, path).close()  # a FIFO or device is refused, never waited on
+        with av.open(path, metadata_errors="ignore") as container:
+            if not container.streams.video:
+                return None
+            context = container.streams.video[0].codec_context
+            return (int(context.width), int(context.height)) if context.width and context.height else None
+    except (InputError, OSError, av.FFmpegError):
+        return None
+
+
 def _upright(image, rotation: int):
     """Turn a frame by its display matrix: `rotation` is counter-clockwise degrees (PyAV's
     `VideoFrame.rotation`), as FFmpeg's own player applies it."""
