@@ -280,9 +280,9 @@ def test_the_upload_cap_applies_to_videos(served, bare):
     assert [r["path"] for r in json.loads(result.stdout)] == [str(served["clip"]), str(served["photo"])]
 
 
-def test_a_picture_the_server_cannot_decode_is_no_video(served):
-    """A PNG named .png stays an image: no video decoding is tried for it."""
+def test_an_image_upload_stays_an_image(served):
+    """A PNG upload is one image record, no frames and no time."""
     buffer = io.BytesIO()
     random_image(9, (40, 30)).save(buffer, format="PNG")
     response = served["server"].post("/v1/embed", files=[upload(served["photo"], name="p.png", data=buffer.getvalue())])
-    assert response.status_code == 200 and "time" not in records(response.text)[0]
+    assert response.status_code == 200 and [list(r) for r in records(response.text)] == [["kind", "path", "embedding"]]

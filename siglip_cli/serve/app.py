@@ -10,7 +10,8 @@ text, served as is, so an endpoint's JSON is the command's `--json` by construct
 Status codes: 400 bad parameters (UsageError), 401 no or wrong token, 403 URLs when
 --allow-urls is off, 404 an index or row that is not there, 413 a body past --max-upload,
 422 no input could be read (each image's cause named) or a field out of range, 501 a video
-frame's thumbnail on a server without PyAV, 503 the queue is full (with Retry-After). A 500 is a bug: logged with its traceback, answered in one line.
+frame's thumbnail on a server without PyAV, 503 the queue is full (with Retry-After). A 500 is
+a bug: logged with its traceback, answered in one line.
 """
 
 from __future__ import annotations

@@ -2,17 +2,18 @@
 
 `ServedEngine` is the engine as the command modules use it (`label_embeddings`,
 `iter_image_features`, `embed_texts`, `logits`, ...), so that every endpoint runs the very code
-of its command: images (and a video's sampled frames) go through the micro-batcher, text work is serialised (the text cache and
-the lazily loaded tower are not thread-safe), the rest is the engine's own.
+of its command: images (and a video's sampled frames) go through the micro-batcher, text work
+is serialised (the text cache and the lazily loaded tower are not thread-safe), the rest is the
+engine's own.
 
 `ServedIndexes` holds the indexes (read-only stores) by number. `reload()` re-opens the ones a
 later `embed --update` replaced (another inode or modification time): a request already holding
 the old store finishes on it, the next one gets the new, so no request is dropped.
 
 Thumbnails are read only for image rows of loaded indexes, by (index, row) number: a client
-never names a path. A video's frame row is the video file, decoded at the row's time. The file must still be the regular file that was indexed (same size and
+never names a path. The file must still be the regular file that was indexed (same size and
 modification time when the index recorded them), which a planted symlink or a swapped file is
-not.
+not. A video's frame row is its video file, decoded at the row's time through core/video.py.
 """
 
 from __future__ import annotations
