@@ -237,26 +237,34 @@ class ImagePipeline:
         except Exception as exc:  # an odd file must not stop a batch job: report it and go on
             return Decoded(index, source.name, error=f"{source.name}: cannot read ({type(exc).__name__}: {exc})")
 
-    def _is_video(self, source: Source) -> bool:
-        return isinstance(source.value, str) and not is_url(source.value) and is_video_name(source.value)
+    @staticmethod
+    def _readable(source: Source) -> bool:
+        """A local file, or bytes held in memory (an upload to `siglip serve`): what a video can be."""
+        value = source.value
+        return isinstance(value, (bytes, bytearray)) or isinstance(value, str) and not is_url(value)
 
-    def _decode_items(self, index: int, source: Source) -> Iterator[Decoded]:
+    def _is_video(self, source: Source) -> bool:
+        if isinstance(source.value, (bytes, bytearray)):
+            return is_video_name(source.name)  # an upload: its file name's suffix
+        return self._readable(source) and is_video_name(source.value)
+
+    def _decode_items(self, index: int, source: Source, video: VideoSampling | None = None) -> Iterator[Decoded]:
         """What one source gives: an image (or its error); a video's sampled frames, then the
         error that ended them, if any. A file whose suffix says image but whose bytes say video
-        is read as a video."""
+        is read as a video. `video`: this call's sampling instead of the pipeline's."""
         if not self._is_video(source):
             item = self._decode_one(index, source)
-            if item.error is None or not (isinstance(source.value, str) and not is_url(source.value) and looks_like_video(source.value)):
+            if item.error is None or not (self._readable(source) and looks_like_video(source.value)):
                 yield item
                 return
-        yield from self._video_frames(index, source)
+        yield from self._video_frames(index, source, video or self.video)
 
-    def _video_frames(self, index: int, source: Source) -> Iterator[Decoded]:
+    def _video_frames(self, index: int, source: Source, video: VideoSampling) -> Iterator[Decoded]:
         draft = None
         if self.decode_options.draft_jpeg and isinstance(self.layout, SquareImages) and self.preprocess.do_resize:
             draft = (DRAFT_GAP * self.preprocess.width, DRAFT_GAP * self.preprocess.height)
         try:
-            for frame in sample_frames(source.value, source.name, self.video, self.decode_options.max_pixels, draft):
+            for frame in sample_frames(source.value, source.name, video, self.decode_options.max_pixels, draft):
                 name = frame_name(source.name, frame.time)
                 try:
                     pixels = self.layout.prepare(frame.image, name, self.decode_options)
@@ -271,13 +279,14 @@ class ImagePipeline:
         except Exception as exc:  # an odd file must not stop a batch job: report it and go on
             yield Decoded(index, source.name, error=f"{source.name}: cannot read ({type(exc).__name__}: {exc})")
 
-    def decoded(self, sources: Sequence[Source]) -> Iterator[Decoded]:
+    def decoded(self, sources: Sequence[Source], video: VideoSampling | None = None) -> Iterator[Decoded]:
         """Every source decoded, in input order, up to a window of sources ahead of the
         consumer. A video streams its frames through a small queue of its own, so memory holds
-        a few frames per video, never a whole video."""
+        a few frames per video, never a whole video. `video`: the sampling of this call (a
+        served request's), else the pipeline's."""
         if self.workers <= 0:
             for index, source in enumerate(sources):
-                yield from self._decode_items(index, source)
+                yield from self._decode_items(index, source, video)
             return
         window = max(2 * self.batch_size, 4 * self.workers)
         todo: queue.Queue = queue.Queue()
@@ -302,7 +311,7 @@ class ImagePipeline:
                 index = todo.get()
                 if index is None:
                     return
-                items = self._decode_items(index, sources[index])
+                items = self._decode_items(index, sources[index], video)
                 for item in items:
                     if not put(slots[index], item):
                         items.close()  # a video's file is closed now, not when collected

@@ -5,7 +5,10 @@ embed to stdout): images and texts are embedded by the server (`/v1/embed` with
 `full_precision`, so the vectors arrive as the float32 the server computed), and everything
 after the embeddings (scores, ranking, rendering) runs here exactly as it runs locally. So a
 command prints what it prints without --server, up to the float rounding of the server's
-batches. `remote_search` asks the server's `/v1/search` for an index it serves.
+batches. A video is uploaded whole and sampled by the server with the command's --every,
+--scenes, --min-gap and --max-frames: its frames come back with their times, and the command
+summarises them as it does locally. `remote_search` asks the server's `/v1/search` for an
+index it serves.
 
 A server that is down, or that serves another model or precision than the command asks for,
 is one line and exit 4 (BackendUnavailable): printing another model's scores would be wrong
@@ -25,12 +28,14 @@ import numpy as np
 
 from .core.errors import BackendUnavailable, InputError, UsageError
 from .core.scoring import logits, sigmoid, softmax
+from .core.video import VideoSampling, frame_name, split_frame_name
 from .results import SearchHit, SearchResult
 from .urls import fetch_url, is_url
 
 CHUNK_IMAGES = 32  # images per request
 CHUNK_BYTES = 16_000_000  # and at most about this many bytes (the server's --max-upload is 50 MB by default)
 RETRIES = 20  # 503 busy: wait as Retry-After says, this many times
+FORM_BYTES = 2_000  # of a request, what is not files: the form fields and their multipart framing
 
 
 def _client():
@@ -49,7 +54,7 @@ class ImageResult:
     name: str
     vector: np.ndarray | None = None
     error: str | None = None
-    time: float = -1.0  # a video frame's time; the server embeds still images only, so always -1
+    time: float = -1.0  # a video frame's time in seconds (its name ends in #t=...); -1 for a still
 
 
 @dataclass
@@ -111,28 +116,54 @@ def check_model(url: str, info: dict, requested: str | None, dtype: str = "auto"
                                  "drop --dtype/--exact, or start the server with them")
 
 
-def _image_bytes(source) -> tuple[str, bytes] | str:
-    """(name, bytes) to upload, or the error that kept the source out (read here, as locally)."""
+def _image_bytes(source, limit: int | None = None, url: str = "") -> tuple[str, bytes] | str:
+    """(name, bytes) to upload, or the error that kept the source out (read here, as locally).
+    A file over `limit` bytes (the server's --max-upload) is refused before it is read."""
     value = source.value
     try:
         if isinstance(value, str) and is_url(value):
-            return source.name, fetch_url(value)
-        if isinstance(value, (bytes, bytearray)):
-            return source.name, bytes(value)
-        with open(value, "rb") as handle:
-            return source.name, handle.read()
+            content = fetch_url(value)
+        elif isinstance(value, (bytes, bytearray)):
+            content = bytes(value)
+        else:
+            with open(value, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if limit is not None and size > limit:
+                    return _too_large(source.name, size, url)
+                content = handle.read()
+        if limit is not None and len(content) > limit:
+            return _too_large(source.name, len(content), url)
+        return source.name, content
     except InputError as exc:
         return str(exc)
     except OSError as exc:
         return f"{source.name}: cannot read ({exc.strerror or exc})"
 
 
-class RemoteEngine:
-    """The engine's embedding and scoring API, answered by a server."""
+def _upload_room(info: dict) -> int:
+    """The bytes of files one request may carry: the server's --max-upload, less the form."""
+    return int(info.get("max_upload") or 50_000_000) - FORM_BYTES
 
-    def __init__(self, connection: Connection, info: dict):
+
+def _part_bytes(name: str) -> int:
+    """A file's multipart framing: its headers, which carry its name."""
+    return 200 + len(name.encode("utf-8", "surrogateescape"))
+
+
+def _too_large(name: str, size: int, url: str) -> str:
+    return f"{name}: {size:,} bytes, more than the server at {url} takes (its --max-upload); run it without --server"
+
+
+class RemoteEngine:
+    """The engine's embedding and scoring API, answered by a server. Videos are uploaded whole
+    and sampled by the server with this command's sampling (`video`: --every, --scenes,
+    --min-gap, --max-frames), so their frames are the ones a local run takes."""
+
+    def __init__(self, connection: Connection, info: dict, video: VideoSampling | None = None):
         self.connection = connection
         self.info = info
+        self.video = video or VideoSampling()
+        self.max_upload = _upload_room(info)
         self.embed_dim = int(info["embed_dim"])
         self.logit_scale = float(info["logit_scale"])
         self.logit_bias = float(info["logit_bias"])
@@ -151,7 +182,8 @@ class RemoteEngine:
     # ------------------------------------------------------------------ the server's work
     def _embed(self, images: list[tuple[str, bytes]], texts: Sequence[str], templates: Sequence[str] | None,
                normalized: bool) -> list[dict]:
-        data: dict[str, Any] = {"full_precision": "true", "no_normalize": "false" if normalized else "true"}
+        data: dict[str, Any] = {"full_precision": "true", "no_normalize": "false" if normalized else "true",
+                                **sampling_fields(self.video)}
         if texts:
             data["text"] = list(texts)
         if templates:
@@ -162,21 +194,34 @@ class RemoteEngine:
 
     def iter_image_features(self, sources, normalized: bool = True, batch_size=None, workers=None,
                             on_progress=None) -> Iterator[ImageResult]:
+        """One result per image, a video's frames (with their times) in its place, in input
+        order, as Engine.iter_image_features gives them. Uploads go in chunks of at most
+        CHUNK_IMAGES files and about CHUNK_BYTES; a file the server's --max-upload refuses is
+        that file's error, not the run's."""
         chunk: list[tuple[int, str, bytes]] = []
+        size = 0
 
         def send(items):
+            if not items:
+                return
             records = self._embed([(name, content) for _, name, content in items], [], None, normalized)
-            for (index, name, _), record in zip(items, records):
-                if on_progress:
+            counted = None
+            for record in records:
+                if record.get("kind") != "image":
+                    continue
+                index, name, _ = items[record["input"]]
+                if on_progress and index != counted:
+                    counted = index
                     on_progress(1)
+                seconds = float(record.get("time", -1.0))
+                shown = frame_name(name, seconds) if seconds >= 0 else name  # (named here: a file name survives any upload)
                 if "error" in record:
-                    yield ImageResult(index, name, error=record["error"])
+                    yield ImageResult(index, shown, error=_renamed(record["error"], record["path"], shown), time=seconds)
                 else:
-                    yield ImageResult(index, name, vector=np.asarray(record["embedding"], np.float32))
+                    yield ImageResult(index, shown, vector=np.asarray(record["embedding"], np.float32), time=seconds)
 
-        size = 0
         for index, source in enumerate(sources):
-            read = _image_bytes(source)
+            read = _image_bytes(source, self.max_upload - _part_bytes(source.name), self.connection.url)
             if isinstance(read, str):
                 yield from send(chunk)
                 chunk, size = [], 0
@@ -184,13 +229,16 @@ class RemoteEngine:
                     on_progress(1)
                 yield ImageResult(index, source.name, error=read)
                 continue
+            cost = len(read[1]) + _part_bytes(source.name)
+            if chunk and size + cost > min(CHUNK_BYTES, self.max_upload):
+                yield from send(chunk)
+                chunk, size = [], 0
             chunk.append((index, *read))
-            size += len(read[1])
+            size += cost
             if len(chunk) >= CHUNK_IMAGES or size >= CHUNK_BYTES:
                 yield from send(chunk)
                 chunk, size = [], 0
-        if chunk:
-            yield from send(chunk)
+        yield from send(chunk)
 
     def embed_texts(self, texts, template=None, normalize: bool = True) -> np.ndarray:
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -211,11 +259,25 @@ class RemoteEngine:
         return softmax(logit_matrix) if use_softmax else sigmoid(logit_matrix)
 
 
-def connect(url: str, model: str | None, dtype: str = "auto", exact: bool = False) -> RemoteEngine:
+def connect(url: str, model: str | None, dtype: str = "auto", exact: bool = False,
+            video: VideoSampling | None = None) -> RemoteEngine:
     connection = Connection(url, os.environ.get("SIGLIP_TOKEN"))
     info = connection.info()
     check_model(url, info, model, dtype, exact)
-    return RemoteEngine(connection, info)
+    return RemoteEngine(connection, info, video)
+
+
+def sampling_fields(video: VideoSampling) -> dict[str, str]:
+    """A video sampling as the form fields of /v1/classify and /v1/embed."""
+    fields = {"every": repr(video.every), "scenes": str(video.scenes).lower(), "min_gap": repr(video.min_gap)}
+    if video.max_frames is not None:
+        fields["max_frames"] = str(video.max_frames)
+    return fields
+
+
+def _renamed(error: str, served: str, name: str) -> str:
+    """An error as the server wrote it, naming the input as this command names it."""
+    return name + error[len(served):] if served != name and error.startswith(served) else error
 
 
 # ============================================================================ search
@@ -249,7 +311,7 @@ def remote_search(url: str, index: Path, texts: Sequence[str], templates: Sequen
     sources = listing.sources if listing else []
     uploads, failed = [], {}
     for position, source in enumerate(sources):
-        read = _image_bytes(source)
+        read = _image_bytes(source, _upload_room(info) - _part_bytes(source.name), url)
         if isinstance(read, str):
             failed[position] = read
         else:
@@ -259,16 +321,41 @@ def remote_search(url: str, index: Path, texts: Sequence[str], templates: Sequen
         files = [("image", (name, content, "application/octet-stream")) for _, name, content in uploads]
         records = connection.request("POST", "/v1/search", data=data, files=files or None).json()
     results = [_result(record, "text") for record in records[: len(texts)]]
-    image_results = iter(records[len(texts):])
-    found = []
+    image_records = records[len(texts):]
+    found, positions, taken = [], {}, 0
     for position, source in enumerate(sources):
-        found.append(SearchResult(source.name, error=failed[position], kind="image") if position in failed
-                     else _result(next(image_results), "image"))
+        if position in failed:
+            mine = [SearchResult(source.name, error=failed[position], kind="image")]
+        else:
+            count = _records_of(source.name, image_records, taken)
+            mine = [_result(record, "image") for record in image_records[taken:taken + count]]
+            taken += count
+        for result in mine:
+            positions[id(result)] = position
+        found += mine
     if listing is not None:
-        positions = {id(result): position for position, result in enumerate(found)}
         for failure, result in listing.in_order(found, index=lambda r: positions[id(r)]):
             results.append(SearchResult(failure.name, error=failure.error, kind="image") if failure is not None else result)
     return results
+
+
+def _records_of(name: str, records: list[dict], start: int) -> int:
+    """How many records from `start` answer the query image `name`: one for an image; for a
+    video, one per sampled frame (`name#t=...`) and the error that ended them, if any."""
+    def frame_of(record) -> bool:
+        split = split_frame_name(record["query"])
+        return split is not None and split[0] == name
+
+    if start >= len(records):
+        return 0
+    count = 1
+    if frame_of(records[start]):
+        while start + count < len(records) and (frame_of(records[start + count]) or (
+                records[start + count]["query"] == name and "error" in records[start + count])):
+            count += 1
+            if records[start + count - 1]["query"] == name:
+                break  # the error after the frames ends the video
+    return count
 
 
 def _result(record: dict, kind: str) -> SearchResult:

@@ -176,3 +176,43 @@ def test_the_token_is_asked_for_and_used(browser, tmp_path, served, tiny_checkpo
     finally:
         context.close()
         assert server.stop() == 0
+
+
+def test_a_video_frame_shows_its_time_code_and_a_video_is_classified(browser, tmp_path, tiny_checkpoint):
+    pytest.importorskip("av", reason="video inputs need PyAV: pip install 'siglip-cli[video]'")
+    from .video_fixtures import make_video
+
+    folder = tmp_path / "media"
+    from siglip_cli.core.video import time_code
+
+    folder.mkdir()
+    name = "<img src=x onerror=alert(3)>clip.mp4"
+    clip = make_video(folder / name, seconds=3, size=(96, 80))
+    env = {"SIGLIP_CACHE_DIR": str(tmp_path / "cache"), "SIGLIP_MODEL": str(tiny_checkpoint)}
+    out = tmp_path / "frames.npy"
+    assert cli("embed", clip, "--every", "0.5", "--out", out, "--exact", env=env).exit_code == 0
+    server = Server([out, "--exact"], env=env)
+    context = browser.new_context(bypass_csp=True)
+    page = context.new_page()
+    try:
+        page.goto(server.url + "/")
+        page.wait_for_selector("#index-choice option", state="attached")
+        page.get_by_label("Text").fill("a bar")
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelectorAll('#results img').length === 6")  # every frame's thumbnail
+        expected = server.get("/v1/search", params={"q": "a bar", "k": 10}).json()[0]["results"]
+        codes = page.locator("#results .time").all_text_contents()
+        assert codes == [time_code(hit["time"]) for hit in expected] and "00:00:01.5" in codes and "00:00:00" in codes
+        assert page.locator("#results .name img").count() == 0  # the markup in the name is text
+        shot(page, tmp_path, "video_frames")
+        page.get_by_label("Images").set_input_files([str(clip)])
+        page.get_by_label("Labels, comma-separated").fill("a bar,a field")
+        page.get_by_role("button", name="Classify").click()
+        page.wait_for_selector(".scores table")
+        headings = page.locator("#classified h3").all_text_contents()
+        assert headings == [f"{name}#t=0 · 00:00:00", f"{name}#t=2 · 00:00:02", f"{name} · 2 frames, best of each label"]
+        assert page.locator("#classified img").count() == 0
+        shot(page, tmp_path, "video_classified")
+    finally:
+        context.close()
+        assert server.stop() == 0

@@ -211,7 +211,7 @@ def load_engine(options: ModelOptions, model: str | None = None):
     if options.server:
         from ..remote import connect
 
-        engine = connect(options.server, model or options.model, options.dtype, options.exact)
+        engine = connect(options.server, model or options.model, options.dtype, options.exact, options.video_sampling())
         if options.verbose:
             note(describe_run(engine, options))
         return engine
@@ -778,7 +778,8 @@ def dedupe(
 
 # ----------------------------------------------------------------------------- serve
 @app.command()
-@model_options(exclude=("server",))
+# the video sampling is each request's own (form fields with the CLI's defaults), not the server's
+@model_options(exclude=("server", "video", "every", "scenes", "min_gap", "max_frames"))
 def serve(
     indexes: Annotated[Optional[List[Path]], typer.Argument(metavar="INDEX", hidden=True, help="Indexes written by siglip embed, to search and browse; all made by one model, which is then the one served.", show_default=False)] = None,
     host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on. Anything but loopback needs --token or --no-auth.", rich_help_panel="Server")] = "127.0.0.1",

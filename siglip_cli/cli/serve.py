@@ -103,7 +103,11 @@ class Handlers:
             "batched_images": self.served.batcher.images,
         }
 
-    def classify(self, images, labels, label, templates, no_template, softmax, top_k, threshold) -> str:
+    def _sampled(self, video):
+        """The served engine as a command sees it, sampling videos as the request asks."""
+        return self.served if video is None else SampledEngine(self.served, video)
+
+    def classify(self, images, labels, label, templates, no_template, softmax, top_k, threshold, video=None) -> str:
         from ..prompts import collect_labels, resolve_templates
         from . import render
         from .classify import classify
@@ -112,11 +116,11 @@ class Handlers:
         if len(label_set.labels) > 1000:
             raise UsageError(f"{len(label_set.labels)} labels; at most 1000 per request")
         chosen = resolve_templates(templates or None, use_template=not no_template)
-        results = list(classify(self.served, self._listing(images), label_set.labels, chosen, softmax, top_k, threshold))
+        results = list(classify(self._sampled(video), self._listing(images), label_set.labels, chosen, softmax, top_k, threshold))
         self._refuse_if_all_failed(results)
         return render.json_text(render.classify_view(label_set.labels, "softmax" if softmax else "sigmoid").json_document(results))
 
-    def embed(self, images, texts, templates, no_normalize, out_dtype, full_precision=False) -> str:
+    def embed(self, images, texts, templates, no_normalize, out_dtype, full_precision=False, video=None) -> str:
         from ..embedding import EmbedPlan
         from ..prompts import resolve_templates
         from . import render
@@ -126,22 +130,26 @@ class Handlers:
         if no_normalize and chosen and len(chosen) > 1:
             raise UsageError("no_normalize needs a single template (an ensemble averages normalised embeddings)")
         if full_precision:
-            return self._full_precision_rows(images, texts, chosen, not no_normalize)
+            return self._full_precision_rows(images, texts, chosen, not no_normalize, video)
         skipped: list[str] = []
         plan = EmbedPlan(self._listing(images).sources, list(texts), [])
-        rows = list(embed_to_stdout(self.served, plan, out_dtype, not no_normalize, chosen, False, skipped.append))
+        rows = list(embed_to_stdout(self._sampled(video), plan, out_dtype, not no_normalize, chosen, False, skipped.append))
         if skipped and not rows:
             raise InputError("; ".join(message.removeprefix("skipped ") for message in skipped))
         return "".join(render.json_text(record) + "\n" for row in rows for record in render.EMBED_VIEW.jsonl_records(row))
 
-    def _full_precision_rows(self, images, texts, templates, normalized: bool) -> str:
-        """For --server clients: one line per input, in order, errors included, the float32
-        values unrounded (they score and render them as the command does locally)."""
+    def _full_precision_rows(self, images, texts, templates, normalized: bool, video=None) -> str:
+        """For --server clients: one line per image (a video: per sampled frame, with its
+        `time`, then the error that ended its frames, if any), each naming its upload by
+        position (`input`), then one per text; errors included, the float32 values unrounded
+        (the client scores and renders them as the command does locally)."""
         import json
 
         lines = []
-        for item in self.served.iter_image_features(self._listing(images).sources, normalized):
-            record = {"kind": "image", "path": item.name}
+        for item in self._sampled(video).iter_image_features(self._listing(images).sources, normalized):
+            record = {"kind": "image", "path": item.name, "input": item.index}
+            if item.time >= 0:
+                record["time"] = item.time
             record.update({"error": item.error} if item.error is not None else {"embedding": item.vector.tolist()})
             lines.append(json.dumps(record))
         if texts:
@@ -186,6 +194,21 @@ class Handlers:
         failed: a 422 naming each cause."""
         if results and all(r.error is not None for r in results):
             raise InputError("; ".join(r.error for r in results))
+
+
+class SampledEngine:
+    """The served engine with a request's video sampling: what the commands' code calls
+    `engine` (`iter_image_features` samples videos as asked; everything else is the served
+    engine's)."""
+
+    def __init__(self, served, video):
+        self.served, self.video = served, video
+
+    def __getattr__(self, name):
+        return getattr(self.served, name)
+
+    def iter_image_features(self, sources, normalized: bool = True, batch_size=None, workers=None, on_progress=None):
+        return self.served.iter_image_features(sources, normalized, on_progress=on_progress, video=self.video)
 
 
 # ============================================================================ the command

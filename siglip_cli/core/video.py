@@ -33,6 +33,7 @@ before it stand, and an InputError names the time where decoding stopped.
 from __future__ import annotations
 
 import bisect
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -117,16 +118,19 @@ def time_code(seconds: float) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{tail}"
 
 
-def looks_like_video(path: str) -> bool:
-    """Whether the file's first bytes say "video container" (MP4/MOV, Matroska/WebM, AVI),
-    whatever its suffix says."""
-    from .images import _open_file  # non-blocking: a FIFO or device is never waited on
+def looks_like_video(path: str | bytes) -> bool:
+    """Whether the file's first bytes (or, for an upload held in memory, the bytes') say
+    "video container" (MP4/MOV, Matroska/WebM, AVI), whatever its suffix says."""
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        head = bytes(path[:16])
+    else:
+        from .images import _open_file  # non-blocking: a FIFO or device is never waited on
 
-    try:
-        with _open_file(path, path) as fh:
-            head = fh.read(16)
-    except (OSError, InputError):
-        return False
+        try:
+            with _open_file(path, path) as fh:
+                head = fh.read(16)
+        except (OSError, InputError):
+            return False
     if len(head) < 12:
         return False
     if head[4:8] == b"ftyp":
@@ -192,11 +196,14 @@ def _upright(image, rotation: int):
 class _Video:
     """One open video stream: frames in presentation order, with seeking to keyframes."""
 
-    def __init__(self, av, path: str, name: str, max_pixels: int | None):
+    def __init__(self, av, path: str | bytes, name: str, max_pixels: int | None):
         from .images import _open_file
 
         self.av, self.name = av, name
-        _open_file(path, name).close()  # refuses a FIFO, device or folder instead of blocking in FFmpeg
+        if isinstance(path, (bytes, bytearray, memoryview)):
+            path = io.BytesIO(path)  # an upload held in memory (siglip serve): FFmpeg seeks in it as in a file
+        else:
+            _open_file(path, name).close()  # refuses a FIFO, device or folder instead of blocking in FFmpeg
         try:
             self.container = av.open(path, metadata_errors="ignore")
         except av.FFmpegError as exc:
@@ -352,15 +359,15 @@ def sample_times(duration: float, sampling: VideoSampling) -> list[float]:
 
 
 def sample_frames(
-    path: str,
+    path: str | bytes,
     name: str,
     sampling: VideoSampling = VideoSampling(),
     max_pixels: int | None = None,
     draft_size: tuple[int, int] | None = None,
 ) -> Iterator[Frame]:
-    """The frames `sampling` picks from the video at `path`, in time order. Raises InputError
-    naming `name`: before the first frame when the video cannot be used at all, after the
-    frames decoded so far when decoding fails part way."""
+    """The frames `sampling` picks from the video at `path` (or in `path`'s bytes, an upload),
+    in time order. Raises InputError naming `name`: before the first frame when the video
+    cannot be used at all, after the frames decoded so far when decoding fails part way."""
     av = _av()
     if av is None:
         raise InputError(f"{name}: {VIDEO_EXTRA}")

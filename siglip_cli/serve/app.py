@@ -9,8 +9,9 @@ text, served as is, so an endpoint's JSON is the command's `--json` by construct
 
 Status codes: 400 bad parameters (UsageError), 401 no or wrong token, 403 URLs when
 --allow-urls is off, 404 an index or row that is not there, 413 a body past --max-upload,
-422 no input could be read (each image's cause named) or a field out of range, 503 the queue
-is full (with Retry-After). A 500 is a bug: logged with its traceback, answered in one line.
+422 no input could be read (each image's cause named) or a field out of range, 501 a video
+frame's thumbnail on a server without PyAV, 503 the queue is full (with Retry-After). A 500 is
+a bug: logged with its traceback, answered in one line.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from ..core.errors import InputError, ModelUnavailable, SiglipError, UsageError
+from ..core.video import DEFAULT_EVERY, DEFAULT_MIN_GAP, VideoSampling
 from .batcher import Busy
-from .model import NotFound
+from .model import NotFound, Unsupported
 
 log = logging.getLogger("siglip.serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -37,6 +39,14 @@ MAX_LABELS = 1000  # labels per classify request
 MAX_IMAGES = 256  # images per request
 # The page's own assets only: no inline script, no CDN, no frames; thumbnails arrive as blobs.
 PAGE_SECURITY = "default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; frame-ancestors 'none'"
+
+
+# A video upload's sampling: the CLI's --every, --scenes, --min-gap and --max-frames, with their
+# defaults and limits (core/video.py), so that a request answers what the command prints.
+EveryField = Annotated[float, Form(ge=0.01, description="Videos: one frame every this many seconds, from 0 (as --every)")]
+ScenesField = Annotated[bool, Form(description="Videos: one frame per shot instead (as --scenes)")]
+MinGapField = Annotated[float, Form(ge=0.0, description="Videos with scenes: the shortest shot, seconds (as --min-gap)")]
+MaxFramesField = Annotated[Optional[int], Form(ge=1, description="Videos: at most this many frames per video (as --max-frames)")]
 
 
 class Refused(Exception):
@@ -102,6 +112,10 @@ def create_app(handlers, token: str | None = None, max_upload: int = 50_000_000,
     async def not_found(request: Request, exc: NotFound):
         return _error(404, str(exc))
 
+    @app.exception_handler(Unsupported)
+    async def unsupported(request: Request, exc: Unsupported):
+        return _error(501, str(exc))
+
     @app.exception_handler(SiglipError)
     async def siglip_error(request: Request, exc: SiglipError):
         status = 400 if isinstance(exc, UsageError) else 422 if isinstance(exc, InputError) else 503 if isinstance(exc, ModelUnavailable) else 500
@@ -149,11 +163,16 @@ def create_app(handlers, token: str | None = None, max_upload: int = 50_000_000,
         softmax: Annotated[bool, Form()] = False,
         top_k: Annotated[Optional[int], Form(ge=1, le=MAX_LABELS)] = None,
         threshold: Annotated[Optional[float], Form(ge=0.0, le=1.0)] = None,
+        every: EveryField = DEFAULT_EVERY,
+        scenes: ScenesField = False,
+        min_gap: MinGapField = DEFAULT_MIN_GAP,
+        max_frames: MaxFramesField = None,
     ):
         images = await images_of(image, url)
         if not images:
             raise UsageError("no images: upload one or more as 'image'")
-        return _json(await _thread(handlers.classify, images, labels, label, template, no_template, softmax, top_k, threshold))
+        video = VideoSampling(every=every, scenes=scenes, max_frames=max_frames, min_gap=min_gap)
+        return _json(await _thread(handlers.classify, images, labels, label, template, no_template, softmax, top_k, threshold, video))
 
     @app.post("/v1/embed", tags=["api"], summary="Embed images and texts: the lines of `siglip embed --format jsonl`")
     async def embed(
@@ -163,13 +182,20 @@ def create_app(handlers, token: str | None = None, max_upload: int = 50_000_000,
         template: Annotated[list[str], Form(description="Put each text into these templates (an ensemble)")] = [],
         no_normalize: Annotated[bool, Form()] = False,
         out_dtype: Annotated[str, Form(pattern="^(float32|float16)$")] = "float32",
-        full_precision: Annotated[bool, Form(description="For --server clients: every float32 value unrounded, and "
-                                                         "an error line for each image that could not be read")] = False,
+        full_precision: Annotated[bool, Form(description="For --server clients: every float32 value unrounded, an "
+                                                         "error line for each image that could not be read, and each "
+                                                         "line's upload as `input`")] = False,
+        every: EveryField = DEFAULT_EVERY,
+        scenes: ScenesField = False,
+        min_gap: MinGapField = DEFAULT_MIN_GAP,
+        max_frames: MaxFramesField = None,
     ):
         images = await images_of(image, url)
         if not images and not text:
             raise UsageError("nothing to embed: upload images as 'image' or give 'text'")
-        return _json(await _thread(handlers.embed, images, text, template, no_normalize, out_dtype, full_precision), "application/x-ndjson")
+        video = VideoSampling(every=every, scenes=scenes, max_frames=max_frames, min_gap=min_gap)
+        return _json(await _thread(handlers.embed, images, text, template, no_normalize, out_dtype, full_precision, video),
+                     "application/x-ndjson")
 
     search_doc = "Search a loaded index: the record of `siglip search --json`"
 

@@ -2,8 +2,9 @@
 
 `ServedEngine` is the engine as the command modules use it (`label_embeddings`,
 `iter_image_features`, `embed_texts`, `logits`, ...), so that every endpoint runs the very code
-of its command: images go through the micro-batcher, text work is serialised (the text cache and
-the lazily loaded tower are not thread-safe), the rest is the engine's own.
+of its command: images (and a video's sampled frames) go through the micro-batcher, text work
+is serialised (the text cache and the lazily loaded tower are not thread-safe), the rest is the
+engine's own.
 
 `ServedIndexes` holds the indexes (read-only stores) by number. `reload()` re-opens the ones a
 later `embed --update` replaced (another inode or modification time): a request already holding
@@ -12,7 +13,7 @@ the old store finishes on it, the next one gets the new, so no request is droppe
 Thumbnails are read only for image rows of loaded indexes, by (index, row) number: a client
 never names a path. The file must still be the regular file that was indexed (same size and
 modification time when the index recorded them), which a planted symlink or a swapped file is
-not.
+not. A video's frame row is its video file, decoded at the row's time through core/video.py.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 from ..core.errors import InputError, UsageError
 from ..core.images import DecodeOptions, open_image, to_rgb
 from ..core.scoring import ensemble, l2_normalize
+from ..core.video import VideoSampling
 from ..pipeline import ImageResult
 from ..prompts import fill
 from ..queries import made_by
@@ -47,6 +49,10 @@ class NotFound(Exception):
     """An index or row that is not there: 404."""
 
 
+class Unsupported(Exception):
+    """What this server cannot do without an optional extra (PyAV for video frames): 501."""
+
+
 class ServedEngine:
     def __init__(self, engine, batch_size: int, window: float, queue_size: int):
         import torch
@@ -57,6 +63,9 @@ class ServedEngine:
         engine.tower("vision")  # warm: the first request pays nothing
         self.pipeline = engine.image_pipeline(batch_size=batch_size, workers=0)  # requests decode in their own threads
         self.batcher = MicroBatcher(self._run_batch, batch_size, window, queue_size)
+        # a request's images waiting at once: two batches keep the model busy while the request
+        # decodes on; never the whole queue, which other requests share
+        self.in_flight = max(1, min(2 * batch_size, queue_size // 2))
 
     def __getattr__(self, name):  # logit_scale, logits, probabilities, describe, resolved, ...
         return getattr(self.engine, name)
@@ -84,24 +93,35 @@ class ServedEngine:
 
     # ------------------------------------------------------------------ images (batched)
     def iter_image_features(self, sources: Sequence[Source], normalized: bool = True, batch_size=None, workers=None,
-                            on_progress=None) -> Iterator[ImageResult]:
-        """As Engine.iter_image_features: one result per source, in order. Decoding happens
-        here, in the request's thread; the forward pass in the batcher's."""
-        pending = []
-        for decoded in self.pipeline.decoded(sources):
-            future = self.batcher.submit(decoded.pixels, normalized) if decoded.pixels is not None else None
-            pending.append((decoded, future))
-        for decoded, future in pending:
+                            on_progress=None, video: VideoSampling | None = None) -> Iterator[ImageResult]:
+        """As Engine.iter_image_features: one result per image, a video's frames (with their
+        times) in its place, in order. Decoding happens here, in the request's thread (a video
+        with `video`'s sampling, else the server's); the forward pass in the batcher's. At most
+        `in_flight` images of one request wait for the model at once, so a long video streams
+        through the bounded queue instead of filling it."""
+        pending: collections.deque = collections.deque()
+        counted = None
+
+        def finished(decoded, future) -> ImageResult:
+            nonlocal counted
+            if on_progress and decoded.index != counted:
+                counted = decoded.index
+                on_progress(1)
             if future is None:
-                yield ImageResult(decoded.index, decoded.name, error=decoded.error)
-                continue
+                return ImageResult(decoded.index, decoded.name, error=decoded.error, time=decoded.time)
             vector = future.result()
             if not np.isfinite(vector).all():
-                yield ImageResult(decoded.index, decoded.name, error=f"{decoded.name}: the model produced non-finite values")
-                continue
-            yield ImageResult(decoded.index, decoded.name, vector=vector)
-            if on_progress:
-                on_progress(1)
+                return ImageResult(decoded.index, decoded.name, error=f"{decoded.name}: the model produced non-finite values",
+                                   time=decoded.time)
+            return ImageResult(decoded.index, decoded.name, vector=vector, time=decoded.time)
+
+        for decoded in self.pipeline.decoded(sources, video):
+            future = self.batcher.submit(decoded.pixels, normalized) if decoded.pixels is not None else None
+            pending.append((decoded, future))
+            while len(pending) > self.in_flight:
+                yield finished(*pending.popleft())
+        while pending:
+            yield finished(*pending.popleft())
 
     def close(self) -> None:
         self.batcher.close()
@@ -204,7 +224,7 @@ class ServedIndexes:
             if key in self._thumbnails:
                 self._thumbnails.move_to_end(key)
                 return self._thumbnails[key]
-        data = make_thumbnail(name, _stamp(index.store, row), max_pixels)
+        data = make_thumbnail(name, _stamp(index.store, row), max_pixels, _time(index.store, row))
         with self._thumbnail_lock:
             self._thumbnails[key] = data
             while len(self._thumbnails) > THUMBNAIL_CACHE:
@@ -221,11 +241,29 @@ def _stamp(store: Store, row: int) -> tuple[int, int] | None:
     return (size, mtime) if size >= 0 else None
 
 
-def make_thumbnail(name: str, stamp: tuple[int, int] | None, max_pixels: int | None) -> bytes:
-    """A JPEG at most THUMBNAIL_SIDE pixels on a side of the indexed file `name`."""
+def _time(store: Store, row: int) -> float:
+    """A frame row's time in seconds; -1 for a still (only a store with frames has times)."""
+    return float(store.times[row]) if "video" in store.meta else -1.0
+
+
+def make_thumbnail(name: str, stamp: tuple[int, int] | None, max_pixels: int | None, seconds: float = -1.0) -> bytes:
+    """A JPEG at most THUMBNAIL_SIDE pixels on a side of the indexed file `name`; of a video's
+    frame row (`seconds` >= 0, `name` is `clip.mp4#t=12.5`), the frame shown at that time."""
     if "://" in name:
         raise NotFound(f"{name}: a URL row; the server fetches nothing")
+    if seconds >= 0:
+        return _frame_thumbnail(name, stamp, max_pixels, seconds)
     path = Path(name)
+    _checked_file(path, name, stamp)
+    try:
+        image = to_rgb(open_image(str(path), name, DecodeOptions(max_pixels=max_pixels), (THUMBNAIL_SIDE, THUMBNAIL_SIDE)), name)
+    except InputError as exc:
+        raise NotFound(str(exc)) from None
+    return _jpeg(image)
+
+
+def _checked_file(path: Path, name: str, stamp: tuple[int, int] | None) -> None:
+    """The indexed file is still the regular file that was indexed, else NotFound."""
     try:
         info = os.stat(path)
     except OSError as exc:
@@ -234,10 +272,27 @@ def make_thumbnail(name: str, stamp: tuple[int, int] | None, max_pixels: int | N
         raise NotFound(f"{name}: not a regular file now")
     if stamp is not None and (info.st_size, info.st_mtime_ns) != stamp:
         raise NotFound(f"{name}: changed since it was indexed (size or modification time)")
-    try:
-        image = to_rgb(open_image(str(path), name, DecodeOptions(max_pixels=max_pixels), (THUMBNAIL_SIDE, THUMBNAIL_SIDE)), name)
-    except InputError as exc:
-        raise NotFound(str(exc)) from None
+
+
+def _frame_thumbnail(name: str, stamp: tuple[int, int] | None, max_pixels: int | None, seconds: float) -> bytes:
+    """The frame of a video row, decoded at its time through the video module (the frame rows
+    of a video share the video file's stamp)."""
+    from ..core import video
+
+    split = video.split_frame_name(name)
+    if split is None:
+        raise NotFound(f"{name}: a frame row without a #t= time in its name")
+    path = Path(split[0])
+    _checked_file(path, split[0], stamp)
+    if video._av() is None:
+        raise Unsupported(f"{name}: {video.VIDEO_EXTRA} (on the server)")
+    image = video.read_frame(str(path), seconds, max_pixels)
+    if image is None:
+        raise NotFound(f"{name}: the frame at {video.format_seconds(seconds)} s cannot be decoded now")
+    return _jpeg(image)
+
+
+def _jpeg(image) -> bytes:
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=85)
@@ -271,11 +326,16 @@ class IndexQueries:
         return self.served.logit_scale, self.served.logit_bias
 
     def image_embeddings(self, sources: Sequence[Source]) -> Iterator[ImageResult]:
-        computed = iter(self.served.iter_image_features([s for s in sources if not isinstance(s.value, IndexedRow)]))
+        """One result per query image, in order (a video: one per sampled frame, as `search`
+        samples a video query locally); indexed rows from the store, the rest computed."""
+        uploads = [position for position, source in enumerate(sources) if not isinstance(source.value, IndexedRow)]
+        computed = self.served.iter_image_features([sources[position] for position in uploads])
+        ahead = next(computed, None)
         for position, source in enumerate(sources):
             if isinstance(source.value, IndexedRow):
                 vector = source.value.index.store.rows[source.value.row].astype(np.float32)
                 yield ImageResult(position, source.name, vector=l2_normalize(vector[None, :])[0])
-            else:
-                result = next(computed)
-                yield ImageResult(position, result.name, result.vector, result.error)
+                continue
+            while ahead is not None and uploads[ahead.index] == position:
+                yield ImageResult(position, ahead.name, ahead.vector, ahead.error, ahead.time)
+                ahead = next(computed, None)

@@ -34,6 +34,15 @@ async function api(path, options = {}) {
   return response;
 }
 
+// 12.5 -> "00:00:12.5", as the CLI's tables write a video frame's time (core/video.time_code)
+function timeCode(seconds) {
+  const whole = Math.floor(seconds);
+  const pad = (value) => String(value).padStart(2, "0");
+  const fraction = (seconds - whole).toFixed(3).replace(/0+$/, "").replace(/\.$/, ""); // "0.5", "0", or "1" (rounded up)
+  const tail = fraction.startsWith("0.") ? fraction.slice(1) : "";
+  return `${pad(Math.floor(whole / 3600))}:${pad(Math.floor(whole / 60) % 60)}:${pad(whole % 60)}${tail}`;
+}
+
 function percent(score) {
   const value = score * 100;
   if (value >= 0.1 || value === 0) return value.toFixed(1) + "%";
@@ -125,6 +134,9 @@ function showHits(hits, what) {
     const meta = el("div", { class: "meta" },
       el("span", { class: "score", title: hit.score !== null ? "SigLIP's probability that the image matches the text" : "cosine similarity" }, `${hit.rank}. ${score}`),
       el("span", { class: "name", title: hit.path }, ...splitName(hit.path)));
+    if (hit.time !== undefined && hit.time >= 0) {
+      meta.append(el("span", { class: "time", title: "the frame's time in the video" }, timeCode(hit.time)));
+    }
     if (hit.kind === "image" && hit.row !== undefined) {
       meta.append(el("button", { type: "button", class: "secondary", "aria-label": `More like ${hit.path}`,
         onclick: () => moreLike(hit.row, hit.path) }, "More like this"));
@@ -177,12 +189,16 @@ async function classify(files) {
 }
 
 function scoreTable(record) {
-  const block = el("div", { class: "scores" }, el("h3", {}, record.path));
+  // a video's frame: its time code; a video's summary: its frames, each label at its best frame
+  const title = record.summary === "video" ? `${record.path} · ${record.frames} frames, best of each label`
+    : record.time !== undefined ? `${record.path} · ${timeCode(record.time)}` : record.path;
+  const block = el("div", { class: "scores" }, el("h3", {}, title));
   if (record.error) { block.append(el("p", { class: "status error" }, record.error)); return block; }
   const rows = record.labels.map((item) => {
     const bar = el("div", { class: "bar" });
     bar.style.width = `${Math.max(0.5, item.score * 100)}%`;
-    return el("tr", {}, el("td", {}, item.label), el("td", { class: "num" }, percent(item.score)), el("td", { class: "bar-cell" }, bar));
+    const label = record.summary === "video" ? `${item.label} (at ${timeCode(item.time)})` : item.label;
+    return el("tr", {}, el("td", {}, label), el("td", { class: "num" }, percent(item.score)), el("td", { class: "bar-cell" }, bar));
   });
   block.append(el("table", {}, el("tbody", {}, ...rows)));
   return block;
@@ -200,7 +216,7 @@ function dropZone(form, onFiles) {
   form.addEventListener("drop", (event) => {
     event.preventDefault();
     form.classList.remove("over");
-    const files = [...event.dataTransfer.files].filter((file) => file.type.startsWith("image/") || !file.type);
+    const files = [...event.dataTransfer.files].filter((file) => /^(image|video)\//.test(file.type) || !file.type);
     if (files.length) onFiles(files);
   });
 }
