@@ -106,7 +106,7 @@ def main() -> None:
     truth = exact_pairs_of_sample(rows, sample)
     for method in args.methods.split(","):
         out = args.work / f"found-{method}.npy"
-        index = args.work / f"rows-{args.rows}.usearch"
+        index = args.work / f"rows-{args.rows}.faiss"
         for leftover in (index, index.with_name(index.name + ".json")):
             leftover.unlink(missing_ok=True)
         argv = [sys.executable, "-c", CHILD, str(ROOT), str(path), method, str(out)] + ([str(index)] if method == "approximate" else [])

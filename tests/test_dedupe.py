@@ -136,13 +136,13 @@ def test_index_is_made_then_only_changes_are_embedded(env, tmp_path):
     alone = cli("dedupe", "--index", index, "--json", "--neighbours", "exact", env=env)
     assert alone.exit_code == 0, alone.stderr
     assert _groups(alone.stdout) == _groups(second.stdout)
-    pytest.importorskip("usearch", reason="the approximate index needs usearch: pip install 'siglip-cli[ann]'")
+    pytest.importorskip("faiss", reason="the approximate index needs faiss: pip install 'siglip-cli[ann]'")
     for _ in range(2):  # built and saved beside the store, then reused: the same groups
         approximate = cli("dedupe", "--index", index, "--json", "--neighbours", "approximate", env=env)
         assert approximate.exit_code == 0, approximate.stderr
         assert _groups(approximate.stdout) == _groups(second.stdout)
     assert "building the approximate neighbour index" not in approximate.stderr and "reusing" in approximate.stderr
-    assert (tmp_path / "vecs.npy.usearch").is_file()
+    assert (tmp_path / "vecs.npy.faiss").is_file()
 
 
 def test_usage_errors_are_one_line(env, tmp_path):
@@ -206,7 +206,7 @@ def _planted_levels(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("neighbours", ["exact", "approximate"])
 def test_each_planted_level_lands_where_it_should(tmp_path, neighbours):
     if neighbours == "approximate":
-        pytest.importorskip("usearch", reason="the approximate index needs usearch: pip install 'siglip-cli[ann]'")
+        pytest.importorskip("faiss", reason="the approximate index needs faiss: pip install 'siglip-cli[ann]'")
     index = _planted_levels(tmp_path)
     near = cli("dedupe", "--index", index, "--json", "--neighbours", neighbours)
     assert near.exit_code == 0, near.stderr

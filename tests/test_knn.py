@@ -74,11 +74,11 @@ def test_a_single_row_has_no_neighbour():
 
 
 @pytest.fixture()
-def usearch():
-    return pytest.importorskip("usearch", reason="the approximate index needs usearch: pip install 'siglip-cli[ann]'")
+def faiss():
+    return pytest.importorskip("faiss", reason="the approximate index needs faiss: pip install 'siglip-cli[ann]'")
 
 
-def test_approximate_finds_the_planted_pairs_and_the_exact_pairs(usearch):
+def test_approximate_finds_the_planted_pairs_and_the_exact_pairs(faiss):
     rows, planted = _planted(3000, 60)
     exact = knn.self_neighbours(rows, 8, floor=0.95, method="exact")
     approximate = knn.self_neighbours(rows, 8, floor=0.95, method="approximate")
@@ -90,12 +90,12 @@ def test_approximate_finds_the_planted_pairs_and_the_exact_pairs(usearch):
     np.testing.assert_allclose(approximate.nearest[approximate.nearest >= 0.95], exact.nearest[approximate.nearest >= 0.95], atol=1e-6)
 
 
-def test_the_index_is_saved_reused_and_rebuilt_when_the_store_changed(usearch, tmp_path):
+def test_the_index_is_saved_reused_and_rebuilt_when_the_store_changed(faiss, tmp_path):
     rows, _ = _planted(500, 10)
-    path = tmp_path / "vecs.npy.usearch"
+    path = tmp_path / "vecs.npy.faiss"
     notes: list[str] = []
     first = knn.self_neighbours(rows, 8, 0.95, "approximate", path, "store-1", notes.append)
-    assert path.is_file() and json.loads((tmp_path / "vecs.npy.usearch.json").read_text())["store"] == "store-1"
+    assert path.is_file() and json.loads((tmp_path / "vecs.npy.faiss.json").read_text())["store"] == "store-1"
     assert notes[-1].startswith("building")
     again = knn.self_neighbours(rows, 8, 0.95, "approximate", path, "store-1", notes.append)
     assert notes[-1].startswith("reusing")
@@ -112,7 +112,7 @@ def test_the_index_is_saved_reused_and_rebuilt_when_the_store_changed(usearch, t
 
 def test_auto_is_exact_up_to_the_switch(monkeypatch):
     assert knn.choose_method("auto", knn.EXACT_MAX_ROWS) == "exact"
-    monkeypatch.setattr(knn, "usearch_available", lambda: False)
+    monkeypatch.setattr(knn, "ann_available", lambda: False)
     assert knn.choose_method("auto", knn.EXACT_MAX_ROWS + 1) == "exact"
     with pytest.raises(knn.BackendUnavailable, match=r"siglip-cli\[ann\]"):
         knn.choose_method("approximate", 10)

@@ -32,7 +32,7 @@ from ..duplicates import (
     nearest_histogram,
     video_facts,
 )
-from ..knn import self_neighbours
+from ..knn import INDEX_SUFFIX, self_neighbours
 from ..results import DuplicateGroup, NeighbourHistogram
 
 NEIGHBOURS_PER_IMAGE = 16  # a row with more above the floor is asked again (knn.refine_saturated)
@@ -214,7 +214,7 @@ def find_duplicates(inputs: DedupeInputs, thresholds: Thresholds, keep: str, met
     """Stills grouped among stills, then videos among videos (their groups follow, numbered on)."""
     from ..store import sidecar
 
-    index_path = sidecar(inputs.store, ".usearch") if inputs.store is not None else None
+    index_path = sidecar(inputs.store, INDEX_SUFFIX) if inputs.store is not None else None
     stills = group_items(inputs.names, inputs.rows, thresholds, keep, method, index_path, inputs.identity, file_facts, note)
     videos = group_items(inputs.video_names, inputs.video_rows, thresholds, keep, method, None, None, video_facts, note)
     for number, group in enumerate(videos.groups, len(stills.groups) + 1):
