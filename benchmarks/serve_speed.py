@@ -1,5 +1,6 @@
 """`siglip serve` against the same work without it, on a full-size base-224 checkpoint (random
-weights, benchmarks/common.py), fp32:
+weights, benchmarks/common.py), in the product's default mode (`--dtype auto`: bf16 on CPUs
+with native bf16, else fp32) unless `--dtype` says otherwise:
 
 1. warm /v1/classify of one COCO-size JPEG (labels cached): p50 of the HTTP round trip against
    the in-process engine's time for the same image and labels (decode + forward + scores),
@@ -91,6 +92,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/siglip-bench"))
     parser.add_argument("--skip-search", action="store_true")
     parser.add_argument("--only-single", action="store_true", help="only the one-image figures (1.)")
+    parser.add_argument("--dtype", default="auto", help="the mode of the server, the engine and the cold run alike: auto (the "
+                        "product's default: bf16 on CPUs with native bf16), fp32, bf16, int8")
     args = parser.parse_args()
 
     print(f"# {machine()}")
@@ -99,7 +102,8 @@ def main() -> None:
     photo = photos[0]
     cache = args.work / "serve-cache"
     env = {**os.environ, "SIGLIP_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    common = ["--model", str(checkpoint), "--dtype", "fp32"]
+    common = ["--model", str(checkpoint), "--dtype", args.dtype]
+    print(f"# dtype {args.dtype}", flush=True)
 
     # ---------------------------------------------------------------- 1. one image, warm
     server, url = start_server(common, env)
@@ -122,7 +126,7 @@ def main() -> None:
     from siglip_cli.runtime import keep_freed_memory
 
     keep_freed_memory()  # as every command (and the server) does: otherwise each pass page-faults afresh
-    engine = load(str(checkpoint), dtype="fp32", batch_size=1, workers=0)
+    engine = load(str(checkpoint), dtype=args.dtype, batch_size=1, workers=0)
     labels = LABELS.split(",")
 
     def engine_work() -> float:

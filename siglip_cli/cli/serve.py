@@ -270,7 +270,11 @@ def serve(index_paths: Sequence[Path], options, settings: ServeSettings, load_en
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on connections accepted from a
+    # socket that says it is TCP (base_events._set_nodelay). Without it, every request after the
+    # first on a kept-alive connection waited ~40 ms: the response's header and body writes met
+    # Nagle's algorithm and the client's delayed ACK (benchmarks/serve_speed.py; docs/serve.md).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
