@@ -80,6 +80,37 @@ def say(text: str) -> None:
     print(f"{text}  [{load_average()}]", flush=True)
 
 
+def memory(args, server: subprocess.Popen, client) -> None:
+    """4. The server's resident set over `--memory-requests` requests in a row (classify of a
+    small image and embed of a text, alternating), after 100 of them as a warm-up (first-use
+    buffers are not a leak); the RSS every tenth of the way, so a slope shows."""
+    small = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(small, format="JPEG")
+    small_bytes = small.getvalue()
+
+    def request(number: int) -> None:
+        if number % 2:
+            client.post("/v1/embed", data={"text": "a red car"}).raise_for_status()
+        else:
+            client.post("/v1/classify", data={"labels": LABELS}, files=[("image", ("s.jpg", small_bytes))]).raise_for_status()
+
+    for number in range(100):
+        request(number)
+    start_rss = rss_mb(server.pid)
+    start = time.perf_counter()
+    marks = []
+    step = max(1, args.memory_requests // 10)
+    for number in range(args.memory_requests):
+        request(number)
+        if (number + 1) % step == 0:
+            marks.append(round(rss_mb(server.pid)))
+    end_rss = rss_mb(server.pid)
+    say(f"memory: RSS {start_rss:.0f} MB before {args.memory_requests} requests (after 100 to warm up), {end_rss:.0f} MB after "
+        f"({(end_rss / start_rss - 1) * 100:+.1f}%), {time.perf_counter() - start:.0f} s; every {step}: {marks}")
+
+
 def main() -> None:
     import httpx
 
@@ -92,6 +123,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/siglip-bench"))
     parser.add_argument("--skip-search", action="store_true")
     parser.add_argument("--only-single", action="store_true", help="only the one-image figures (1.)")
+    parser.add_argument("--only-memory", action="store_true", help="only the resident-set figure (4.)")
     parser.add_argument("--dtype", default="auto", help="the mode of the server, the engine and the cold run alike: auto (the "
                         "product's default: bf16 on CPUs with native bf16), fp32, bf16, int8")
     args = parser.parse_args()
@@ -109,6 +141,11 @@ def main() -> None:
     server, url = start_server(common, env)
     client = httpx.Client(base_url=url, timeout=600)
     data = photo.read_bytes()
+    if args.only_memory:
+        memory(args, server, client)
+        client.close()
+        stop(server)
+        return
 
     def classify_once() -> float:
         start = time.perf_counter()
@@ -194,22 +231,7 @@ def main() -> None:
         f"{len(sent) / max(batches, 1):.1f} images per forward pass); `siglip embed` {embed_rate:.1f} images/s "
         f"({served_rate / embed_rate:.2f}x)")
 
-    # ---------------------------------------------------------------- 4. memory
-    small = io.BytesIO()
-    from PIL import Image
-
-    Image.open(photo).resize((64, 48)).save(small, format="JPEG")
-    small_bytes = small.getvalue()
-    start_rss = rss_mb(server.pid)
-    start = time.perf_counter()
-    for number in range(args.memory_requests):
-        if number % 2:
-            client.post("/v1/embed", data={"text": "a red car"}).raise_for_status()
-        else:
-            client.post("/v1/classify", data={"labels": LABELS}, files=[("image", ("s.jpg", small_bytes))]).raise_for_status()
-    end_rss = rss_mb(server.pid)
-    say(f"memory: RSS {start_rss:.0f} MB before {args.memory_requests} requests, {end_rss:.0f} MB after "
-        f"({(end_rss / start_rss - 1) * 100:+.1f}%), {time.perf_counter() - start:.0f} s")
+    memory(args, server, client)
     client.close()
     stop(server)
 
