@@ -832,7 +832,7 @@ def histogram_text(histogram: NeighbourHistogram, width: int = 80) -> Text:
     threshold drawn as a line where it falls, so the gap between copies and distinct photos
     shows. Counts are printed in full beside every bar."""
     out = Text()
-    out.append(f"nearest-neighbour cosine of each of {histogram.images} image{'s' if histogram.images != 1 else ''}\n", style="bold")
+    out.append(f"nearest-neighbour cosine of each of {histogram.images} file{'s' if histogram.images != 1 else ''}\n", style="bold")
     edges, counts = histogram.edges, histogram.counts
     count_width = max(len(str(c)) for c in counts) if counts else 1
     bar_width = max(10, width - 14 - count_width - 3)
