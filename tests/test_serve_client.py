@@ -41,12 +41,12 @@ def test_classify_prints_what_it_prints_locally(remote, fmt):
     if fmt == "json":
         assert same_records(json.loads(served.stdout), json.loads(local.stdout))
     elif fmt == "csv":  # the server batches images with others: numbers equal within float32 rounding
-        assert same_records(_csv_cells(served.stdout), _csv_cells(local.stdout))
+        assert same_records(csv_cells(served.stdout), csv_cells(local.stdout))
     else:
         assert served.stdout == local.stdout
 
 
-def _csv_cells(text: str) -> list:
+def csv_cells(text: str) -> list:
     import csv
     import io
 

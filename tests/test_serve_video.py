@@ -18,6 +18,7 @@ from .conftest import random_image  # noqa: E402
 from .search_fixtures import ROOT, cli, make_photos, one_error_line, records  # noqa: E402
 from .serve_fixtures import Server, upload  # noqa: E402
 from .test_serve import same_records  # noqa: E402
+from .test_serve_client import csv_cells  # noqa: E402
 from .video_fixtures import make_video  # noqa: E402
 
 LABELS = "a bar,a field,a red car"
@@ -206,7 +207,7 @@ def test_server_classify_of_a_video_prints_what_a_local_run_prints(served, fmt):
     elif fmt == "jsonl":
         assert same_records(records(there.stdout), records(here.stdout))
     elif fmt == "csv":
-        assert same_records(_cells(there.stdout), _cells(here.stdout))
+        assert same_records(csv_cells(there.stdout), csv_cells(here.stdout))
     else:
         assert there.stdout == here.stdout and "00:00:01.5" in there.stdout
 
@@ -230,18 +231,6 @@ def test_server_search_by_a_video_prints_what_a_local_run_prints(served):
     assert same_records(found, json.loads(here.stdout))
     assert [r["query"] for r in found] == ["a bar", *[f"{served['clip']}#t={t}" for t in (0, 2)],
                                            str(served["bad"] / "audio.mp4"), str(served["photo"])]
-
-
-def _cells(text: str) -> list:
-    import csv
-
-    def cell(value: str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-
-    return [[cell(value) for value in row] for row in csv.reader(io.StringIO(text))]
 
 
 # ============================================================================ without PyAV, and the upload cap

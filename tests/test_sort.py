@@ -58,6 +58,19 @@ def placed(out: Path) -> dict[str, list[str]]:
 
 
 # ----------------------------------------------------------------------------- each action
+def kill_after_done(child: subprocess.Popen, manifest: Path, steps: int) -> None:
+    """SIGKILL `child` once its journal `manifest` records `steps` finished steps."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if manifest.exists() and manifest.read_text().count('"event": "done"') >= steps:
+            break
+        if child.poll() is not None:
+            pytest.fail(f"the run ended before it could be killed: {child.stderr.read().decode()}")
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+
 def test_copy_sorts_by_the_best_label_and_undo_removes_the_copies(run, photos, tmp_path):
     before = tree(photos)
     out = tmp_path / "sorted"
@@ -328,16 +341,7 @@ def test_sigkill_mid_sort_then_undo_restores_everything(tiny_checkpoint, tmp_pat
     child = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, "classify", str(photos), "-l", LABELS,
                               "--sort-into", str(out), "--action", "move", "--format", "jsonl"],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    manifest = out / SORT_MANIFEST
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if manifest.exists() and manifest.read_text().count('"event": "done"') >= 5:
-            break
-        if child.poll() is not None:
-            pytest.fail(f"the run ended before it could be killed: {child.stderr.read().decode()}")
-        time.sleep(0.01)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    kill_after_done(child, out / SORT_MANIFEST, 5)
     moved = sum(1 for p in out.rglob("*.png"))
     assert 5 <= moved < 24  # killed half-way
     assert len(list(photos.iterdir())) + moved == 24  # each file in its old place or its new one

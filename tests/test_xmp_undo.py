@@ -8,10 +8,8 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from siglip_cli.cli.app import app
 
 from .conftest import random_image
 from .test_actions import read_only_folder, tree
-from .test_sort import ROOT, SLOW_CHILD
+from .test_sort import ROOT, SLOW_CHILD, kill_after_done
 from .test_xmp import THEIRS
 
 LABELS = "2 cats,a dog,an airplane"
@@ -190,16 +188,7 @@ def test_sigkill_mid_run_then_undo_restores_every_sidecar(tiny_checkpoint, tmp_p
     child = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, "classify", str(photos), "-l", LABELS, "--top-k", "2",
                               "--write-xmp", "--journal", str(journal), "--format", "jsonl"],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    manifest = journal / XMP_MANIFEST
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if manifest.exists() and manifest.read_text().count('"event": "done"') >= 5:
-            break
-        if child.poll() is not None:
-            pytest.fail(f"the run ended before it could be killed: {child.stderr.read().decode()}")
-        time.sleep(0.01)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    kill_after_done(child, journal / XMP_MANIFEST, 5)
     changed = [name for name, digest in tree(photos).items() if before.get(name) != digest]
     assert 5 <= len(changed) < 24  # killed half-way
     result = CliRunner().invoke(app, ["classify", "--undo", str(journal)])
