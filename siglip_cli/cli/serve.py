@@ -228,22 +228,29 @@ def load_served_model(options, indexes, settings: ServeSettings, load_engine):
     return ServedEngine(engine, batch, settings.window_ms / 1000, settings.queue_size)
 
 
+def served_app(indexes, options, settings: ServeSettings, load_engine):
+    """The model, loaded and warmed, and the app over it: what `siglip serve` runs under uvicorn,
+    and what each replica runs behind Ray Serve's proxy (cli/ray_serve.py). (served, app)."""
+    from ..serve.app import create_app
+
+    settings.max_pixels = options.max_pixels
+    served = load_served_model(options, indexes, settings, load_engine)
+    served.warm_text()
+    return served, create_app(Handlers(served, indexes, settings), settings.token, settings.max_upload, settings.allow_urls)
+
+
 def serve(index_paths: Sequence[Path], options, settings: ServeSettings, load_engine) -> int:
     """Run until SIGINT/SIGTERM; returns the exit code."""
     check_settings(settings)
     uvicorn = import_server()
-    from ..serve.app import create_app
     from ..serve.model import ServedIndexes
 
     from ..runtime import keep_freed_memory
 
     keep_freed_memory()  # (load_engine does it too; the indexes' model is loaded by IndexModel)
-    settings.max_pixels = options.max_pixels
     indexes = ServedIndexes([Path(p) for p in index_paths])
     sock = _bind(settings.host, settings.port)
-    served = load_served_model(options, indexes, settings, load_engine)
-    served.warm_text()
-    app = create_app(Handlers(served, indexes, settings), settings.token, settings.max_upload, settings.allow_urls)
+    served, app = served_app(indexes, options, settings, load_engine)
     logging.basicConfig(level=logging.INFO, format="siglip: %(message)s", stream=sys.stderr)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=30, lifespan="off")
     server = _Server(config, indexes)
