@@ -252,7 +252,11 @@ def serve(index_paths: Sequence[Path], options, settings: ServeSettings, load_en
     sock = _bind(settings.host, settings.port)
     served, app = served_app(indexes, options, settings, load_engine)
     logging.basicConfig(level=logging.INFO, format="siglip: %(message)s", stream=sys.stderr)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=30, lifespan="off")
+    # asyncio and h11 whatever else is installed (uvicorn would pick up uvloop and httptools, which
+    # `ray[serve]` brings): one behaviour everywhere, the one measured (docs/serve.md#speed) and the
+    # one whose TCP_NODELAY tests/test_serve_socket.py checks
+    config = uvicorn.Config(app, loop="asyncio", http="h11", log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=30, lifespan="off")
     server = _Server(config, indexes)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -271,7 +275,8 @@ def serve(index_paths: Sequence[Path], options, settings: ServeSettings, load_en
     finally:
         stop_watch.set()
         served.close()
-    note("stopped")
+    counts = app.state.requests
+    note(f"stopped: {counts.answered} requests answered, {counts.taken - counts.answered} taken and not answered")
     return 0
 
 

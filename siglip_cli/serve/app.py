@@ -72,6 +72,8 @@ def create_app(handlers, token: str | None = None, max_upload: int = 50_000_000,
         redoc_url=None,
     )
     app.add_middleware(UploadLimit, max_bytes=max_upload, message=f"the request is larger than --max-upload ({max_upload:,} bytes)")
+    app.state.requests = RequestCount()
+    app.add_middleware(CountRequests, counts=app.state.requests)  # outermost: every request that reached the app
 
     # ------------------------------------------------------------------ auth and errors
     @app.middleware("http")
@@ -248,6 +250,32 @@ def create_app(handlers, token: str | None = None, max_upload: int = 50_000_000,
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+class RequestCount:
+    """Requests that reached the app, and those whose response was sent whole: `siglip serve`
+    says both when it stops, so a request taken and never answered cannot pass unseen."""
+
+    def __init__(self):
+        self.taken = 0
+        self.answered = 0
+
+
+class CountRequests:
+    def __init__(self, app, counts: RequestCount):
+        self.app, self.counts = app, counts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        self.counts.taken += 1  # one event loop: no lock needed
+
+        async def counted(message):
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.counts.answered += 1
+
+        await self.app(scope, receive, counted)
 
 
 class UploadLimit:
