@@ -49,9 +49,8 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
-from .core.errors import InputError, OutputError, UsageError
+from .core.errors import OutputError, UsageError
 from .safefiles import _read_owner  # the lock's owner, as the output lock reports it
 
 SORT_MANIFEST = "siglip-sort.jsonl"

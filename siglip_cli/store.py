@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import errno
-import fcntl
 import hashlib
 import io
 import json

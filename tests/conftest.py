@@ -4,6 +4,8 @@ with Pillow. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import http.server
+
 import io
 import json
 import os
@@ -273,3 +275,17 @@ def run(tiny_checkpoint, tmp_path, monkeypatch):
         return CliRunner().invoke(app, [str(a) for a in args])
 
     return invoke
+
+class LocalHTTPServer(http.server.ThreadingHTTPServer):
+    """A local HTTP server for URL inputs. A client that hangs up before its (deliberately slow)
+    answer is expected here: socketserver would print that error's traceback to sys.stderr from
+    a handler thread, seconds later, into whatever test then captures stderr."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        import sys
+
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)

@@ -25,14 +25,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 import siglip_cli
-from siglip_cli.cli.app import app
 from siglip_cli.core.errors import InputError
 from siglip_cli.store import open_store
 
-from .conftest import random_image
+from .conftest import LocalHTTPServer, random_image
 
 LABELS = "a cat,a dog"
 
@@ -81,7 +79,7 @@ class _Quiet(http.server.BaseHTTPRequestHandler):
 
 
 def _serve(handler) -> http.server.ThreadingHTTPServer:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd = LocalHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     return httpd
 

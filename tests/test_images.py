@@ -25,7 +25,7 @@ from siglip_cli.core.images import (
 )
 from siglip_cli.urls import fetch_url, is_url
 
-from .conftest import random_image
+from .conftest import LocalHTTPServer, random_image
 
 PRE = PreprocessConfig(height=32, width=32)
 
@@ -215,7 +215,7 @@ def server():
     buffer = io.BytesIO()
     random_image(30, (40, 40)).save(buffer, format="PNG")
     _Handler.payloads = {"/cat.png": buffer.getvalue(), "/slow.png": buffer.getvalue(), "/big.png": b"x" * 5000}
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd = LocalHTTPServer(("127.0.0.1", 0), _Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"

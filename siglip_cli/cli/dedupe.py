@@ -101,7 +101,7 @@ def update_store(options, listing, index: Path, load_engine, progress_bar, note:
     """PATHS with --index: the store made, or brought up to date exactly as `embed --out INDEX
     [--update]` would. Returns the inputs skipped (as error lines)."""
     from ..embedding import EmbedPlan
-    from ..store import check_output_path, open_store
+    from ..store import check_output_path
     from .app import _update_precision
     from .embed import embed_to_store, previous_meta, refuse_foreign_file, refuse_overwriting_inputs
 
