@@ -524,3 +524,29 @@ def test_a_consumer_that_stops_early_leaves_no_decode_thread_waiting(tiny_checkp
     while time.time() < deadline and any(t.name == "siglip-decode" for t in threading.enumerate()):
         time.sleep(0.05)
     assert not any(t.name == "siglip-decode" for t in threading.enumerate())
+
+
+def test_a_sample_on_a_keyframe_is_decoded_alone_and_equals_the_ordinary_decode(tmp_path, monkeypatch):
+    """With B-frames the decoder holds a keyframe back for a few packets; a sample that falls on
+    a keyframe is decoded from that packet alone and the decoder drained. The frames must be
+    the very ones the ordinary path gives, for samples on keyframes and between them alike."""
+    import siglip_cli.core.video as video_module
+
+    path = make_video(tmp_path / "b.mp4", fps=10, seconds=6, gop=10, preset="medium", size=(96, 64))  # keyframe every 1 s
+    alone = []
+    keyframe_alone = video_module._Video._keyframe_alone
+
+    def counted(self, seconds, tolerance):
+        frame = keyframe_alone(self, seconds, tolerance)
+        alone.append(frame is not None)
+        return frame
+
+    monkeypatch.setattr(video_module._Video, "_keyframe_alone", counted)
+    sampling = VideoSampling(every=0.5)
+    fast = list(sample_frames(str(path), "b.mp4", sampling))
+    assert sum(alone) == 6  # 0, 1, ..., 5 s: every keyframe sample took the short way
+    monkeypatch.setattr(video_module._Video, "_on_keyframe", lambda self, seconds, tolerance: False)
+    ordinary = list(sample_frames(str(path), "b.mp4", sampling))
+    assert [f.time for f in fast] == [f.time for f in ordinary] == [i / 2 for i in range(12)]
+    for a, b in zip(fast, ordinary):
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image)), a.time
