@@ -545,3 +545,11 @@ def test_an_unreadable_video_is_one_line_and_the_images_are_still_grouped(env, t
     assert result.exit_code == 1
     assert f"{tmp_path / 'clip.mp4'}: " in result.stderr and "Traceback" not in result.stderr
     assert _members(_groups(result.stdout))  # the photos were still compared
+
+
+def test_a_near_copy_never_shows_a_cosine_of_one_in_the_table():
+    from siglip_cli.cli.render import _cosine_cell
+
+    assert _cosine_cell(0.9999617) == "0.999962"  # not "1.0000": that would read as a byte copy
+    assert _cosine_cell(0.99999999) == "0.999999"
+    assert _cosine_cell(1.0) == "1.0000" and _cosine_cell(0.98123) == "0.9812"

@@ -782,6 +782,16 @@ def format_bytes(size: int) -> str:
     return f"{size} B"
 
 
+
+def _cosine_cell(cosine: float) -> str:
+    """Four decimals, but never "1.0000" for a pair that is not identical: a re-encode at
+    0.99996 shows as 0.99996, so it is not read as an exact copy."""
+    text = f"{cosine:.4f}"
+    if text == "1.0000" and cosine < 1.0:
+        text = f"{min(cosine, 0.999999):.6f}"
+    return text
+
+
 def dedupe_table(groups: list[DuplicateGroup], console: Console) -> Any:
     """One table: each group's kept image first, then its duplicates with level and cosine
     (with the kept image); a rule between groups. Paths are shortened in the middle, never
@@ -805,7 +815,7 @@ def dedupe_table(groups: list[DuplicateGroup], console: Console) -> Any:
         for i, duplicate in enumerate(group.duplicates):
             if moves:
                 extra = [Text(ellipsize(display_path(duplicate.destination), budget)) if duplicate.destination else Text("not moved", style="yellow")]
-            table.add_row("", duplicate.level, f"{duplicate.cosine:.4f}", format_bytes(duplicate.size),
+            table.add_row("", duplicate.level, _cosine_cell(duplicate.cosine), format_bytes(duplicate.size),
                           Text(ellipsize(display_path(duplicate.path), budget)), *extra,
                           end_section=i == len(group.duplicates) - 1 and number < len(groups) - 1)
     return table
