@@ -212,6 +212,8 @@ def _index_settings(count: int, dim: int) -> dict:
     million in 27 CPU-minutes: a greedy graph walk has no gradient to follow towards a copy
     among unrelated rows, while the copy's cell is the row's own cell.
     Every cosine reported is recomputed from the float32 rows."""
+    if count < 2 * TRAIN_PER_CELL:  # too few rows to train cells on (faiss would warn): one flat list
+        return {"version": INDEX_VERSION, "library": "faiss", "count": count, "dim": dim, "metric": "ip", "kind": "Flat"}
     nlist = max(1, min(int(round(4 * count**0.5)), count // TRAIN_PER_CELL))
     return {"version": INDEX_VERSION, "library": "faiss", "count": count, "dim": dim, "metric": "ip",
             "kind": "IVF,SQfp16", "nlist": nlist, "nprobe": min(nlist, NPROBE), "train_rows": min(count, TRAIN_PER_CELL * nlist),
@@ -241,7 +243,9 @@ def load_saved_index(index_path: Path | None, settings: dict, store_identity: st
             index = faiss.read_index(faiss.PyCallbackIOReader(fh.read))
     except (OSError, NotRegularFile, RuntimeError):  # a damaged or foreign file: rebuilt below, never trusted
         return None
-    if getattr(index, "ntotal", None) != settings["count"] or index.d != settings["dim"] or not hasattr(index, "nprobe"):
+    if getattr(index, "ntotal", None) != settings["count"] or index.d != settings["dim"]:
+        return None
+    if hasattr(index, "nprobe") != (settings["kind"] != "Flat"):
         return None
     return index
 
@@ -250,6 +254,10 @@ def build_index(rows: np.ndarray, settings: dict):
     import faiss
 
     count, dim = len(rows), settings["dim"]
+    if settings["kind"] == "Flat":
+        index = faiss.IndexFlatIP(dim)
+        index.add(_as_float32(rows))
+        return index
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFScalarQuantizer(quantizer, dim, settings["nlist"], faiss.ScalarQuantizer.QT_fp16,
                                           faiss.METRIC_INNER_PRODUCT)
@@ -302,7 +310,8 @@ def approximate_neighbours(rows: np.ndarray, k: int, floor: float, index_path: P
                     note(f"{index_path}: cannot save the index ({exc.strerror or exc}); it is built again next time")
     elif note:
         note(f"reusing the neighbour index {index_path}")
-    index.nprobe = settings["nprobe"]
+    if "nprobe" in settings:
+        index.nprobe = settings["nprobe"]
     indices = np.full((count, k), -1, np.int64)
     cosines = np.full((count, k), -np.inf, np.float32)
     nearest = np.full(count, -np.inf, np.float32)

@@ -116,3 +116,13 @@ def test_auto_is_exact_up_to_the_switch(monkeypatch):
     assert knn.choose_method("auto", knn.EXACT_MAX_ROWS + 1) == "exact"
     with pytest.raises(knn.BackendUnavailable, match=r"siglip-cli\[ann\]"):
         knn.choose_method("approximate", 10)
+
+
+def test_a_handful_of_rows_is_searched_without_faiss_warnings(faiss, capfd):
+    """Too few rows to train cells on: one flat list, the same pairs as exact, and nothing on
+    stderr (faiss's C++ side prints "WARNING clustering 12 points to 1 centroids")."""
+    rows, _ = _planted(12, 2)
+    exact = knn.self_neighbours(rows, 4, floor=0.95, method="exact")
+    approximate = knn.self_neighbours(rows, 4, floor=0.95, method="approximate")
+    assert {tuple(p) for p in zip(*approximate.pairs()[:2])} == {tuple(p) for p in zip(*exact.pairs()[:2])}
+    assert capfd.readouterr().err == ""
