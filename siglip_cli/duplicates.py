@@ -23,7 +23,6 @@ their samples the intro takes, not identical as their first frames are.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .embedding import file_hash  # the same SHA-256 that embed --update stamps files with
 from .knn import Neighbours
 from .results import Duplicate, DuplicateGroup
 
@@ -65,14 +65,6 @@ class Thresholds:
 
 
 # ============================================================================ exact copies
-def file_digest(path: str) -> bytes:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.digest()
-
-
 def exact_classes(paths: Sequence[str], sizes: Sequence[int], on_error: Callable[[str], None] | None = None) -> np.ndarray:
     """A class number per file: equal numbers for the same bytes, -1 for a file without a copy.
     Sizes first: only files that share a size are read (SHA-256), so a library of distinct
@@ -89,7 +81,7 @@ def exact_classes(paths: Sequence[str], sizes: Sequence[int], on_error: Callable
         by_digest: dict[bytes, list[int]] = {}
         for i in members:
             try:
-                by_digest.setdefault(file_digest(paths[i]), []).append(i)
+                by_digest.setdefault(file_hash(paths[i]), []).append(i)
             except OSError as exc:
                 if on_error:
                     on_error(f"{paths[i]}: cannot read ({exc.strerror or exc}); not compared byte for byte")

@@ -204,6 +204,15 @@ class _InFlight:
                                 "the checkpoint's weights or preprocessing (e.g. image_std 0) are broken")
 
 
+def _failure(name: str, exc: Exception) -> str:
+    """The one line a source that cannot be decoded gets."""
+    if isinstance(exc, InputError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return f"{name}: too large to decode in memory"
+    return f"{name}: cannot read ({type(exc).__name__}: {exc})"
+
+
 @dataclass
 class ImagePipeline:
     preprocess: PreprocessConfig
@@ -230,12 +239,8 @@ class ImagePipeline:
     def _decode_one(self, index: int, source: Source) -> Decoded:
         try:
             return Decoded(index, source.name, pixels=self.load(source))
-        except InputError as exc:
-            return Decoded(index, source.name, error=str(exc))
-        except MemoryError:
-            return Decoded(index, source.name, error=f"{source.name}: too large to decode in memory")
         except Exception as exc:  # an odd file must not stop a batch job: report it and go on
-            return Decoded(index, source.name, error=f"{source.name}: cannot read ({type(exc).__name__}: {exc})")
+            return Decoded(index, source.name, error=_failure(source.name, exc))
 
     @staticmethod
     def _readable(source: Source) -> bool:
@@ -272,12 +277,8 @@ class ImagePipeline:
                     yield Decoded(index, name, error=str(exc), time=frame.time)
                     continue
                 yield Decoded(index, name, pixels=pixels, time=frame.time)
-        except InputError as exc:
-            yield Decoded(index, source.name, error=str(exc))
-        except MemoryError:
-            yield Decoded(index, source.name, error=f"{source.name}: too large to decode in memory")
         except Exception as exc:  # an odd file must not stop a batch job: report it and go on
-            yield Decoded(index, source.name, error=f"{source.name}: cannot read ({type(exc).__name__}: {exc})")
+            yield Decoded(index, source.name, error=_failure(source.name, exc))
 
     def decoded(self, sources: Sequence[Source], video: VideoSampling | None = None) -> Iterator[Decoded]:
         """Every source decoded, in input order, up to a window of sources ahead of the
