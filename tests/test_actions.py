@@ -305,13 +305,11 @@ def test_two_runs_never_share_a_manifest(tmp_path):
 
 
 # ----------------------------------------------------------------------------- SIGKILL mid-run
-CHILD = textwrap.dedent("""
+# The start of a child script: `counting(real)` wraps an os function so that the process kills
+# itself with SIGKILL just before the `kill_at`-th call of any wrapped one (the script sets
+# kill_at; `calls` counts).
+KILL_AT_CALL = textwrap.dedent("""
     import os, signal, sys
-    from pathlib import Path
-    from siglip_cli.actions import Journal
-
-    out, op, kill_at = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-    sources = [Path(p) for p in sys.argv[4:]]
     calls = 0
     def counting(real):
         def wrapper(*args, **kwargs):
@@ -321,6 +319,14 @@ CHILD = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(*args, **kwargs)
         return wrapper
+""")
+
+CHILD = KILL_AT_CALL + textwrap.dedent("""
+    from pathlib import Path
+    from siglip_cli.actions import Journal
+
+    out, op, kill_at = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    sources = [Path(p) for p in sys.argv[4:]]
     # every change on disk is one of these calls: the child dies just before the kill_at-th one
     for name in ("link", "unlink", "rename", "write", "fsync", "symlink", "mkdir"):
         setattr(os, name, counting(getattr(os, name)))

@@ -22,6 +22,7 @@ from siglip_cli.duplicates import NEAR_THRESHOLD
 from siglip_cli.store import Entry, open_store, write_store
 
 from .search_fixtures import cli, one_error_line, reference_image_embeddings
+from .test_actions import KILL_AT_CALL
 
 DIM = 16
 
@@ -431,18 +432,8 @@ def test_an_edited_manifest_is_refused_in_one_line_and_nothing_moves_back(tmp_pa
     assert {k: v for k, v in _tree(dest).items() if k != "siglip-dedupe.jsonl"} == {k: v for k, v in moved.items() if k != "siglip-dedupe.jsonl"}
 
 
-KILLED_CHILD = """
-import os, signal, sys
-calls = 0
+KILLED_CHILD = KILL_AT_CALL + """
 kill_at = int(sys.argv[1])
-def counting(real):
-    def wrapper(*args, **kwargs):
-        global calls
-        calls += 1
-        if calls == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
-    return wrapper
 import siglip_cli.cli.dedupe, siglip_cli.actions  # imported before the count starts
 from siglip_cli.cli.app import run
 for name in ("link", "unlink", "rename", "replace", "write", "fsync", "mkdir", "open"):
