@@ -280,7 +280,7 @@ def save_index(index, index_path: Path, settings: dict, store_identity: str) -> 
 
     tmp = temporary_beside(index_path)
     try:
-        with open(tmp, "r+b") as fh:  # our own new file (temporary_beside made it)
+        with open(tmp, "r+b") as fh:  # our own new file (temporary_beside made it O_EXCL)
             writer = faiss.PyCallbackIOWriter(fh.write)
             faiss.write_index(index, writer)
             del writer

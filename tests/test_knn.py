@@ -126,3 +126,16 @@ def test_a_handful_of_rows_is_searched_without_faiss_warnings(faiss, capfd):
     approximate = knn.self_neighbours(rows, 4, floor=0.95, method="approximate")
     assert {tuple(p) for p in zip(*approximate.pairs()[:2])} == {tuple(p) for p in zip(*exact.pairs()[:2])}
     assert capfd.readouterr().err == ""
+
+
+def test_a_link_planted_where_the_index_goes_is_replaced_not_written_through(faiss, tmp_path):
+    rows, _ = _planted(500, 10)
+    target = tmp_path / "theirs.txt"
+    target.write_text("theirs")
+    path = tmp_path / "vecs.npy.faiss"
+    path.symlink_to(target)
+    (tmp_path / "vecs.npy.faiss.json").symlink_to(target)
+    knn.self_neighbours(rows, 8, 0.95, "approximate", path, "store-1")
+    assert target.read_text() == "theirs"
+    assert not path.is_symlink() and path.stat().st_size > 0
+    assert not (tmp_path / "vecs.npy.faiss.json").is_symlink()
