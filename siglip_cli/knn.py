@@ -206,8 +206,9 @@ def _index_settings(count: int, dim: int) -> dict:
     their nearest cell, so a few cells find them; the work per row is nprobe/nlist of the rows.
 
     Measured with benchmarks/dedupe_knn.py (768-d embedding-like rows, 1% planted near-copies at
-    cosine 0.96-0.995) on a quiet 2-core AMD EPYC, whole neighbour step: 100,000 rows ~10 s,
-    recall 1.0; 1,000,000 rows ~3.5 min, recall 0.999 with nprobe 4 (0.9999 with 8).
+    cosine 0.96-0.995) on a quiet 2-core AMD EPYC, whole neighbour step: 100,000 rows 17 s,
+    recall 1.0; 1,000,000 rows 3.9 min, recall 0.9999 (benchmarks/knn_settings.py for other
+    settings: 4 cells probed found 0.9993 at a million rows, 8 found 0.9999).
     usearch's HNSW graph (bf16, connectivity 16) found 0.996 at 100,000 rows but 0.695 at a
     million in 27 CPU-minutes: a greedy graph walk has no gradient to follow towards a copy
     among unrelated rows, while the copy's cell is the row's own cell.
